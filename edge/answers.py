@@ -1,0 +1,252 @@
+"""Turning engine events into OpenAI answers: whole JSON bodies or SSE chunk streams.
+
+The engine yields token events; this module applies tool-call parsing, builds
+the exact OpenAI objects (``chat.completion``, ``chat.completion.chunk``,
+``text_completion``), and records latency and token metrics as they happen.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from edge.engine import FinishEvent, GenerationStats, TokenEvent
+from edge.errors import EdgeError
+from edge.metrics import EdgeMetrics
+from edge.openai_protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    FunctionCall,
+    PromptTokensDetails,
+    TandemUsage,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    new_id,
+    unix_now,
+)
+from edge.tool_calls import ToolCallParse, ToolCallStream, parse_tool_calls
+
+Events = AsyncIterator[TokenEvent | FinishEvent]
+
+
+@dataclass
+class AnswerContext:
+    """Per-request facts the answer needs: identity, route, timing, metrics."""
+
+    model: str
+    node_id: str
+    metrics: EdgeMetrics
+    endpoint: str
+    route: str = "edge"
+    include_usage: bool = False
+    tool_names: set[str] | None = None  # None: the request has no active tools
+    id: str = field(default_factory=lambda: new_id("chatcmpl"))
+    created: int = field(default_factory=unix_now)
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    n_tokens: int = 0
+
+    def on_token(self) -> None:
+        """Record token timing (TTFT on the first one)."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.metrics.ttft.observe(now - self.started)
+        self.n_tokens += 1
+
+    def on_finish(self, stats: GenerationStats, status: str = "200") -> None:
+        """Record the end of the request in the metrics."""
+        now = time.perf_counter()
+        m = self.metrics
+        m.e2e.observe(now - self.started)
+        if self.first_token_at is not None and self.n_tokens > 1:
+            m.tpot.observe((now - self.first_token_at) / (self.n_tokens - 1))
+        m.prompt_tokens.inc(stats.prompt_tokens)
+        m.cached_prompt_tokens.inc(stats.cached_tokens)
+        m.completion_tokens.inc(stats.completion_tokens)
+        m.requests.labels(self.endpoint, self.route, status).inc()
+
+    def usage(self, stats: GenerationStats) -> Usage:
+        """The usage block, with Tandem's route facts nested in it."""
+        return Usage(
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            total_tokens=stats.prompt_tokens + stats.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens),
+            tandem=TandemUsage(
+                route=self.route,
+                node_id=self.node_id,
+                queue_ms=round(stats.queue_s * 1000, 3),
+                cached_prompt_tokens=stats.cached_tokens,
+            ),
+        )
+
+    def parse_tools(self, text: str) -> ToolCallParse:
+        """Split a whole answer into content and tool calls (none without tools)."""
+        if self.tool_names is None:
+            return ToolCallParse(content=text)
+        parsed = parse_tool_calls(text, self.tool_names)
+        self.metrics.malformed_tool_calls.inc(len(parsed.malformed))
+        return parsed
+
+
+def _finish_reason(stats: GenerationStats, parsed: ToolCallParse) -> str:
+    return "tool_calls" if parsed.calls else (stats.finish_reason or "stop")
+
+
+def _tool_calls(parsed: ToolCallParse) -> list[ToolCall] | None:
+    if not parsed.calls:
+        return None
+    return [
+        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in parsed.calls
+    ]
+
+
+async def _drain(events: Events, ctx: AnswerContext) -> tuple[str, GenerationStats]:
+    """Collect all text of a generation."""
+    parts: list[str] = []
+    async for event in events:
+        parts.append(event.text)
+        if isinstance(event, FinishEvent):
+            ctx.on_finish(event.stats)
+            return "".join(parts), event.stats
+        ctx.on_token()
+    raise AssertionError("engine stream ended without a finish event")
+
+
+async def collect_chat(events: Events, ctx: AnswerContext) -> ChatCompletion:
+    """A whole ``chat.completion`` body."""
+    text, stats = await _drain(events, ctx)
+    parsed = ctx.parse_tools(text)
+    message = ChatMessageOut(content=parsed.content, tool_calls=_tool_calls(parsed))
+    return ChatCompletion(
+        id=ctx.id,
+        created=ctx.created,
+        model=ctx.model,
+        choices=[ChatChoice(message=message, finish_reason=_finish_reason(stats, parsed))],
+        usage=ctx.usage(stats),
+    )
+
+
+async def collect_completion(events: Events, ctx: AnswerContext) -> Completion:
+    """A whole ``text_completion`` body."""
+    text, stats = await _drain(events, ctx)
+    choice = CompletionChoice(text=text, finish_reason=stats.finish_reason or "stop")
+    return Completion(
+        id=ctx.id, created=ctx.created, model=ctx.model, choices=[choice], usage=ctx.usage(stats)
+    )
+
+
+def sse(payload: dict[str, object] | str) -> bytes:
+    """One server-sent event line."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+class _ChatChunks:
+    """Builds ``chat.completion.chunk`` events in OpenAI's exact shape."""
+
+    def __init__(self, ctx: AnswerContext) -> None:
+        self.ctx = ctx
+
+    def chunk(self, delta: ChatDelta, finish_reason: str | None = None) -> bytes:
+        body = ChatCompletionChunk(
+            id=self.ctx.id,
+            created=self.ctx.created,
+            model=self.ctx.model,
+            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
+        ).model_dump(exclude={"usage"} if not self.ctx.include_usage else set())
+        # OpenAI omits unset delta fields rather than sending nulls.
+        body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)
+        return sse(body)
+
+    def usage_chunk(self, stats: GenerationStats) -> bytes:
+        body = ChatCompletionChunk(
+            id=self.ctx.id,
+            created=self.ctx.created,
+            model=self.ctx.model,
+            choices=[],
+            usage=self.ctx.usage(stats),
+        )
+        return sse(body.model_dump())
+
+
+async def stream_chat(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
+    """SSE chunks of a chat answer, ending with ``[DONE]``."""
+    chunks = _ChatChunks(ctx)
+    tools = ToolCallStream(ctx.tool_names) if ctx.tool_names is not None else None
+    try:
+        yield chunks.chunk(ChatDelta(role="assistant", content=""))
+        async for event in events:
+            text = tools.push(event.text) if tools else event.text
+            if text:
+                yield chunks.chunk(ChatDelta(content=text))
+            if isinstance(event, FinishEvent):
+                yield_tail = _stream_tail(chunks, tools, event.stats)
+                for item in yield_tail:
+                    yield item
+                ctx.on_finish(event.stats)
+                break
+            ctx.on_token()
+    except EdgeError as exc:
+        # Headers are gone already; the error travels as an event, like vLLM does.
+        ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
+        yield sse(exc.body())
+    yield sse("[DONE]")
+
+
+def _stream_tail(
+    chunks: _ChatChunks, tools: ToolCallStream | None, stats: GenerationStats
+) -> list[bytes]:
+    out: list[bytes] = []
+    parsed = tools.finish() if tools else ToolCallParse(content=None)
+    if tools:
+        chunks.ctx.metrics.malformed_tool_calls.inc(len(parsed.malformed))
+    if parsed.content:
+        out.append(chunks.chunk(ChatDelta(content=parsed.content)))
+    for i, call in enumerate(parsed.calls):
+        delta = ToolCallDelta(
+            index=i, id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments)
+        )
+        out.append(chunks.chunk(ChatDelta(tool_calls=[delta])))
+    out.append(chunks.chunk(ChatDelta(), finish_reason=_finish_reason(stats, parsed)))
+    if chunks.ctx.include_usage:
+        out.append(chunks.usage_chunk(stats))
+    return out
+
+
+async def stream_completion(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
+    """SSE chunks of a text completion, ending with ``[DONE]``."""
+
+    def chunk(text: str, finish: str | None, usage: Usage | None = None) -> bytes:
+        choices = [CompletionChoice(text=text, finish_reason=finish)] if usage is None else []
+        body = Completion(
+            id=ctx.id, created=ctx.created, model=ctx.model, choices=choices, usage=usage
+        )
+        return sse(body.model_dump(exclude={"usage"} if not ctx.include_usage else set()))
+
+    try:
+        async for event in events:
+            if isinstance(event, FinishEvent):
+                yield chunk(event.text, event.stats.finish_reason or "stop")
+                if ctx.include_usage:
+                    yield chunk("", None, ctx.usage(event.stats))
+                ctx.on_finish(event.stats)
+                break
+            ctx.on_token()
+            if event.text:
+                yield chunk(event.text, None)
+    except EdgeError as exc:
+        ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
+        yield sse(exc.body())
+    yield sse("[DONE]")

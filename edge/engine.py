@@ -1,0 +1,372 @@
+"""The llama.cpp engine: slots, a bounded queue, and cancellable token streams.
+
+One ``Llama`` object is not safe for concurrent calls, so the engine owns a
+fixed number of *slots*, each a ``Llama`` context with its own single thread.
+A request waits (in FIFO order, bounded: 429 past ``max_queue``) for a free
+slot and then runs to completion on it: no request ever interrupts another.
+Tokens cross from the slot thread to the event loop one by one, so streaming
+is immediate and a cancelled request stops at the next token.
+
+Prefix reuse: a slot keeps its last conversation in its KV cache, and before a
+slot is handed a different conversation its state is saved in the
+``SessionCache``; a returning conversation gets the slot or saved state with the
+longest common prefix, so its second turn evaluates only the new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.errors import EngineError, QueueFullError, ServiceUnavailableError
+from edge.sampling import SamplingParams
+from edge.sessions import SavedState, SessionCache, common_prefix_len
+from edge.text import TextAssembler
+
+logger = logging.getLogger(__name__)
+
+# Restoring a saved state costs a memcpy of its KV; only worth it for a real gain.
+_MIN_RESTORE_GAIN_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine needs to load a model; built from the edge settings."""
+
+    model_path: Path
+    n_ctx: int = 2048
+    n_threads: int = 1
+    n_threads_batch: int = 1
+    n_batch: int = 512
+    slots: int = 1
+    max_queue: int = 64
+    session_cache_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete on the engine."""
+
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    session_id: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class GenerationStats:
+    """What one generation cost; filled in as it runs."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it made final (may be empty)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """End of generation: the last text and why it stopped."""
+
+    text: str
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class _ErrorEvent:
+    error: BaseException
+
+
+class _Slot:
+    """One llama.cpp context and the single thread allowed to touch it."""
+
+    def __init__(self, index: int, llama: Any) -> None:
+        self.index = index
+        self.llama = llama
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"llama-slot-{index}")
+        self.session_key: str | None = None
+
+    def tokens(self) -> np.ndarray:
+        """The tokens whose KV this slot holds now."""
+        return np.asarray(self.llama._input_ids)
+
+    def save(self) -> SavedState:
+        """Snapshot the KV cache (not the 100 MB logits buffer LlamaState copies)."""
+        import llama_cpp
+
+        ctx = self.llama._ctx.ctx
+        size = llama_cpp.llama_state_get_size(ctx)
+        buf = (llama_cpp.ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_get_data(ctx, buf, size)
+        return SavedState(tokens=self.tokens().copy(), kv_bytes=bytes(buf)[:n])
+
+    def restore(self, state: SavedState) -> None:
+        """Load a saved KV state; the next ``generate`` evaluates past it only."""
+        import llama_cpp
+
+        buf = (llama_cpp.ctypes.c_uint8 * len(state.kv_bytes)).from_buffer_copy(state.kv_bytes)
+        if llama_cpp.llama_state_set_data(self.llama._ctx.ctx, buf, len(state.kv_bytes)) == 0:
+            raise EngineError("llama.cpp refused a saved session state")
+        n = len(state.tokens)
+        self.llama.input_ids[:n] = state.tokens
+        self.llama.n_tokens = n
+        self.llama._requires_eval = True
+
+
+class LlamaEngine:
+    """Serves generations from a pool of llama.cpp slots; see the module docstring."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._slots = [_Slot(i, self._load(config)) for i in range(config.slots)]
+        self._idle: list[_Slot] = list(self._slots)
+        self._waiters: deque[asyncio.Future[_Slot]] = deque()
+        self._sessions = SessionCache(config.session_cache_bytes)
+        self._running = 0
+        self._closed = False
+        # Monotonic counters, written by slot threads, read by metrics and heartbeats.
+        self.generated_tokens = 0
+        self.cancelled_generations = 0
+
+    @staticmethod
+    def _load(config: EngineConfig) -> Any:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:  # an install without the edge extra
+            raise EngineError("llama-cpp-python is missing: pip install 'tandem-mesh[edge]'") from exc
+        return Llama(
+            model_path=str(config.model_path),
+            n_ctx=config.n_ctx,
+            n_batch=config.n_batch,
+            n_threads=config.n_threads,
+            n_threads_batch=config.n_threads_batch,
+            verbose=False,
+        )
+
+    # -- facts about the model ------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        """Context window in tokens."""
+        return self.config.n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size."""
+        return int(self._slots[0].llama.n_vocab())
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens in it (ChatML markers) are parsed."""
+        llama = self._slots[0].llama
+        return list(llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of ``tokens``."""
+        return self._slots[0].llama.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def perf_counters(self) -> dict[str, int]:
+        """llama.cpp's own prompt/generation eval counters, summed over slots."""
+        import llama_cpp
+
+        totals = {"n_p_eval": 0, "n_eval": 0}
+        for slot in self._slots:
+            data = llama_cpp.llama_perf_context(slot.llama._ctx.ctx)
+            totals["n_p_eval"] += data.n_p_eval
+            totals["n_eval"] += data.n_eval
+        return totals
+
+    # -- load ----------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Requests holding a slot now."""
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return sum(1 for f in self._waiters if not f.done())
+
+    @property
+    def session_cache_bytes(self) -> int:
+        """Bytes of saved session KV state."""
+        return self._sessions.size_bytes
+
+    # -- generation ----------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Run one request; yields token events then one finish event.
+
+        Closing the iterator early (a client disconnect) cancels the generation
+        at the next token and frees the slot.
+        """
+        stats = GenerationStats(prompt_tokens=len(request.prompt_tokens))
+        queued_at = time.perf_counter()
+        slot = await self._acquire()
+        stats.queue_s = time.perf_counter() - queued_at
+        self._running += 1
+        events: asyncio.Queue[TokenEvent | FinishEvent | _ErrorEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def emit(event: TokenEvent | FinishEvent | _ErrorEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        work = loop.run_in_executor(slot.thread, self._run, slot, request, stats, emit)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, _ErrorEvent):
+                    raise EngineError(f"generation failed: {event.error}") from event.error
+                yield event
+                if isinstance(event, FinishEvent):
+                    break
+        finally:
+            request.cancel.set()
+            # The slot is released only after its thread is done with llama.cpp.
+            await asyncio.shield(self._finish(slot, work))
+
+    async def _finish(self, slot: _Slot, work: asyncio.Future[None]) -> None:
+        try:
+            await work
+        finally:
+            self._running -= 1
+            self._release(slot)
+
+    def _run(
+        self,
+        slot: _Slot,
+        request: GenerationRequest,
+        stats: GenerationStats,
+        emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
+    ) -> None:
+        """The slot thread's part: prefix reuse, then the token loop."""
+        try:
+            if request.cancel.is_set():
+                stats.finish_reason = "cancelled"
+                return
+            self._prepare_slot(slot, request)
+            stats.cached_tokens = min(
+                common_prefix_len(slot.tokens(), request.prompt_tokens),
+                len(request.prompt_tokens) - 1,
+            )
+            text = self._decode_loop(slot, request, stats, emit)
+            emit(FinishEvent(text=text, stats=stats))
+        except BaseException as exc:  # surfaced on the event loop, never lost
+            logger.exception("generation failed on slot %d", slot.index)
+            slot.llama.reset()
+            slot.session_key = None
+            emit(_ErrorEvent(exc))
+
+    def _decode_loop(
+        self,
+        slot: _Slot,
+        request: GenerationRequest,
+        stats: GenerationStats,
+        emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
+    ) -> str:
+        import llama_cpp
+
+        llama = slot.llama
+        params = request.sampling
+        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        assembler = TextAssembler(params.stop)
+        budget = min(params.max_tokens, self.n_ctx - len(request.prompt_tokens))
+        stats.finish_reason = "length"
+        tokens = llama.generate(
+            request.prompt_tokens,
+            temp=params.temperature,
+            top_p=params.top_p,
+            top_k=0,  # OpenAI semantics: no top-k, no min-p unless asked
+            min_p=0.0,
+            repeat_penalty=1.0,
+        )
+        for token in tokens:
+            if request.cancel.is_set():
+                stats.finish_reason = "cancelled"
+                self.cancelled_generations += 1
+                break
+            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
+                stats.finish_reason = "stop"
+                break
+            stats.completion_tokens += 1
+            self.generated_tokens += 1
+            emit(TokenEvent(token, assembler.push(llama.detokenize([token]))))
+            if assembler.stopped:
+                stats.finish_reason = "stop"
+                break
+            if stats.completion_tokens >= budget:
+                break
+        tokens.close()
+        return assembler.finish()
+
+    def _prepare_slot(self, slot: _Slot, request: GenerationRequest) -> None:
+        """Save the slot's old conversation if replaced; restore a better saved prefix."""
+        key = request.session_id
+        if slot.session_key is not None and slot.session_key != key and slot.llama.n_tokens:
+            self._sessions.put(slot.session_key, slot.save())
+        have = common_prefix_len(slot.tokens(), request.prompt_tokens)
+        match = self._sessions.best_match(request.prompt_tokens)
+        if match is not None and match[2] >= have + _MIN_RESTORE_GAIN_TOKENS:
+            saved_key, state, _ = match
+            slot.restore(state)
+            key = key or saved_key
+        slot.session_key = key or f"anon-{uuid.uuid4().hex}"
+
+    # -- slot queue ----------------------------------------------------------
+
+    async def _acquire(self) -> _Slot:
+        if self._closed:
+            raise ServiceUnavailableError("the edge engine is shutting down")
+        if self._idle and not self.waiting:
+            return self._idle.pop()
+        if self.waiting >= self.config.max_queue:
+            raise QueueFullError(
+                f"the edge queue is full ({self.config.max_queue} requests waiting); retry shortly",
+                retry_after_s=1,
+            )
+        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())
+            raise
+
+    def _release(self, slot: _Slot) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._idle.append(slot)
+
+    async def close(self) -> None:
+        """Stop taking work, wait for running generations, free llama.cpp."""
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(ServiceUnavailableError("the edge engine is shutting down"))
+        for slot in self._slots:
+            slot.thread.shutdown(wait=True)
+            slot.llama.close()

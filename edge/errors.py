@@ -1,0 +1,102 @@
+"""Errors of the edge daemon, each mapped to one OpenAI-style HTTP answer.
+
+    EdgeError                      base; ``status``, ``type`` and ``code`` shape the JSON body
+    ├── InvalidRequestError        400: the request is well-formed JSON but asks for something invalid
+    │   └── ContextLengthError     400: prompt (plus max_tokens) does not fit the context window
+    ├── AuthenticationError        401: missing or wrong API key
+    ├── ModelNotFoundError         404: the ``model`` is not served here
+    ├── PayloadTooLargeError       413: request body over the configured limit
+    ├── QueueFullError             429: the engine queue is full; carries ``retry_after_s``
+    ├── ServiceUnavailableError    503: the engine is shutting down or not loaded
+    └── EngineError                500: llama.cpp failed; the request is lost, the daemon is not
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base of every error the edge answers with an OpenAI error body."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, object]:
+        """The OpenAI error JSON for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(EdgeError):
+    """The request asks for something this server cannot do."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt, or prompt plus requested completion, exceeds the context window."""
+
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(EdgeError):
+    """Missing or wrong Bearer API key."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(EdgeError):
+    """The requested model is not served by this edge."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(EdgeError):
+    """The request body is larger than the configured limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class QueueFullError(EdgeError):
+    """Too many requests are waiting for the engine; retry later."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailableError(EdgeError):
+    """The engine is not accepting work (starting or draining)."""
+
+    status = 503
+    type = "service_unavailable"
+
+
+class EngineError(EdgeError):
+    """llama.cpp failed while serving one request."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"

@@ -1,0 +1,355 @@
+"""The OpenAI HTTP wire format the edge speaks: requests, responses, stream chunks.
+
+Request models accept unknown fields (clients send vendor extensions) and log
+them; every value we act on is validated here, so the handlers see only sane
+requests. Conversion to the engine's form is a method on the request model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edge.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Upper bounds that turn absurd requests into clear 400s instead of memory blow-ups.
+MAX_TOKENS_LIMIT = 1_000_000
+MAX_STOP_SEQUENCES = 16
+MAX_MESSAGES = 10_000
+
+
+class _OpenAIRequest(BaseModel):
+    """Base for request bodies: unknown fields are kept and logged, not rejected."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self) -> _OpenAIRequest:
+        if self.model_extra:
+            logger.debug("ignoring unsupported request fields: %s", sorted(self.model_extra))
+        return self
+
+
+class FunctionCall(BaseModel):
+    """A function call inside an assistant message's ``tool_calls``."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call made by the assistant."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts of type ``text`` are joined."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported on this model")
+            parts.append(part["text"])
+        return "".join(parts)
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The plain dict the chat template renders (content flattened to text)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        out["content"] = self.text()
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [tc.model_dump() for tc in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(BaseModel):
+    """The function part of a tool definition."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """A tool the model may call."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming one function."""
+
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: only ``include_usage`` is meaningful."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class _SamplingFields(_OpenAIRequest):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return v
+
+    def stop_list(self) -> list[str]:
+        """``stop`` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        """The completion budget the client asked for, if any."""
+        return self.max_tokens
+
+    def to_sampling_params(self, *, default_max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters for this request."""
+        return SamplingParams(
+            max_tokens=self.requested_max_tokens() or default_max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+            stop=self.stop_list(),
+        )
+
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def active_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the template should show the model (none when tool_choice is 'none')."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            wanted = self.tool_choice.function.get("name")
+            tools = [t for t in tools if t["function"]["name"] == wanted]
+        return tools
+
+    @model_validator(mode="after")
+    def _check_tool_choice(self) -> ChatCompletionRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            wanted = self.tool_choice.function.get("name")
+            names = {t.function.name for t in self.tools or []}
+            if wanted not in names:
+                raise ValueError(f"tool_choice names function {wanted!r}, which is not in tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs at least one tool in tools")
+        return self
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions`` (one prompt string)."""
+
+    prompt: str | list[int] = Field(min_length=1)
+    echo: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Responses
+
+
+def new_id(prefix: str) -> str:
+    """A unique OpenAI-style id such as ``chatcmpl-…``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def unix_now() -> int:
+    """Seconds since the epoch, as OpenAI's ``created`` field."""
+    return int(time.time())
+
+
+class TandemUsage(BaseModel):
+    """Where the answer ran and what it cost; nested in ``usage.tandem``."""
+
+    route: str = "edge"
+    node_id: str
+    queue_ms: float = 0.0
+    cached_prompt_tokens: int = 0
+
+
+class PromptTokensDetails(BaseModel):
+    """OpenAI's ``usage.prompt_tokens_details``."""
+
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """Token counts of one answer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+    tandem: TandemUsage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    """The assistant message of a non-streamed answer."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(BaseModel):
+    """One choice of a non-streamed chat answer."""
+
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed chat answer."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A tool call fragment in a stream chunk (we send each call whole)."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatDelta(BaseModel):
+    """The ``delta`` of a chat stream chunk."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice of a chat stream chunk."""
+
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One ``chat.completion.chunk`` server-sent event."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a text completion (streamed or not)."""
+
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A text completion answer or stream chunk (``object`` tells which)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tandem"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,85 @@
+"""The edge on the mesh: connect in the background and publish heartbeats.
+
+The edge serves locally whatever NATS does: the link connects (and reconnects)
+in the background, and a heartbeat that cannot be sent is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+
+from edge.engine import LlamaEngine
+from edge.settings import EdgeSettings
+from mesh import subjects
+from mesh.connection import MeshLink, connect_in_background
+from mesh.heartbeat import Heartbeater
+from mesh.protocol import NodeHeartbeat, NodeLoad
+from mesh.version import __version__
+
+
+class _TokenRate:
+    """Tokens per second over the interval between two reads."""
+
+    def __init__(self, engine: LlamaEngine) -> None:
+        self._engine = engine
+        self._last = (time.monotonic(), engine.generated_tokens)
+
+    def read(self) -> float:
+        now, tokens = time.monotonic(), self._engine.generated_tokens
+        then, before = self._last
+        self._last = (now, tokens)
+        return max(0.0, (tokens - before) / max(now - then, 1e-6))
+
+
+class MeshRegistration:
+    """Announces this edge (node id, model, load, version) on the mesh."""
+
+    def __init__(self, settings: EdgeSettings, engine: LlamaEngine) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._rate = _TokenRate(engine)
+        self._link: MeshLink | None = None
+        self._beats: Heartbeater | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the NATS link is up right now."""
+        return self._link is not None and self._link.connected
+
+    def beat(self) -> NodeHeartbeat:
+        """This edge's heartbeat now."""
+        s, e = self._settings, self._engine
+        return NodeHeartbeat(
+            node_id=s.node_id,
+            role="edge",
+            model=s.model,
+            version=__version__,
+            endpoint=f"http://{s.host}:{s.port}",
+            load=NodeLoad(
+                running=e.running,
+                waiting=e.waiting,
+                kv_cache_usage=min(1.0, e.running / max(1, e.config.slots)),
+                tokens_per_s=self._rate.read(),
+            ),
+        )
+
+    async def start(self) -> None:
+        """Connect in the background and start the heartbeat loop."""
+        assert self._settings.nats_url is not None
+        self._link = await connect_in_background(
+            self._settings.nats_url, name=self._settings.node_id
+        )
+        self._beats = Heartbeater(
+            self._link,
+            subjects.node_load(self._settings.node_id),
+            self.beat,
+            interval_s=self._settings.heartbeat_s,
+        )
+        await self._beats.start()
+
+    async def stop(self) -> None:
+        """Stop beating and close the link."""
+        if self._beats:
+            await self._beats.stop()
+        if self._link:
+            await self._link.close()

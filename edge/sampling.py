@@ -1,0 +1,21 @@
+"""The engine-facing form of a request's sampling settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; built by the OpenAI request models."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 means argmax decoding."""
+        return self.temperature == 0.0

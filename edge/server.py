@@ -1,0 +1,357 @@
+"""The edge daemon's HTTP app: the OpenAI API, health and metrics over the llama.cpp engine.
+
+Example::
+
+    tandem edge serve --port 8080
+    curl -s localhost:8080/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edge import answers
+from edge.answers import AnswerContext
+from edge.engine import EngineConfig, FinishEvent, GenerationRequest, LlamaEngine, TokenEvent
+from edge.errors import (
+    AuthenticationError,
+    EdgeError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    QueueFullError,
+)
+from edge.metrics import EdgeMetrics
+from edge.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    new_id,
+    unix_now,
+)
+from edge.prompts import PromptBuilder
+from edge.registration import MeshRegistration
+from edge.settings import EdgeSettings
+from models.catalog import Catalog
+from models.chat_template import load_template
+from models.convert import edge_gguf_path
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=BaseModel)
+ROUTE_HEADER = "x-tandem-route"
+SESSION_HEADER = "x-session-id"
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class EdgeState:
+    """Everything a request handler needs; owned by the app, no module globals."""
+
+    settings: EdgeSettings
+    engine: LlamaEngine
+    prompts: PromptBuilder
+    metrics: EdgeMetrics
+    model_id: str
+    created: int
+    registration: MeshRegistration | None = None
+
+
+def engine_config(settings: EdgeSettings) -> tuple[EngineConfig, str]:
+    """The engine config for the settings' catalog pair, and the pair's chat template."""
+    pair = Catalog.load().get(settings.model)
+    config = EngineConfig(
+        model_path=settings.gguf or edge_gguf_path(pair),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_threads_batch=settings.n_threads_batch or settings.n_threads,
+        slots=settings.slots,
+        max_queue=settings.max_queue,
+        session_cache_bytes=settings.session_cache_mb * 1024 * 1024,
+    )
+    return config, load_template(pair.chat_template)
+
+
+def build_state(settings: EdgeSettings) -> EdgeState:
+    """Load the model and wire the engine, prompts and metrics together."""
+    config, template = engine_config(settings)
+    engine = LlamaEngine(config)
+    metrics = EdgeMetrics()
+    metrics.add_gauge("tandem_edge_queue_depth", "Requests waiting for a slot.",
+                      lambda: engine.waiting)
+    metrics.add_gauge("tandem_edge_running_requests", "Requests generating now.",
+                      lambda: engine.running)
+    metrics.add_gauge("tandem_edge_session_cache_bytes", "Saved conversation KV bytes.",
+                      lambda: engine.session_cache_bytes)
+    metrics.add_counter("tandem_edge_llama_prompt_eval_tokens",
+                        "llama.cpp's own count of prompt tokens evaluated (n_p_eval).",
+                        lambda: engine.perf_counters()["n_p_eval"])
+    metrics.add_counter("tandem_edge_engine_generated_tokens",
+                        "Tokens llama.cpp generated, including for cancelled requests.",
+                        lambda: engine.generated_tokens)
+    metrics.add_counter("tandem_edge_cancelled_generations",
+                        "Generations stopped early because the client went away.",
+                        lambda: engine.cancelled_generations)
+    return EdgeState(
+        settings=settings,
+        engine=engine,
+        prompts=PromptBuilder(template, engine.tokenize, config.n_ctx, engine.n_vocab),
+        metrics=metrics,
+        model_id=settings.model,
+        created=unix_now(),
+    )
+
+
+def create_app(settings: EdgeSettings) -> FastAPI:
+    """The FastAPI app of one edge daemon; the model loads at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await asyncio.to_thread(build_state, settings)
+        app.state.edge = state
+        if settings.nats_url:
+            state.registration = MeshRegistration(settings, state.engine)
+            await state.registration.start()
+        logger.info("edge %s serving %s", settings.node_id, state.model_id)
+        yield
+        if state.registration:
+            await state.registration.stop()
+        await state.engine.close()
+
+    app = FastAPI(title="Tandem edge", lifespan=lifespan)
+    _install_error_handlers(app)
+    _install_routes(app)
+    return app
+
+
+def _state(request: Request) -> EdgeState:
+    return request.app.state.edge  # type: ignore[no-any-return]
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def error_response(exc: EdgeError) -> JSONResponse:
+    """The OpenAI-style JSON answer for an edge error."""
+    headers = {}
+    if isinstance(exc, QueueFullError):
+        headers["retry-after"] = str(exc.retry_after_s)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EdgeError)
+    async def _edge_error(request: Request, exc: EdgeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = EdgeError(str(exc.detail))
+        err.status, err.type = exc.status_code, "invalid_request_error"
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(EdgeError("internal error; the daemon logged the details"))
+
+
+# -- request parsing -------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return f"{loc}: {first['msg']}" if loc else first["msg"], loc or None
+
+
+async def parse_body(request: Request, model: type[T]) -> T:
+    """Read, size-check, JSON-decode and validate a request body."""
+    raw = await _read_body(request, _state(request).settings.max_body_bytes)
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, param = _validation_message(exc)
+        raise InvalidRequestError(message, param=param) from exc
+
+
+def _check_auth(request: Request) -> None:
+    key = _state(request).settings.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'")
+
+
+def _check_model(state: EdgeState, model: str) -> None:
+    if model != state.model_id:
+        raise ModelNotFoundError(
+            f"model {model!r} is not served here; available: {state.model_id!r}", param="model"
+        )
+
+
+# -- generation plumbing ------------------------------------------------------------
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, cancelling it if the client goes away meanwhile."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+    return task.result()
+
+
+async def _prime(
+    request: Request, events: AsyncIterator[TokenEvent | FinishEvent]
+) -> AsyncIterator[TokenEvent | FinishEvent]:
+    """Wait for the first event (queueing, prefill) so errors still get an HTTP status."""
+    try:
+        first = await _unless_disconnected(request, anext(events))
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def replay() -> AsyncIterator[TokenEvent | FinishEvent]:
+        async with aclosing(events):
+            yield first
+            if not isinstance(first, FinishEvent):
+                async for event in events:
+                    yield event
+
+    return replay()
+
+
+def _generation(request: Request, prompt: list[int], max_tokens: int,
+                body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+    return GenerationRequest(
+        prompt_tokens=prompt,
+        sampling=body.to_sampling_params(default_max_tokens=max_tokens),
+        session_id=request.headers.get(SESSION_HEADER),
+    )
+
+
+def _streaming(body_iter: AsyncIterator[bytes], route: str) -> StreamingResponse:
+    return StreamingResponse(
+        body_iter,
+        media_type="text/event-stream",
+        headers={ROUTE_HEADER: route, "cache-control": "no-cache"},
+    )
+
+
+# -- routes -----------------------------------------------------------------------
+
+
+def _install_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        state = _state(request)
+        reg = state.registration
+        return {
+            "status": "ok",
+            "node_id": state.settings.node_id,
+            "model": state.model_id,
+            "running": state.engine.running,
+            "waiting": state.engine.waiting,
+            "mesh": None if reg is None else ("connected" if reg.connected else "disconnected"),
+        }
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        _check_auth(request)
+        return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> ModelList:
+        _check_auth(request)
+        state = _state(request)
+        card = ModelCard(id=state.model_id, created=state.created, max_model_len=state.engine.n_ctx)
+        return ModelList(data=[card])
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        _check_auth(request)
+        state = _state(request)
+        body = await parse_body(request, ChatCompletionRequest)
+        _check_model(state, body.model)
+        prompt = state.prompts.chat_tokens(body)
+        max_tokens = state.prompts.completion_budget(len(prompt), body.requested_max_tokens())
+        tools = body.active_tools()
+        ctx = AnswerContext(
+            model=state.model_id, node_id=state.settings.node_id, metrics=state.metrics,
+            endpoint="chat", include_usage=body.include_usage(),
+            tool_names={t["function"]["name"] for t in tools} if tools else None,
+        )
+        events = await _prime(request, state.engine.generate(
+            _generation(request, prompt, max_tokens, body)))
+        if body.stream:
+            return _streaming(answers.stream_chat(events, ctx), ctx.route)
+        answer = await _unless_disconnected(request, answers.collect_chat(events, ctx))
+        return JSONResponse(answer.model_dump(), headers={ROUTE_HEADER: ctx.route})
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        _check_auth(request)
+        state = _state(request)
+        body = await parse_body(request, CompletionRequest)
+        _check_model(state, body.model)
+        prompt = state.prompts.completion_tokens(body)
+        max_tokens = state.prompts.completion_budget(len(prompt), body.max_tokens)
+        ctx = AnswerContext(
+            model=state.model_id, node_id=state.settings.node_id, metrics=state.metrics,
+            endpoint="completions", include_usage=body.include_usage(), id=new_id("cmpl"),
+        )
+        events = await _prime(request, state.engine.generate(
+            _generation(request, prompt, max_tokens, body)))
+        if body.stream:
+            return _streaming(answers.stream_completion(events, ctx), ctx.route)
+        answer = await _unless_disconnected(request, answers.collect_completion(events, ctx))
+        return JSONResponse(answer.model_dump(), headers={ROUTE_HEADER: ctx.route})
+
+
+def serve(settings: EdgeSettings) -> None:
+    """Run the edge daemon until interrupted."""
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,34 @@
+"""The ``tandem`` command: one sub-command per area, composed here.
+
+Example::
+
+    tandem up                 # NATS + edge on this machine
+    tandem edge serve --port 8080
+    tandem models list
+"""
+
+from __future__ import annotations
+
+import typer
+
+from mesh.version import __version__
+from tandem.commands import edge, models, up
+
+app = typer.Typer(
+    help="Tandem: a hybrid edge-cloud LLM inference mesh.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(edge.app, name="edge")
+app.add_typer(models.app, name="models")
+app.command(name="up")(up.up)
+
+
+@app.command()
+def version() -> None:
+    """Print Tandem's version."""
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,36 @@
+"""Helpers shared by the CLI commands: settings, logging, one-line failures."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one clear error line and exit non-zero."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def settings_or_exit(cls: type[S], options: dict[str, Any]) -> S:
+    """Build a settings object from CLI options and the environment, or exit clearly."""
+    try:
+        return cls(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        fail(f"invalid setting {where}: {first['msg']}")
+
+
+def configure_logging(level: str) -> None:
+    """Log lines with time, level and logger name."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,44 @@
+"""``tandem edge``: run the edge daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tandem.commands.common import configure_logging, fail, settings_or_exit
+
+app = typer.Typer(help="Run the edge daemon (OpenAI API on llama.cpp).", no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+    model: Annotated[str | None, typer.Option(help="Catalog model pair to serve.")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="GGUF file overriding the catalog.")] = None,
+    n_ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
+    n_threads: Annotated[int | None, typer.Option(help="llama.cpp threads per slot.")] = None,
+    slots: Annotated[int | None, typer.Option(help="Concurrent llama.cpp contexts.")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429.")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require this Bearer key.")] = None,
+    nats_url: Annotated[str | None, typer.Option(help="Join the mesh at this NATS URL.")] = None,
+    node_id: Annotated[str | None, typer.Option(help="This node's id on the mesh.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Serve the OpenAI API on this machine with llama.cpp.
+
+    Every option also reads TANDEM_EDGE_<OPTION> from the environment, e.g.
+    TANDEM_EDGE_PORT=8080. Example: tandem edge serve --port 8080
+    """
+    options: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
+    from edge.server import serve as run_server
+    from edge.settings import EdgeSettings
+
+    settings = settings_or_exit(EdgeSettings, options)
+    configure_logging(settings.log_level)
+    try:
+        run_server(settings)
+    except Exception as exc:  # startup failures: one clear line, no traceback
+        fail(f"edge failed to start: {exc}")

@@ -1,0 +1,124 @@
+"""``tandem up``: the whole mesh on one machine, supervised.
+
+Starts an embedded nats-server, then each role as its own process (as it would
+run on its own machine), waits until each is healthy, prints where to connect,
+and on Ctrl-C stops everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.server import EmbeddedNats
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """A mesh process exited or did not become healthy in time."""
+
+
+@dataclass
+class Role:
+    """One supervised process of the mesh."""
+
+    name: str
+    argv: list[str]
+    health_url: str | None
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 60.0
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Launch the process (stdout/stderr go to the terminal)."""
+        self.process = subprocess.Popen(self.argv, env={**os.environ, **self.env})
+
+    def wait_healthy(self) -> None:
+        """Block until the health URL answers 200, or raise StartupError."""
+        assert self.process is not None
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise StartupError(f"{self.name} exited with code {self.process.returncode}")
+            if self.health_url is None or _answers(self.health_url):
+                return
+            time.sleep(0.2)
+        raise StartupError(f"{self.name} did not become healthy in {self.ready_timeout_s:.0f} s")
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM (drain), then SIGKILL after ``grace_s``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in %.0f s; killing it", self.name, grace_s)
+            self.process.kill()
+            self.process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (local URL)
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def tandem_argv(*args: str) -> list[str]:
+    """argv running a ``tandem`` sub-command with this interpreter."""
+    return [sys.executable, "-m", "tandem.cli", *args]
+
+
+def edge_role(host: str, port: int, nats_url: str, extra: list[str]) -> Role:
+    """The edge daemon, joined to the mesh."""
+    argv = tandem_argv(
+        "edge", "serve", "--host", host, "--port", str(port), "--nats-url", nats_url, *extra
+    )
+    return Role("edge", argv, f"http://{host}:{port}/health")
+
+
+def run_mesh(
+    make_roles: Callable[[str], list[Role]],
+    *,
+    nats_port: int,
+    store_dir: Path,
+    on_ready: Callable[[str], None],
+) -> None:
+    """Run NATS and the roles (given the NATS URL) until Ctrl-C or SIGTERM, then stop all."""
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    with ExitStack() as stack:
+        nats = stack.enter_context(EmbeddedNats(port=nats_port, store_dir=store_dir))
+        started: list[Role] = []
+        stack.callback(lambda: [r.stop() for r in reversed(started)])
+        for role in make_roles(nats.url):
+            role.start()
+            started.append(role)
+            role.wait_healthy()
+        on_ready(nats.url)
+        try:
+            while not stop_requested:
+                for role in started:
+                    if role.process is not None and role.process.poll() is not None:
+                        raise StartupError(f"{role.name} exited with {role.process.returncode}")
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    signal.signal(signal.SIGTERM, previous)
