@@ -1,0 +1,168 @@
+"""Heartbeats: each node publishes its load; ``FleetView`` keeps the fleet's latest picture.
+
+Example::
+
+    beats = Heartbeater(link, subjects.node_load("edge-1"), make_beat)
+    await beats.start()
+    fleet = FleetView(nc)
+    await fleet.start()
+    workers = fleet.healthy_workers("HuggingFaceTB/SmolLM2-135M-Instruct")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mesh import subjects
+from mesh.connection import MeshLink
+from mesh.errors import ProtocolError
+from mesh.protocol import NodeHeartbeat
+
+logger = logging.getLogger(__name__)
+
+NcSource = MeshLink | Client | Callable[[], Client | None]
+
+
+def _current_nc(source: NcSource) -> Client | None:
+    if isinstance(source, MeshLink):
+        return source.nc
+    if isinstance(source, Client):
+        return source
+    return source()
+
+
+class Heartbeater:
+    """Publish ``make_beat()`` every ``interval_s``; never fails when NATS is away."""
+
+    def __init__(
+        self,
+        link_or_nc_getter: NcSource,
+        subject: str,
+        make_beat: Callable[[], NodeHeartbeat],
+        interval_s: float = 1.0,
+    ) -> None:
+        self._source = link_or_nc_getter
+        self._subject = subject
+        self._make_beat = make_beat
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.sent = 0
+        self.skipped = 0
+
+    @property
+    def running(self) -> bool:
+        """Whether the heartbeat loop is running."""
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start beating in a background task (the first beat goes out at once)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"heartbeat {self._subject}")
+
+    async def stop(self) -> None:
+        """Stop beating."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def beat(self) -> bool:
+        """Publish one heartbeat now; return whether it went out."""
+        nc = _current_nc(self._source)
+        # While nats-py reconnects it would buffer beats and flush them late, as if fresh.
+        if nc is None or not nc.is_connected:
+            return self._skip("not connected")
+        try:
+            data = self._make_beat().to_bytes()
+        except Exception:
+            logger.exception("building the heartbeat for %s failed", self._subject)
+            return self._skip("no beat")
+        try:
+            await nc.publish(self._subject, data)
+        except (nats.errors.Error, OSError) as exc:
+            return self._skip(repr(exc))
+        self.sent += 1
+        return True
+
+    def _skip(self, why: str) -> bool:
+        logger.debug("heartbeat on %s skipped: %s", self._subject, why)
+        self.skipped += 1
+        return False
+
+    async def _run(self) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(self._interval_s)
+
+
+class FleetView:
+    """The latest heartbeat of every node, from ``subjects.all_node_loads()``."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        forget_after_s: float = 60.0,
+    ) -> None:
+        self._nc = nc
+        self._clock = clock
+        self._forget_after_s = forget_after_s
+        # Freshness is judged by when a beat arrived here, not its sent_at: clocks differ.
+        self._latest: dict[str, tuple[float, NodeHeartbeat]] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        """Subscribe to every node's heartbeats."""
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(subjects.all_node_loads(), cb=self._handle_beat)
+
+    async def stop(self) -> None:
+        """Unsubscribe (the last picture stays readable)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    def nodes(self, max_age_s: float = 5.0) -> list[NodeHeartbeat]:
+        """Nodes heard from within ``max_age_s``, ordered by node id."""
+        cutoff = self._clock() - max_age_s
+        fresh = [beat for at, beat in self._latest.values() if at >= cutoff]
+        return sorted(fresh, key=lambda beat: beat.node_id)
+
+    def healthy_workers(self, model: str, max_age_s: float = 5.0) -> list[NodeHeartbeat]:
+        """Fresh, non-draining cloud nodes serving ``model``, least loaded first."""
+        workers = [
+            beat
+            for beat in self.nodes(max_age_s)
+            if beat.role == "cloud" and beat.model == model and not beat.load.draining
+        ]
+        return sorted(workers, key=lambda b: (b.load.waiting, b.load.running, b.node_id))
+
+    async def _handle_beat(self, msg: Msg) -> None:
+        try:
+            beat = NodeHeartbeat.from_bytes(msg.data)
+        except ProtocolError as exc:
+            logger.warning("ignoring a heartbeat on %s: %s", msg.subject, exc)
+            return
+        if msg.subject != subjects.node_load(beat.node_id):
+            logger.warning("ignoring %s's heartbeat sent on %s", beat.node_id, msg.subject)
+            return
+        now = self._clock()
+        self._latest[beat.node_id] = (now, beat)
+        self._forget_old(now)
+
+    def _forget_old(self, now: float) -> None:
+        cutoff = now - self._forget_after_s
+        for node_id in [n for n, (at, _) in self._latest.items() if at < cutoff]:
+            del self._latest[node_id]

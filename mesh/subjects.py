@@ -1,0 +1,80 @@
+"""NATS subject names: the only place they are spelled.
+
+Every subject starts with ``PREFIX`` (versioned, so a v2 mesh can run beside v1). Ids and
+model names become single subject tokens through ``token``, which keeps them readable and
+unambiguous even when they contain dots or slashes (``HuggingFaceTB/SmolLM2-135M``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+PREFIX = "tandem.v1"
+POLICY_BUCKET = "tandem_policy"
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_-]")
+# Dot-separated non-empty tokens without wildcards or whitespace.
+_SUBJECT = re.compile(r"[^.*>\s]+(\.[^.*>\s]+)*")
+_HASH_CHARS = 8
+
+
+def token(value: str) -> str:
+    """Map ``value`` to one safe subject token (``[A-Za-z0-9_-]+``), deterministically.
+
+    A safe value is returned as is. Otherwise unsafe characters become ``_`` and a short
+    hash of the original is appended, so ``a.b`` and ``a/b`` get different tokens.
+    """
+    if not value:
+        raise ValueError("a subject token cannot be empty")
+    if _SAFE.fullmatch(value):
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:_HASH_CHARS]
+    return f"{_UNSAFE_CHAR.sub('_', value)}_{digest}"
+
+
+def node_load(node_id: str) -> str:
+    """Where node ``node_id`` publishes its heartbeats (``NodeHeartbeat``)."""
+    return f"{PREFIX}.nodes.{token(node_id)}.load"
+
+
+def all_node_loads() -> str:
+    """Wildcard over every node's heartbeat subject."""
+    return f"{PREFIX}.nodes.*.load"
+
+
+def cloud_generate(model: str) -> str:
+    """Queue-group subject of cloud workers generating with ``model``."""
+    return f"{PREFIX}.cloud.{token(model)}.generate"
+
+
+def cloud_verify(model: str) -> str:
+    """Queue-group subject of cloud workers verifying drafts against ``model``."""
+    return f"{PREFIX}.cloud.{token(model)}.verify"
+
+
+def cloud_cancel(model: str) -> str:
+    """Where requesters broadcast ``CancelRequest``s to the workers of ``model``."""
+    return f"{PREFIX}.cloud.{token(model)}.cancel"
+
+
+def liveness(reply_subject: str) -> str:
+    """The requester's "still there?" subject beside a stream's ``reply_subject``.
+
+    It sits under the reply subject (an inbox) so a requester allowed its own inbox
+    needs no further permission to answer it.
+    """
+    if not _SUBJECT.fullmatch(reply_subject):
+        raise ValueError(f"not a plain subject (no wildcards or spaces): {reply_subject!r}")
+    return f"{reply_subject}.alive"
+
+
+def worker(worker_id: str, verb: str) -> str:
+    """Subject of one worker (session affinity), e.g. ``tandem.v1.worker.w1.generate``."""
+    return f"{PREFIX}.worker.{token(worker_id)}.{token(verb)}"
+
+
+def cloud_service_name(model: str) -> str:
+    """NATS micro service name of the cloud workers for ``model`` (``[A-Za-z0-9_-]`` only)."""
+    return f"tandem-cloud-{token(model)}"
