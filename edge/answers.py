@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from edge.openai_protocol import (
     new_id,
     unix_now,
 )
-from edge.tool_calls import ToolCallParse, ToolCallStream, parse_tool_calls
+from edge.tool_calls import ParsedToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
 
 Events = AsyncIterator[TokenEvent | FinishEvent]
 
@@ -47,6 +48,7 @@ class AnswerContext:
     metrics: EdgeMetrics
     endpoint: str
     route: str = "edge"
+    rule: str | None = None
     include_usage: bool = False
     tool_names: set[str] | None = None  # None: the request has no active tools
     id: str = field(default_factory=lambda: new_id("chatcmpl"))
@@ -55,13 +57,13 @@ class AnswerContext:
     first_token_at: float | None = None
     n_tokens: int = 0
 
-    def on_token(self) -> None:
+    def on_token(self, event: TokenEvent) -> None:
         """Record token timing (TTFT on the first one)."""
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
             self.metrics.ttft.observe(now - self.started)
-        self.n_tokens += 1
+        self.n_tokens += len(event.token_ids)
 
     def on_finish(self, stats: GenerationStats, status: str = "200") -> None:
         """Record the end of the request in the metrics."""
@@ -87,16 +89,31 @@ class AnswerContext:
                 node_id=self.node_id,
                 queue_ms=round(stats.queue_s * 1000, 3),
                 cached_prompt_tokens=stats.cached_tokens,
+                worker_id=stats.worker_id,
+                rule=self.rule,
             ),
         )
 
-    def parse_tools(self, text: str) -> ToolCallParse:
+    def parse_tools(self, text: str, finish: FinishEvent) -> ToolCallParse:
         """Split a whole answer into content and tool calls (none without tools)."""
         if self.tool_names is None:
             return ToolCallParse(content=text)
         parsed = parse_tool_calls(text, self.tool_names)
         self.metrics.malformed_tool_calls.inc(len(parsed.malformed))
+        return with_generator_calls(parsed, finish)
+
+
+def with_generator_calls(parsed: ToolCallParse, finish: FinishEvent) -> ToolCallParse:
+    """Prefer the calls the generator parsed itself (the cloud's configured vLLM parser)."""
+    if finish.tool_calls is None:
         return parsed
+    calls = [
+        ParsedToolCall(id=c.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                       name=c["function"]["name"], arguments=c["function"]["arguments"])
+        for c in finish.tool_calls
+    ]
+    return ToolCallParse(content=parsed.content,
+                         calls=calls, malformed=[] if calls else parsed.malformed)
 
 
 def _finish_reason(stats: GenerationStats, parsed: ToolCallParse) -> str:
@@ -112,22 +129,23 @@ def _tool_calls(parsed: ToolCallParse) -> list[ToolCall] | None:
     ]
 
 
-async def _drain(events: Events, ctx: AnswerContext) -> tuple[str, GenerationStats]:
+async def _drain(events: Events, ctx: AnswerContext) -> tuple[str, FinishEvent]:
     """Collect all text of a generation."""
     parts: list[str] = []
     async for event in events:
         parts.append(event.text)
         if isinstance(event, FinishEvent):
             ctx.on_finish(event.stats)
-            return "".join(parts), event.stats
-        ctx.on_token()
+            return "".join(parts), event
+        ctx.on_token(event)
     raise AssertionError("engine stream ended without a finish event")
 
 
 async def collect_chat(events: Events, ctx: AnswerContext) -> ChatCompletion:
     """A whole ``chat.completion`` body."""
-    text, stats = await _drain(events, ctx)
-    parsed = ctx.parse_tools(text)
+    text, finish = await _drain(events, ctx)
+    stats = finish.stats
+    parsed = ctx.parse_tools(text, finish)
     message = ChatMessageOut(content=parsed.content, tool_calls=_tool_calls(parsed))
     return ChatCompletion(
         id=ctx.id,
@@ -140,7 +158,8 @@ async def collect_chat(events: Events, ctx: AnswerContext) -> ChatCompletion:
 
 async def collect_completion(events: Events, ctx: AnswerContext) -> Completion:
     """A whole ``text_completion`` body."""
-    text, stats = await _drain(events, ctx)
+    text, finish = await _drain(events, ctx)
+    stats = finish.stats
     choice = CompletionChoice(text=text, finish_reason=stats.finish_reason or "stop")
     return Completion(
         id=ctx.id, created=ctx.created, model=ctx.model, choices=[choice], usage=ctx.usage(stats)
@@ -192,12 +211,11 @@ async def stream_chat(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes
             if text:
                 yield chunks.chunk(ChatDelta(content=text))
             if isinstance(event, FinishEvent):
-                yield_tail = _stream_tail(chunks, tools, event.stats)
-                for item in yield_tail:
+                for item in _stream_tail(chunks, tools, event):
                     yield item
                 ctx.on_finish(event.stats)
                 break
-            ctx.on_token()
+            ctx.on_token(event)
     except EdgeError as exc:
         # Headers are gone already; the error travels as an event, like vLLM does.
         ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
@@ -206,12 +224,14 @@ async def stream_chat(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes
 
 
 def _stream_tail(
-    chunks: _ChatChunks, tools: ToolCallStream | None, stats: GenerationStats
+    chunks: _ChatChunks, tools: ToolCallStream | None, finish: FinishEvent
 ) -> list[bytes]:
     out: list[bytes] = []
+    stats = finish.stats
     parsed = tools.finish() if tools else ToolCallParse(content=None)
     if tools:
         chunks.ctx.metrics.malformed_tool_calls.inc(len(parsed.malformed))
+        parsed = with_generator_calls(parsed, finish)
     if parsed.content:
         out.append(chunks.chunk(ChatDelta(content=parsed.content)))
     for i, call in enumerate(parsed.calls):
@@ -243,7 +263,7 @@ async def stream_completion(events: Events, ctx: AnswerContext) -> AsyncIterator
                     yield chunk("", None, ctx.usage(event.stats))
                 ctx.on_finish(event.stats)
                 break
-            ctx.on_token()
+            ctx.on_token(event)
             if event.text:
                 yield chunk(event.text, None)
     except EdgeError as exc:

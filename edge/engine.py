@@ -74,22 +74,25 @@ class GenerationStats:
     completion_tokens: int = 0
     queue_s: float = 0.0
     finish_reason: str | None = None
+    worker_id: str | None = None  # the cloud worker that served it, on the cloud route
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token and the text it made final (may be empty)."""
+    """Newly generated tokens and the text they made final (may be empty)."""
 
-    token_id: int
+    token_ids: list[int]
     text: str
 
 
 @dataclass(frozen=True)
 class FinishEvent:
-    """End of generation: the last text and why it stopped."""
+    """End of generation: the last text, why it stopped, and parsed tool calls if the
+    generator parsed them itself (the cloud route does, with vLLM's parser)."""
 
     text: str
     stats: GenerationStats
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -310,7 +313,7 @@ class LlamaEngine:
                 break
             stats.completion_tokens += 1
             self.generated_tokens += 1
-            emit(TokenEvent(token, assembler.push(llama.detokenize([token]))))
+            emit(TokenEvent([token], assembler.push(llama.detokenize([token]))))
             if assembler.stopped:
                 stats.finish_reason = "stop"
                 break

@@ -233,6 +233,8 @@ class TandemUsage(BaseModel):
     node_id: str
     queue_ms: float = 0.0
     cached_prompt_tokens: int = 0
+    worker_id: str | None = None
+    rule: str | None = None
 
 
 class PromptTokensDetails(BaseModel):

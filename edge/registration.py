@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import time
 
+from nats.aio.client import Client
+
+from edge.cloud_route import CloudRoute
 from edge.engine import LlamaEngine
 from edge.settings import EdgeSettings
 from mesh import subjects
 from mesh.connection import MeshLink, connect_in_background
-from mesh.heartbeat import Heartbeater
+from mesh.heartbeat import FleetView, Heartbeater
 from mesh.protocol import NodeHeartbeat, NodeLoad
 from mesh.version import __version__
 
@@ -32,7 +35,7 @@ class _TokenRate:
 
 
 class MeshRegistration:
-    """Announces this edge (node id, model, load, version) on the mesh."""
+    """Announces this edge on the mesh, watches the fleet, and owns the cloud route."""
 
     def __init__(self, settings: EdgeSettings, engine: LlamaEngine) -> None:
         self._settings = settings
@@ -40,6 +43,8 @@ class MeshRegistration:
         self._rate = _TokenRate(engine)
         self._link: MeshLink | None = None
         self._beats: Heartbeater | None = None
+        self.fleet: FleetView | None = None
+        self.cloud: CloudRoute | None = None  # set once the mesh is reachable
 
     @property
     def connected(self) -> bool:
@@ -67,7 +72,7 @@ class MeshRegistration:
         """Connect in the background and start the heartbeat loop."""
         assert self._settings.nats_url is not None
         self._link = await connect_in_background(
-            self._settings.nats_url, name=self._settings.node_id
+            self._settings.nats_url, name=self._settings.node_id, on_connect=self._on_connect
         )
         self._beats = Heartbeater(
             self._link,
@@ -77,9 +82,19 @@ class MeshRegistration:
         )
         await self._beats.start()
 
+    async def _on_connect(self, nc: Client) -> None:
+        assert self._link is not None
+        self.fleet = FleetView(nc)
+        await self.fleet.start()
+        s = self._settings
+        self.cloud = CloudRoute(self._link, self.fleet, s.model,
+                                stall_timeout_s=s.cloud_stall_timeout_s)
+
     async def stop(self) -> None:
         """Stop beating and close the link."""
         if self._beats:
             await self._beats.stop()
+        if self.fleet:
+            await self.fleet.stop()
         if self._link:
             await self._link.close()

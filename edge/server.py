@@ -16,7 +16,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge import answers
 from edge.answers import AnswerContext
+from edge.cloud_route import CloudUnavailableError, deadline_in
 from edge.engine import EngineConfig, FinishEvent, GenerationRequest, LlamaEngine, TokenEvent
 from edge.errors import (
     AuthenticationError,
@@ -46,6 +50,8 @@ from edge.openai_protocol import (
 from edge.prompts import PromptBuilder
 from edge.registration import MeshRegistration
 from edge.settings import EdgeSettings
+from router.policy import RequestFeatures, RoutingPolicy, base_model, decide
+from mesh.protocol import SamplingParams as WireSampling
 from models.catalog import Catalog
 from models.chat_template import load_template
 from models.convert import edge_gguf_path
@@ -68,6 +74,7 @@ class EdgeState:
     metrics: EdgeMetrics
     model_id: str
     created: int
+    policy: RoutingPolicy
     registration: MeshRegistration | None = None
 
 
@@ -84,6 +91,13 @@ def engine_config(settings: EdgeSettings) -> tuple[EngineConfig, str]:
         session_cache_bytes=settings.session_cache_mb * 1024 * 1024,
     )
     return config, load_template(pair.chat_template)
+
+
+def load_policy(path: Path | None) -> RoutingPolicy:
+    """The routing policy from a YAML file, or the defaults."""
+    if path is None:
+        return RoutingPolicy()
+    return RoutingPolicy.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
 
 
 def build_state(settings: EdgeSettings) -> EdgeState:
@@ -113,6 +127,7 @@ def build_state(settings: EdgeSettings) -> EdgeState:
         metrics=metrics,
         model_id=settings.model,
         created=unix_now(),
+        policy=load_policy(settings.policy_file),
     )
 
 
@@ -218,9 +233,11 @@ def _check_auth(request: Request) -> None:
 
 
 def _check_model(state: EdgeState, model: str) -> None:
-    if model != state.model_id:
+    if base_model(model) != state.model_id and model not in state.policy.cloud_aliases:
+        names = [state.model_id, f"{state.model_id}@edge", f"{state.model_id}@cloud",
+                 *state.policy.cloud_aliases]
         raise ModelNotFoundError(
-            f"model {model!r} is not served here; available: {state.model_id!r}", param="model"
+            f"model {model!r} is not served here; available: {', '.join(names)}", param="model"
         )
 
 
@@ -264,6 +281,42 @@ def _generation(request: Request, prompt: list[int], max_tokens: int,
         sampling=body.to_sampling_params(default_max_tokens=max_tokens),
         session_id=request.headers.get(SESSION_HEADER),
     )
+
+
+async def _try_cloud(
+    request: Request, state: EdgeState, body: ChatCompletionRequest, ctx: AnswerContext
+) -> AsyncIterator[TokenEvent | FinishEvent] | None:
+    """Events from the cloud route, or None to serve on the edge (marked edge-fallback)."""
+    cloud = state.registration.cloud if state.registration else None
+    try:
+        if cloud is None or not cloud.available():
+            raise CloudUnavailableError(
+                "no cloud worker is reachable for this request; retry later or ask for the edge "
+                "(model '<name>@edge' or header 'x-tandem-route: edge')"
+            )
+        events = await _prime(request, cloud.generate(
+            messages=[m.to_template_dict() for m in body.messages],
+            tools=body.active_tools(),
+            tool_choice=_dump(body.tool_choice),
+            sampling=WireSampling(
+                max_tokens=body.requested_max_tokens(), temperature=body.temperature,
+                top_p=body.top_p, seed=body.seed, stop=body.stop_list() or None,
+            ),
+            session_id=request.headers.get(SESSION_HEADER),
+            deadline=deadline_in(state.settings.cloud_timeout_s),
+        ))
+    except CloudUnavailableError:
+        if state.policy.on_cloud_unavailable == "fail":
+            raise
+        logger.info("cloud unavailable; serving on the edge")
+        ctx.route = "edge-fallback"
+        return None
+    ctx.route = "cloud"
+    return events
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 def _streaming(body_iter: AsyncIterator[bytes], route: str) -> StreamingResponse:
@@ -310,15 +363,23 @@ def _install_routes(app: FastAPI) -> None:
         body = await parse_body(request, ChatCompletionRequest)
         _check_model(state, body.model)
         prompt = state.prompts.chat_tokens(body)
-        max_tokens = state.prompts.completion_budget(len(prompt), body.requested_max_tokens())
         tools = body.active_tools()
+        decision = decide(state.policy, RequestFeatures(
+            model=body.model, has_tools=bool(tools), prompt_tokens=len(prompt),
+            route_header=request.headers.get(ROUTE_HEADER),
+        ))
         ctx = AnswerContext(
-            model=state.model_id, node_id=state.settings.node_id, metrics=state.metrics,
-            endpoint="chat", include_usage=body.include_usage(),
+            model=body.model, node_id=state.settings.node_id, metrics=state.metrics,
+            endpoint="chat", include_usage=body.include_usage(), rule=decision.rule,
             tool_names={t["function"]["name"] for t in tools} if tools else None,
         )
-        events = await _prime(request, state.engine.generate(
-            _generation(request, prompt, max_tokens, body)))
+        events = None
+        if decision.route == "cloud":
+            events = await _try_cloud(request, state, body, ctx)
+        if events is None:
+            max_tokens = state.prompts.completion_budget(len(prompt), body.requested_max_tokens())
+            events = await _prime(request, state.engine.generate(
+                _generation(request, prompt, max_tokens, body)))
         if body.stream:
             return _streaming(answers.stream_chat(events, ctx), ctx.route)
         answer = await _unless_disconnected(request, answers.collect_chat(events, ctx))

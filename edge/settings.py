@@ -33,4 +33,9 @@ class EdgeSettings(BaseSettings):
     nats_url: str | None = Field(None, description="join the mesh at this NATS URL")
     node_id: str = Field(default_factory=lambda: f"edge-{socket.gethostname()}")
     heartbeat_s: float = Field(1.0, gt=0)
+    cloud_timeout_s: float = Field(300.0, gt=0, description="deadline of a cloud request")
+    cloud_stall_timeout_s: float = Field(
+        3.0, gt=0, description="silence after which a cloud worker is presumed dead"
+    )
+    policy_file: Path | None = Field(None, description="routing policy YAML")
     log_level: str = "info"

@@ -122,14 +122,6 @@ class GenerateAccepted(WireMessage):
     worker_id: str = Field(min_length=1)
 
 
-class GenerateAccepted(WireMessage):
-    """A worker's immediate reply to a ``GenerateRequest``: it took the request."""
-
-    kind: Literal["generate_accepted"] = "generate_accepted"
-    request_id: str = Field(min_length=1)
-    worker_id: str = Field(min_length=1)
-
-
 class ErrorInfo(WireMessage):
     """An OpenAI-style error carried in a stream's last chunk."""
 

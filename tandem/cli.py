@@ -2,8 +2,10 @@
 
 Example::
 
-    tandem up                 # NATS + edge on this machine
+    tandem up                 # NATS + cloud worker + edge on this machine
     tandem edge serve --port 8080
+    tandem cloud serve --nats-url nats://127.0.0.1:4222
+    tandem status
     tandem models list
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import typer
 
 from mesh.version import __version__
-from tandem.commands import edge, models, up
+from tandem.commands import cloud, edge, models, status, up
 
 app = typer.Typer(
     help="Tandem: a hybrid edge-cloud LLM inference mesh.",
@@ -20,8 +22,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(edge.app, name="edge")
+app.add_typer(cloud.app, name="cloud")
 app.add_typer(models.app, name="models")
 app.command(name="up")(up.up)
+app.command(name="status")(status.status)
 
 
 @app.command()

@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh import subjects
 from mesh.server import EmbeddedNats
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Role:
 
     name: str
     argv: list[str]
-    health_url: str | None
+    is_ready: Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 60.0
     process: subprocess.Popen[bytes] | None = None
@@ -43,16 +44,16 @@ class Role:
         """Launch the process (stdout/stderr go to the terminal)."""
         self.process = subprocess.Popen(self.argv, env={**os.environ, **self.env})
 
-    def wait_healthy(self) -> None:
-        """Block until the health URL answers 200, or raise StartupError."""
+    def wait_ready(self) -> None:
+        """Block until ``is_ready()``, or raise StartupError."""
         assert self.process is not None
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise StartupError(f"{self.name} exited with code {self.process.returncode}")
-            if self.health_url is None or _answers(self.health_url):
+            if self.is_ready():
                 return
-            time.sleep(0.2)
+            time.sleep(0.5)
         raise StartupError(f"{self.name} did not become healthy in {self.ready_timeout_s:.0f} s")
 
     def stop(self, grace_s: float = 15.0) -> None:
@@ -81,22 +82,29 @@ def tandem_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tandem.cli", *args]
 
 
-def edge_role(host: str, port: int, nats_url: str, extra: list[str]) -> Role:
-    """The edge daemon, joined to the mesh."""
-    argv = tandem_argv(
-        "edge", "serve", "--host", host, "--port", str(port), "--nats-url", nats_url, *extra
-    )
-    return Role("edge", argv, f"http://{host}:{port}/health")
+def edge_role(host: str, port: int, nats_url: str, model: str) -> Role:
+    """The edge daemon, joined to the mesh; ready when ``/health`` answers."""
+    argv = tandem_argv("edge", "serve", "--host", host, "--port", str(port),
+                       "--nats-url", nats_url, "--model", model)
+    return Role("edge", argv, lambda: _answers(f"http://{host}:{port}/health"))
+
+
+def cloud_role(nats: EmbeddedNats, model: str, worker_id: str) -> Role:
+    """A cloud worker; ready once it subscribes to its generate subject (~1-2 min on CPU)."""
+    argv = tandem_argv("cloud", "serve", "--nats-url", nats.url, "--model", model,
+                       "--worker-id", worker_id)
+    subject = subjects.worker(worker_id, "generate")
+    return Role("cloud", argv, lambda: nats.subscribers(subject) > 0, ready_timeout_s=600.0)
 
 
 def run_mesh(
-    make_roles: Callable[[str], list[Role]],
+    make_roles: Callable[[EmbeddedNats], list[Role]],
     *,
     nats_port: int,
     store_dir: Path,
     on_ready: Callable[[str], None],
 ) -> None:
-    """Run NATS and the roles (given the NATS URL) until Ctrl-C or SIGTERM, then stop all."""
+    """Run NATS and the roles (made for that NATS) until Ctrl-C or SIGTERM, then stop all."""
     stop_requested = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -108,10 +116,11 @@ def run_mesh(
         nats = stack.enter_context(EmbeddedNats(port=nats_port, store_dir=store_dir))
         started: list[Role] = []
         stack.callback(lambda: [r.stop() for r in reversed(started)])
-        for role in make_roles(nats.url):
+        for role in make_roles(nats):  # all start at once; vLLM's start dominates
             role.start()
             started.append(role)
-            role.wait_healthy()
+        for role in started:
+            role.wait_ready()
         on_ready(nats.url)
         try:
             while not stop_requested:

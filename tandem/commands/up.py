@@ -14,28 +14,38 @@ def up(
     port: Annotated[int, typer.Option(help="Edge HTTP port.", envvar="TANDEM_EDGE_PORT")] = 8080,
     nats_port: Annotated[int, typer.Option(help="NATS client port (0: any free port).")] = 4222,
     model: Annotated[str, typer.Option(help="Catalog model pair.")] = "smollm2-135m",
+    cloud: Annotated[bool, typer.Option(help="Also run a vLLM cloud worker.")] = True,
 ) -> None:
-    """Run NATS and an edge daemon on this machine until Ctrl-C.
+    """Run NATS, a cloud worker (vLLM) and an edge daemon on this machine until Ctrl-C.
 
     Example: tandem up --port 8080, then point any OpenAI client at
     http://127.0.0.1:8080/v1.
     """
     from mesh.errors import MeshError
+    from mesh.server import EmbeddedNats
     from models.settings import tandem_home
-    from tandem.up import StartupError, edge_role, run_mesh
+    from tandem.up import Role, StartupError, cloud_role, edge_role, run_mesh
 
     configure_logging("info")
 
     def ready(nats_url: str) -> None:
         typer.secho(
             f"\nTandem is up: OpenAI API at http://{host}:{port}/v1 (model {model!r}), "
-            f"NATS at {nats_url}. Ctrl-C stops everything.\n",
+            f"NATS at {nats_url}{', cloud worker ready' if cloud else ''}. "
+            "Ctrl-C stops everything.\n",
             fg=typer.colors.GREEN,
         )
 
+    def roles(nats: EmbeddedNats) -> list[Role]:
+        edge = edge_role(host, port, nats.url, model)
+        return [cloud_role(nats, model, "cloud-local-1"), edge] if cloud else [edge]
+
     try:
         run_mesh(
-            lambda nats_url: [edge_role(host, port, nats_url, ["--model", model])],
-            nats_port=nats_port, store_dir=tandem_home() / "nats", on_ready=ready)
+            roles,
+            nats_port=nats_port,
+            store_dir=tandem_home() / "nats",
+            on_ready=ready,
+        )
     except (StartupError, MeshError) as exc:
         fail(str(exc))
