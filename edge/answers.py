@@ -108,12 +108,16 @@ def with_generator_calls(parsed: ToolCallParse, finish: FinishEvent) -> ToolCall
     if finish.tool_calls is None:
         return parsed
     calls = [
-        ParsedToolCall(id=c.get("id") or f"call_{uuid.uuid4().hex[:24]}",
-                       name=c["function"]["name"], arguments=c["function"]["arguments"])
+        ParsedToolCall(
+            id=c.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+            name=c["function"]["name"],
+            arguments=c["function"]["arguments"],
+        )
         for c in finish.tool_calls
     ]
-    return ToolCallParse(content=parsed.content,
-                         calls=calls, malformed=[] if calls else parsed.malformed)
+    return ToolCallParse(
+        content=parsed.content, calls=calls, malformed=[] if calls else parsed.malformed
+    )
 
 
 def _finish_reason(stats: GenerationStats, parsed: ToolCallParse) -> str:
@@ -168,7 +172,11 @@ async def collect_completion(events: Events, ctx: AnswerContext) -> Completion:
 
 def sse(payload: dict[str, object] | str) -> bytes:
     """One server-sent event line."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    data = (
+        payload
+        if isinstance(payload, str)
+        else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    )
     return f"data: {data}\n\n".encode()
 
 

@@ -156,7 +156,9 @@ class LlamaEngine:
         try:
             from llama_cpp import Llama
         except ImportError as exc:  # an install without the edge extra
-            raise EngineError("llama-cpp-python is missing: pip install 'tandem-mesh[edge]'") from exc
+            raise EngineError(
+                "llama-cpp-python is missing: pip install 'tandem-mesh[edge]'"
+            ) from exc
         return Llama(
             model_path=str(config.model_path),
             n_ctx=config.n_ctx,

@@ -1,14 +1,14 @@
 """Errors of the edge daemon, each mapped to one OpenAI-style HTTP answer.
 
-    EdgeError                      base; ``status``, ``type`` and ``code`` shape the JSON body
-    ├── InvalidRequestError        400: the request is well-formed JSON but asks for something invalid
-    │   └── ContextLengthError     400: prompt (plus max_tokens) does not fit the context window
-    ├── AuthenticationError        401: missing or wrong API key
-    ├── ModelNotFoundError         404: the ``model`` is not served here
-    ├── PayloadTooLargeError       413: request body over the configured limit
-    ├── QueueFullError             429: the engine queue is full; carries ``retry_after_s``
-    ├── ServiceUnavailableError    503: the engine is shutting down or not loaded
-    └── EngineError                500: llama.cpp failed; the request is lost, the daemon is not
+EdgeError                      base; ``status``, ``type`` and ``code`` shape the JSON body
+├── InvalidRequestError        400: well-formed JSON asking for something invalid
+│   └── ContextLengthError     400: prompt (plus max_tokens) does not fit the context window
+├── AuthenticationError        401: missing or wrong API key
+├── ModelNotFoundError         404: the ``model`` is not served here
+├── PayloadTooLargeError       413: request body over the configured limit
+├── QueueFullError             429: the engine queue is full; carries ``retry_after_s``
+├── ServiceUnavailableError    503: the engine is shutting down or not loaded
+└── EngineError                500: llama.cpp failed; the request is lost, the daemon is not
 """
 
 from __future__ import annotations

@@ -20,15 +20,18 @@ class EdgeMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "tandem_edge_requests", "Finished HTTP API requests.",
-            ["endpoint", "route", "status"], registry=r,
+            "tandem_edge_requests",
+            "Finished HTTP API requests.",
+            ["endpoint", "route", "status"],
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "tandem_edge_prompt_tokens", "Prompt tokens of served requests.", registry=r
         )
         self.cached_prompt_tokens = Counter(
             "tandem_edge_cached_prompt_tokens",
-            "Prompt tokens served from a reused KV prefix.", registry=r,
+            "Prompt tokens served from a reused KV prefix.",
+            registry=r,
         )
         self.completion_tokens = Counter(
             "tandem_edge_completion_tokens", "Generated tokens.", registry=r
@@ -37,16 +40,22 @@ class EdgeMetrics:
             "tandem_edge_malformed_tool_calls", "Tool-call blocks the parser rejected.", registry=r
         )
         self.ttft = Histogram(
-            "tandem_edge_time_to_first_token_seconds", "Request arrival to first token.",
-            buckets=_TTFT_BUCKETS, registry=r,
+            "tandem_edge_time_to_first_token_seconds",
+            "Request arrival to first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
         )
         self.tpot = Histogram(
-            "tandem_edge_time_per_output_token_seconds", "Mean gap between output tokens.",
-            buckets=_TPOT_BUCKETS, registry=r,
+            "tandem_edge_time_per_output_token_seconds",
+            "Mean gap between output tokens.",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
         )
         self.e2e = Histogram(
-            "tandem_edge_request_duration_seconds", "Request arrival to last token.",
-            buckets=_TTFT_BUCKETS, registry=r,
+            "tandem_edge_request_duration_seconds",
+            "Request arrival to last token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
         )
 
     def add_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:

@@ -87,8 +87,9 @@ class MeshRegistration:
         self.fleet = FleetView(nc)
         await self.fleet.start()
         s = self._settings
-        self.cloud = CloudRoute(self._link, self.fleet, s.model,
-                                stall_timeout_s=s.cloud_stall_timeout_s)
+        self.cloud = CloudRoute(
+            self._link, self.fleet, s.model, stall_timeout_s=s.cloud_stall_timeout_s
+        )
 
     async def stop(self) -> None:
         """Stop beating and close the link."""

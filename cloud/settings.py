@@ -1,0 +1,36 @@
+"""Settings of a cloud worker: one class; every field reads ``TANDEM_CLOUD_<FIELD>``."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CloudSettings(BaseSettings):
+    """Configuration of ``tandem cloud serve``."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_CLOUD_", extra="forbid")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    model: str = Field("smollm2-135m", description="catalog model pair whose target this serves")
+    worker_id: str = Field(
+        default_factory=lambda: f"cloud-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    )
+    max_model_len: int = Field(2048, ge=128)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="override the catalog's cloud dtype"
+    )
+    kv_cache_gb: float = Field(
+        2.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)"
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tool_parser: str | None = Field(None, description="vLLM tool parser; the catalog's by default")
+    heartbeat_s: float = Field(1.0, gt=0)
+    keepalive_s: float = Field(0.5, gt=0, description="idle gap before a keepalive chunk")
+    liveness_s: float = Field(2.0, gt=0, description="how often to check the requester is there")
+    drain_timeout_s: float = Field(60.0, ge=0)
+    log_level: str = "info"

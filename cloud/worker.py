@@ -1,0 +1,274 @@
+"""The cloud worker: a NATS micro service that streams vLLM generations to edges.
+
+Wire flow of one escalated request::
+
+    edge  --GenerateRequest-->  tandem.v1.cloud.<model>.generate  (queue group: any worker)
+                            or  tandem.v1.worker.<id>.generate    (session affinity)
+    edge  <--GenerateAccepted--  (the request's reply: who took it)
+    edge  <--TokenChunk seq 0..n, the last with is_end-- published to GenerateRequest.reply_subject
+
+The worker aborts the vLLM request when the edge sends a ``CancelRequest``, when
+the edge's liveness inbox stops answering (it crashed), or at the deadline; on
+SIGTERM it drains: no new requests, in-flight ones finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from cloud.engine import VllmEngine
+from cloud.errors import CloudError, DeadlineExceededError, DrainingError, EngineFailedError
+from cloud.settings import CloudSettings
+from mesh import subjects
+from mesh.connection import connect
+from mesh.errors import ProtocolError
+from mesh.heartbeat import Heartbeater
+from mesh.protocol import (
+    CancelRequest,
+    GenerateAccepted,
+    GenerateRequest,
+    NodeHeartbeat,
+    NodeLoad,
+    TokenChunk,
+)
+from mesh.version import __version__
+
+logger = logging.getLogger(__name__)
+
+
+class _Stream:
+    """Publishes one request's chunks in order, with keepalives while the engine is quiet."""
+
+    def __init__(self, nc: Client, request: GenerateRequest) -> None:
+        self._nc = nc
+        self._request = request
+        self._seq = 0
+        self.last_sent = time.monotonic()
+
+    async def send(self, **fields: Any) -> None:
+        chunk = TokenChunk(request_id=self._request.request_id, seq=self._seq, **fields)
+        self._seq += 1
+        await self._nc.publish(self._request.reply_subject, chunk.to_bytes())
+        await self._nc.flush()  # a chunk left in the buffer is latency the user sees
+        self.last_sent = time.monotonic()
+
+
+class CloudWorker:
+    """Serves ``generate`` for one model pair's target on the mesh."""
+
+    def __init__(self, settings: CloudSettings, engine: VllmEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._nc: Client | None = None
+        self._service: Service | None = None
+        self._beats: Heartbeater | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._draining = False
+        self._rate_mark = (time.monotonic(), 0)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being generated now."""
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        """Connect, register the micro service endpoints, start heartbeats."""
+        s = self.settings
+        self._nc = await connect(s.nats_url, name=s.worker_id)
+        model = self.engine.pair.name
+        self._service = await add_service(
+            self._nc,
+            name=subjects.cloud_service_name(model),
+            version=_semver(__version__),
+            description=f"Tandem cloud worker for {model}",
+            metadata={"worker_id": s.worker_id, "model": model},
+        )
+        await self._service.add_endpoint(
+            name="generate", subject=subjects.cloud_generate(model), handler=self.handle_generate
+        )
+        # Only this worker listens here: a session's later turns hit its prefix cache.
+        await self._service.add_endpoint(
+            name="generate-affinity",
+            subject=subjects.worker(s.worker_id, "generate"),
+            handler=self.handle_generate,
+        )
+        await self._nc.subscribe(subjects.cloud_cancel(model), cb=self.handle_cancel)
+        self._beats = Heartbeater(
+            self._nc, subjects.node_load(s.worker_id), self.beat, interval_s=s.heartbeat_s
+        )
+        await self._beats.start()
+        logger.info("worker %s serving %s on %s", s.worker_id, model, s.nats_url)
+
+    def beat(self) -> NodeHeartbeat:
+        """This worker's heartbeat now."""
+        load = self.engine.load
+        now, tokens = time.monotonic(), load.generated_tokens
+        then, before = self._rate_mark
+        self._rate_mark = (now, tokens)
+        return NodeHeartbeat(
+            node_id=self.settings.worker_id,
+            role="cloud",
+            model=self.engine.pair.name,
+            version=__version__,
+            load=NodeLoad(
+                running=max(load.running, self.in_flight if not load.waiting else 0),
+                waiting=load.waiting,
+                kv_cache_usage=min(1.0, max(0.0, load.kv_cache_usage)),
+                tokens_per_s=max(0.0, (tokens - before) / max(now - then, 1e-6)),
+                prefix_cache_hit_rate=load.prefix_hit_rate,
+                draining=self._draining,
+            ),
+        )
+
+    # -- handlers -------------------------------------------------------------
+
+    async def handle_generate(self, msg: Request) -> None:
+        """Accept a generate request (reply at once) and stream it in a task."""
+        try:
+            request = GenerateRequest.from_bytes(msg.data)
+        except ProtocolError as exc:
+            await msg.respond_error("400", str(exc))
+            return
+        if self._draining:
+            await msg.respond_error("503", str(DrainingError("worker is draining")))
+            return
+        await msg.respond(
+            GenerateAccepted(
+                request_id=request.request_id, worker_id=self.settings.worker_id
+            ).to_bytes()
+        )
+        task = asyncio.create_task(self._serve(request), name=f"generate {request.request_id}")
+        self._tasks[request.request_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(request.request_id, None))
+
+    async def handle_cancel(self, msg: Any) -> None:
+        """Abort a request this worker is serving (broadcast: others ignore it)."""
+        try:
+            cancel = CancelRequest.from_bytes(msg.data)
+        except ProtocolError:
+            logger.warning("ignoring a malformed cancel message")
+            return
+        task = self._tasks.get(cancel.request_id)
+        if task is not None:
+            logger.info("requester cancelled %s", cancel.request_id)
+            task.cancel()
+
+    # -- one request --------------------------------------------------------
+
+    async def _serve(self, request: GenerateRequest) -> None:
+        assert self._nc is not None
+        stream = _Stream(self._nc, request)
+        guards = [
+            asyncio.create_task(self._keepalive(stream)),
+            asyncio.create_task(self._watch_requester(request)),
+        ]
+        try:
+            await self._generate(request, stream)
+        except asyncio.CancelledError:
+            await self.engine.abort(request.request_id)
+            raise
+        except CloudError as exc:
+            await self.engine.abort(request.request_id)
+            await stream.send(is_end=True, finish_reason="error", error=exc.info())
+        except Exception as exc:
+            logger.exception("request %s failed", request.request_id)
+            await self.engine.abort(request.request_id)
+            await stream.send(
+                is_end=True, finish_reason="error", error=EngineFailedError(str(exc)).info()
+            )
+        finally:
+            for guard in guards:
+                guard.cancel()
+
+    async def _generate(self, request: GenerateRequest, stream: _Stream) -> None:
+        prompt = self.engine.render(request.messages, request.tools)
+        text_parts: list[str] = []
+        completion = len(request.resume_token_ids)
+        cached = 0
+        finish: str | None = None
+        deadline = request.deadline
+        async for delta in self.engine.generate(
+            request.request_id, prompt, request.sampling, request.resume_token_ids
+        ):
+            if deadline is not None and time.time() > deadline:
+                raise DeadlineExceededError("the request's deadline passed on the cloud worker")
+            completion += len(delta.token_ids)
+            cached = delta.cached_tokens
+            text_parts.append(delta.text)
+            finish = delta.finish_reason
+            if delta.token_ids or delta.text:
+                await stream.send(token_ids=delta.token_ids, text=delta.text)
+        _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), request.tools)
+        await stream.send(
+            is_end=True,
+            finish_reason="tool_calls" if tool_calls else (finish or "stop"),
+            tool_calls=tool_calls,
+            usage={
+                "prompt_tokens": len(prompt),
+                "completion_tokens": completion,
+                "cached_tokens": cached,
+                "worker_id": self.settings.worker_id,
+            },
+        )
+
+    async def _keepalive(self, stream: _Stream) -> None:
+        """Empty chunks while vLLM is quiet, so the edge can tell slow from dead."""
+        period = self.settings.keepalive_s
+        while True:
+            await asyncio.sleep(period / 2)
+            if time.monotonic() - stream.last_sent >= period:
+                await stream.send()
+
+    async def _watch_requester(self, request: GenerateRequest) -> None:
+        """Abort when the requester's liveness inbox stops answering (it went away)."""
+        assert self._nc is not None
+        subject = subjects.liveness(request.reply_subject)
+        while True:
+            await asyncio.sleep(self.settings.liveness_s)
+            try:
+                await self._nc.request(subject, b"", timeout=self.settings.liveness_s)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                logger.info("requester of %s is gone; aborting", request.request_id)
+                task = self._tasks.get(request.request_id)
+                if task is not None:
+                    task.cancel()
+                return
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Take no new requests, let in-flight ones finish (bounded), then disconnect."""
+        self._draining = True
+        if self._beats is not None:
+            await self._beats.beat()  # edges stop routing here at once (never raises)
+        if self._service is not None:
+            with contextlib.suppress(Exception):  # NATS may be gone already; drain anyway
+                await self._service.stop()
+        if self._tasks:
+            logger.info("draining %d in-flight request(s)", len(self._tasks))
+            _, pending = await asyncio.wait(
+                list(self._tasks.values()), timeout=self.settings.drain_timeout_s
+            )
+            for task in pending:
+                task.cancel()
+        if self._beats is not None:
+            await self._beats.stop()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+
+def _semver(version: str) -> str:
+    """nats.micro wants strict semver; source trees report '0.0.0+source'."""
+    core = version.split("+")[0]
+    return core if core.count(".") == 2 else "0.0.0"

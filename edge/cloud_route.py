@@ -1,0 +1,258 @@
+"""The edge's cloud route: send a chat to a cloud worker over NATS and relay its stream.
+
+- Session affinity: a session's requests go to the worker that served it last
+  (``tandem.v1.worker.<id>.generate``) while that worker is healthy, so vLLM's
+  prefix cache hits; otherwise to the model's queue group.
+- Failover: a stream that goes quiet (no chunk, not even a keepalive, for
+  ``stall_timeout_s``) is resumed on another worker from the tokens already
+  received; the client sees one continuous stream.
+- Cancellation: closing the event iterator (client disconnect) publishes a
+  ``CancelRequest``; a crashed edge stops answering its liveness inbox and the
+  worker aborts on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from edge.engine import FinishEvent, GenerationStats, TokenEvent
+from edge.errors import EdgeError, ServiceUnavailableError
+from mesh import subjects
+from mesh.connection import MeshLink
+from mesh.errors import ProtocolError
+from mesh.heartbeat import FleetView
+from mesh.protocol import (
+    CancelRequest,
+    ChunkSequencer,
+    GenerateAccepted,
+    GenerateRequest,
+    SamplingParams,
+    TokenChunk,
+)
+
+logger = logging.getLogger(__name__)
+
+_AFFINITY_ENTRIES = 100_000
+
+
+class CloudUnavailableError(ServiceUnavailableError):
+    """No cloud worker could take the request."""
+
+
+class CloudRequestError(EdgeError):
+    """A cloud worker answered the request with an error (status from the worker)."""
+
+    def __init__(self, status: int, type_: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+
+
+class _WorkerLost(Exception):
+    """The serving worker went quiet mid-stream."""
+
+
+class CloudRoute:
+    """Requests generations from the cloud fleet of one model."""
+
+    def __init__(
+        self,
+        link: MeshLink,
+        fleet: FleetView,
+        model: str,
+        *,
+        accept_timeout_s: float = 2.0,
+        stall_timeout_s: float = 3.0,
+        max_failovers: int = 2,
+    ) -> None:
+        self._link = link
+        self._fleet = fleet
+        self._model = model
+        self._accept_timeout_s = accept_timeout_s
+        self._stall_timeout_s = stall_timeout_s
+        self._max_failovers = max_failovers
+        self._affinity: OrderedDict[str, str] = OrderedDict()
+        self.failovers = 0
+
+    def available(self) -> bool:
+        """Whether the mesh is up and at least one healthy worker serves the model."""
+        return self._link.connected and bool(self._fleet.healthy_workers(self._model))
+
+    def _nc(self) -> Client:
+        nc = self._link.nc
+        if nc is None or not nc.is_connected:
+            raise CloudUnavailableError("the edge is not connected to the mesh")
+        return nc
+
+    async def generate(
+        self,
+        *,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        tool_choice: Any,
+        sampling: SamplingParams,
+        session_id: str | None,
+        deadline: float | None,
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Stream a cloud generation as engine-style events, failing over if a worker dies."""
+        nc = self._nc()
+        inbox = nc.new_inbox()
+        chunks: asyncio.Queue[Msg] = asyncio.Queue()
+        subs = [
+            await nc.subscribe(inbox, cb=chunks.put),
+            await nc.subscribe(subjects.liveness(inbox), cb=_answer_alive),
+        ]
+        base = GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            session_id=session_id,
+            model=self._model,
+            messages=messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            sampling=sampling,
+            reply_subject=inbox,
+            deadline=deadline,
+        )
+        received: list[int] = []
+        attempt_id: str | None = None
+        finished = False
+        try:
+            for attempt in range(self._max_failovers + 1):
+                attempt_id = f"{base.request_id}.{attempt}"
+                request = base.model_copy(
+                    update={"request_id": attempt_id, "resume_token_ids": list(received)}
+                )
+                worker = await self._submit(nc, request)
+                try:
+                    async for event in self._relay(chunks, attempt_id, received, worker):
+                        yield event
+                    finished = True
+                    return
+                except _WorkerLost:
+                    self.failovers += 1
+                    self._forget_worker(worker)
+                    logger.warning(
+                        "worker %s went quiet on %s after %d tokens; failing over",
+                        worker,
+                        base.request_id,
+                        len(received),
+                    )
+            raise CloudUnavailableError(
+                f"the cloud stream failed {self._max_failovers + 1} times; giving up"
+            )
+        finally:
+            if not finished and attempt_id is not None:
+                with contextlib.suppress(Exception):
+                    await nc.publish(
+                        subjects.cloud_cancel(self._model),
+                        CancelRequest(request_id=attempt_id).to_bytes(),
+                    )
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+    async def _submit(self, nc: Client, request: GenerateRequest) -> str:
+        """Hand the request to a worker (affinity first); return the worker id."""
+        for subject in self._subjects_for(request.session_id):
+            try:
+                reply = await nc.request(
+                    subject, request.to_bytes(), timeout=self._accept_timeout_s
+                )
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                continue
+            if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
+                code = int(reply.headers["Nats-Service-Error-Code"])
+                if code == 503:
+                    continue  # draining; try the queue group
+                raise CloudRequestError(
+                    code,
+                    "invalid_request_error",
+                    reply.headers.get("Nats-Service-Error", "rejected"),
+                )
+            accepted = GenerateAccepted.from_bytes(reply.data)
+            if request.session_id:
+                self._remember(request.session_id, accepted.worker_id)
+            return accepted.worker_id
+        raise CloudUnavailableError(f"no cloud worker serves {self._model!r} right now")
+
+    def _subjects_for(self, session_id: str | None) -> list[str]:
+        queue = subjects.cloud_generate(self._model)
+        worker = self._affinity.get(session_id) if session_id else None
+        healthy = {b.node_id for b in self._fleet.healthy_workers(self._model)}
+        if worker is not None and worker in healthy:
+            return [subjects.worker(worker, "generate"), queue]
+        return [queue]
+
+    def _remember(self, session_id: str, worker: str) -> None:
+        self._affinity[session_id] = worker
+        self._affinity.move_to_end(session_id)
+        while len(self._affinity) > _AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
+
+    def _forget_worker(self, worker: str) -> None:
+        for session in [s for s, w in self._affinity.items() if w == worker]:
+            del self._affinity[session]
+
+    async def _relay(
+        self, chunks: asyncio.Queue[Msg], attempt_id: str, received: list[int], worker: str
+    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Events of one attempt's stream; raises _WorkerLost if it goes quiet."""
+        order = ChunkSequencer(attempt_id)
+        while True:
+            try:
+                msg = await asyncio.wait_for(chunks.get(), self._stall_timeout_s)
+            except TimeoutError as exc:
+                raise _WorkerLost(worker) from exc
+            try:
+                chunk = TokenChunk.from_bytes(msg.data)
+                if chunk.request_id != attempt_id:
+                    continue  # a late chunk of an abandoned attempt
+                ready = order.push(chunk)
+            except ProtocolError as exc:
+                raise CloudRequestError(
+                    502, "server_error", f"bad stream from cloud: {exc}"
+                ) from exc
+            for c in ready:
+                if c.error is not None:
+                    raise CloudRequestError(c.error.code, c.error.type, c.error.message)
+                if c.token_ids or c.text:
+                    received.extend(c.token_ids)
+                    yield TokenEvent(token_ids=list(c.token_ids), text=c.text)
+                if c.is_end:
+                    yield FinishEvent(
+                        text="", stats=_stats(c, len(received), worker), tool_calls=c.tool_calls
+                    )
+                    return
+
+
+def _stats(end: TokenChunk, completion_tokens: int, worker: str) -> GenerationStats:
+    usage = end.usage or {}
+    return GenerationStats(
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        cached_tokens=int(usage.get("cached_tokens", 0)),
+        completion_tokens=completion_tokens,
+        finish_reason=end.finish_reason,
+        worker_id=worker,
+    )
+
+
+async def _answer_alive(msg: Msg) -> None:
+    """The worker's periodic 'are you still there?' probe."""
+    with contextlib.suppress(Exception):
+        await msg.respond(b"")
+
+
+def deadline_in(seconds: float) -> float:
+    """A unix-time deadline ``seconds`` from now, as the wire protocol carries it."""
+    return time.time() + seconds

@@ -1,0 +1,1 @@
+"""Sub-command groups of the `tandem` CLI, one `typer.Typer` per area."""

