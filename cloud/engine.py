@@ -98,7 +98,10 @@ class VllmEngine:
         from vllm.tool_parsers import ToolParserManager
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # vLLM's CPU build reads these from the environment of its engine processes.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(self.settings.kv_cache_gb)))
+        if self.settings.cpu_cores:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.settings.cpu_cores
         weights = prepare_cloud_weights(self.pair)
         args = AsyncEngineArgs(
             model=str(weights),

@@ -71,11 +71,11 @@ class EdgeProcess:
     def start(self) -> None:
         """Launch and wait until ``/health`` answers."""
         argv = [sys.executable, "-m", "tandem.cli", "edge", "serve", "--port", str(self.port)]
-        for key, value in self.options.items():
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+        # Every setting through its environment variable, as a systemd unit would set it.
+        env = {f"TANDEM_EDGE_{k.upper()}": str(v) for k, v in self.options.items()}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}
+                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

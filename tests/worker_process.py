@@ -17,9 +17,10 @@ from mesh.server import EmbeddedNats
 class WorkerProcess:
     """A cloud worker subprocess joined to ``nats``; ready once it subscribes."""
 
-    def __init__(self, nats: EmbeddedNats, worker_id: str) -> None:
+    def __init__(self, nats: EmbeddedNats, worker_id: str, cpu_cores: str | None = None) -> None:
         self.nats = nats
         self.worker_id = worker_id
+        self.cpu_cores = cpu_cores
         self.log_path = Path(tempfile.mkstemp(prefix=f"tandem-{worker_id}-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -19,6 +19,7 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Override the catalog dtype.")] = None,
     kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache GiB (CPU).")] = None,
+    cpu_cores: Annotated[str | None, typer.Option(help="CPU cores for vLLM, e.g. '1'.")] = None,
     tool_parser: Annotated[str | None, typer.Option(help="vLLM tool parser name.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:

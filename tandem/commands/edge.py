@@ -25,6 +25,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option(help="Require this Bearer key.")] = None,
     nats_url: Annotated[str | None, typer.Option(help="Join the mesh at this NATS URL.")] = None,
     node_id: Annotated[str | None, typer.Option(help="This node's id on the mesh.")] = None,
+    policy_file: Annotated[Path | None, typer.Option(help="Routing policy YAML.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Serve the OpenAI API on this machine with llama.cpp.

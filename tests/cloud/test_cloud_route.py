@@ -24,7 +24,8 @@ from mesh.server import EmbeddedNats
 from tests.edge_process import EdgeProcess
 from tests.worker_process import WorkerProcess
 
-pytestmark = pytest.mark.cloud
+# Two vLLM engines start in the first test's setup: allow for it.
+pytestmark = [pytest.mark.cloud, pytest.mark.timeout(900)]
 
 MODEL = "smollm2-135m"
 CLOUD = {"x-tandem-route": "cloud"}
@@ -34,7 +35,9 @@ COUNT = [{"role": "user", "content": "List the numbers from 1 to 60, separated b
 @pytest.fixture(scope="module")
 def workers(nats_server: EmbeddedNats) -> Iterator[dict[str, WorkerProcess]]:
     """Two real cloud workers on the session NATS."""
-    procs = {wid: WorkerProcess(nats_server, wid) for wid in ("worker-a", "worker-b")}
+    # One core each: two vLLM engines bound to the same core would crawl.
+    procs = {wid: WorkerProcess(nats_server, wid, cpu_cores=core)
+             for wid, core in (("worker-a", "0"), ("worker-b", "1"))}
     for proc in procs.values():
         proc.start()
     try:
