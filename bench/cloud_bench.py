@@ -26,20 +26,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.engine import VllmEngine  # noqa: E402
-from cloud.settings import CloudSettings  # noqa: E402
-from mesh.protocol import SamplingParams  # noqa: E402
-from mesh.server import EmbeddedNats  # noqa: E402
-from tests.edge_process import EdgeProcess  # noqa: E402
-from tests.worker_process import WorkerProcess  # noqa: E402
+from cloud.engine import VllmEngine
+from cloud.settings import CloudSettings
+from mesh.protocol import SamplingParams
+from mesh.server import EmbeddedNats
+from tests.edge_process import EdgeProcess
+from tests.worker_process import WorkerProcess
 
 MODEL = "smollm2-135m"
 
 
 def chats(n: int) -> list[list[dict[str, str]]]:
     """Distinct prompts, so vLLM's prefix cache does not favour either side."""
-    return [[{"role": "user", "content": f"Story {i}: tell me a long tale about ship {i}."}]
-            for i in range(n)]
+    return [
+        [{"role": "user", "content": f"Story {i}: tell me a long tale about ship {i}."}]
+        for i in range(n)
+    ]
 
 
 def summary(ttfts: list[float], tokens: int, wall: float) -> dict[str, float]:
@@ -47,8 +49,9 @@ def summary(ttfts: list[float], tokens: int, wall: float) -> dict[str, float]:
     return {"ttft_p50_ms": statistics.median(ttfts) * 1000, "tokens_per_s": tokens / wall}
 
 
-async def mesh_run(edge: EdgeProcess, prompts: list[list[dict[str, str]]], max_tokens: int,
-                   concurrency: int) -> dict[str, float]:
+async def mesh_run(
+    edge: EdgeProcess, prompts: list[list[dict[str, str]]], max_tokens: int, concurrency: int
+) -> dict[str, float]:
     """Streams through the edge's cloud route with the official openai client."""
     gate = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
@@ -61,9 +64,14 @@ async def mesh_run(edge: EdgeProcess, prompts: list[list[dict[str, str]]], max_t
                 t0 = time.perf_counter()
                 first = True
                 stream = await client.chat.completions.create(
-                    model=MODEL, messages=chat, max_tokens=max_tokens, temperature=0,  # type: ignore[arg-type]
-                    stream=True, stream_options={"include_usage": True},
-                    extra_headers={"x-tandem-route": "cloud"})
+                    model=MODEL,
+                    messages=chat,
+                    max_tokens=max_tokens,
+                    temperature=0,  # type: ignore[arg-type]
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_headers={"x-tandem-route": "cloud"},
+                )
                 async for chunk in stream:
                     if first and chunk.choices and chunk.choices[0].delta.content:
                         ttfts.append(time.perf_counter() - t0)
@@ -76,8 +84,9 @@ async def mesh_run(edge: EdgeProcess, prompts: list[list[dict[str, str]]], max_t
         return summary(ttfts, tokens, time.perf_counter() - t0)
 
 
-async def direct_run(engine: VllmEngine, prompts: list[list[dict[str, str]]], max_tokens: int,
-                     concurrency: int) -> dict[str, float]:
+async def direct_run(
+    engine: VllmEngine, prompts: list[list[dict[str, str]]], max_tokens: int, concurrency: int
+) -> dict[str, float]:
     """The same requests on vLLM's AsyncLLM in this process."""
     gate = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
@@ -89,9 +98,9 @@ async def direct_run(engine: VllmEngine, prompts: list[list[dict[str, str]]], ma
             t0 = time.perf_counter()
             first = True
             ids = engine.render(chat, None)
-            async for delta in engine.generate(uuid.uuid4().hex, ids,
-                                               SamplingParams(max_tokens=max_tokens,
-                                                              temperature=0), []):
+            async for delta in engine.generate(
+                uuid.uuid4().hex, ids, SamplingParams(max_tokens=max_tokens, temperature=0), []
+            ):
                 if first and delta.text:
                     ttfts.append(time.perf_counter() - t0)
                     first = False
@@ -139,13 +148,19 @@ def main() -> None:
     for c in ("1", "16"):
         mesh = results["mesh c=1 (naive sequential)" if c == "1" else "mesh c=16"]
         direct = results[f"vLLM direct c={c}"]
-        print(f"c={c}: mesh-added TTFT p50 {mesh['ttft_p50_ms'] - direct['ttft_p50_ms']:+.1f} ms "
-              f"(target < 5); mesh throughput {mesh['tokens_per_s'] / direct['tokens_per_s']:.1%} "
-              "of direct (target >= 95%)")
-    batching = results["mesh c=32"]["tokens_per_s"] / results["mesh c=1 (naive sequential)"][
-        "tokens_per_s"]
-    print(f"batching: 32 concurrent vs naive sequential through the mesh: x{batching:.2f} "
-          "(target >= 8x)")
+        print(
+            f"c={c}: mesh-added TTFT p50 {mesh['ttft_p50_ms'] - direct['ttft_p50_ms']:+.1f} ms "
+            f"(target < 5); mesh throughput {mesh['tokens_per_s'] / direct['tokens_per_s']:.1%} "
+            "of direct (target >= 95%)"
+        )
+    batching = (
+        results["mesh c=32"]["tokens_per_s"]
+        / results["mesh c=1 (naive sequential)"]["tokens_per_s"]
+    )
+    print(
+        f"batching: 32 concurrent vs naive sequential through the mesh: x{batching:.2f} "
+        "(target >= 8x)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.catalog import Catalog  # noqa: E402
-from models.chat_template import load_template, render_chat  # noqa: E402
-from models.convert import edge_gguf_path  # noqa: E402
-from tests.edge_process import EdgeProcess  # noqa: E402
+from models.catalog import Catalog
+from models.chat_template import load_template, render_chat
+from models.convert import edge_gguf_path
+from tests.edge_process import EdgeProcess
 
 MODEL = "smollm2-135m"
 
@@ -41,15 +41,21 @@ def direct(chats: list[list[dict[str, str]]], max_tokens: int, threads: int) -> 
     """llama.cpp via llama-cpp-python, one request after another (one context)."""
     from llama_cpp import Llama
 
-    llama = Llama(str(edge_gguf_path(Catalog.load().get(MODEL))), n_ctx=2048,
-                  n_threads=threads, n_threads_batch=threads, verbose=False)
+    llama = Llama(
+        str(edge_gguf_path(Catalog.load().get(MODEL))),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     template = load_template("chatml_tools")
     ttfts, tokens, started = [], 0, time.perf_counter()
     for chat in chats:
         ids = llama.tokenize(render_chat(template, chat).encode(), add_bos=False, special=True)
         t0 = time.perf_counter()
-        for i, tok in enumerate(llama.generate(ids, temp=0.0, top_k=0, min_p=0.0,
-                                               repeat_penalty=1.0)):
+        for i, tok in enumerate(
+            llama.generate(ids, temp=0.0, top_k=0, min_p=0.0, repeat_penalty=1.0)
+        ):
             if i == 0:
                 ttfts.append(time.perf_counter() - t0)
             llama.detokenize([tok])
@@ -58,12 +64,16 @@ def direct(chats: list[list[dict[str, str]]], max_tokens: int, threads: int) -> 
                 break
     wall = time.perf_counter() - started
     llama.close()
-    return {"ttft_p50_ms": statistics.median(ttfts) * 1000, "tokens_per_s": tokens / wall,
-            "tokens": tokens}
+    return {
+        "ttft_p50_ms": statistics.median(ttfts) * 1000,
+        "tokens_per_s": tokens / wall,
+        "tokens": tokens,
+    }
 
 
-async def via_api(edge: EdgeProcess, chats: list[list[dict[str, str]]], max_tokens: int,
-                  concurrency: int) -> dict[str, float]:
+async def via_api(
+    edge: EdgeProcess, chats: list[list[dict[str, str]]], max_tokens: int, concurrency: int
+) -> dict[str, float]:
     """The edge's OpenAI API with the official client, streaming, N requests in flight."""
     gate = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
@@ -75,8 +85,13 @@ async def via_api(edge: EdgeProcess, chats: list[list[dict[str, str]]], max_toke
                 t0 = time.perf_counter()
                 n = 0
                 stream = await client.chat.completions.create(
-                    model=MODEL, messages=chat, max_tokens=max_tokens, temperature=0,
-                    stream=True, stream_options={"include_usage": True})  # type: ignore[arg-type]
+                    model=MODEL,
+                    messages=chat,
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )  # type: ignore[arg-type]
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content and not n:
                         ttfts.append(time.perf_counter() - t0)
@@ -87,8 +102,11 @@ async def via_api(edge: EdgeProcess, chats: list[list[dict[str, str]]], max_toke
         started = time.perf_counter()
         await asyncio.gather(*(one(c) for c in chats))
         wall = time.perf_counter() - started
-    return {"ttft_p50_ms": statistics.median(ttfts) * 1000, "tokens_per_s": sum(counts) / wall,
-            "tokens": sum(counts)}
+    return {
+        "ttft_p50_ms": statistics.median(ttfts) * 1000,
+        "tokens_per_s": sum(counts) / wall,
+        "tokens": sum(counts),
+    }
 
 
 def main() -> None:
@@ -107,17 +125,26 @@ def main() -> None:
         asyncio.run(via_api(edge, chats[:2], 8, 1))  # warm-up
         single = asyncio.run(via_api(edge, chats, args.max_tokens, 1))
         many = asyncio.run(via_api(edge, chats, args.max_tokens, args.concurrency))
-    print(f"requests={args.requests} max_tokens={args.max_tokens} threads={args.threads} "
-          f"core={args.core}")
+    print(
+        f"requests={args.requests} max_tokens={args.max_tokens} threads={args.threads} "
+        f"core={args.core}"
+    )
     print(f"{'mode':<28}{'TTFT p50 ms':>12}{'tok/s':>10}{'tok/s ratio':>13}{'TTFT +ms':>10}")
-    rows = [("llama.cpp direct (baseline)", base), ("edge API, 1 stream", single),
-            (f"edge API, {args.concurrency} concurrent", many)]
+    rows = [
+        ("llama.cpp direct (baseline)", base),
+        ("edge API, 1 stream", single),
+        (f"edge API, {args.concurrency} concurrent", many),
+    ]
     for name, r in rows:
-        print(f"{name:<28}{r['ttft_p50_ms']:>12.1f}{r['tokens_per_s']:>10.1f}"
-              f"{r['tokens_per_s'] / base['tokens_per_s']:>13.3f}"
-              f"{r['ttft_p50_ms'] - base['ttft_p50_ms']:>10.1f}")
-    print("targets: tok/s ratio >= 0.95 (API adds < 5% to generation time); "
-          "TTFT +ms < 10 at 1 stream (queueing adds to TTFT at N concurrent on one slot)")
+        print(
+            f"{name:<28}{r['ttft_p50_ms']:>12.1f}{r['tokens_per_s']:>10.1f}"
+            f"{r['tokens_per_s'] / base['tokens_per_s']:>13.3f}"
+            f"{r['ttft_p50_ms'] - base['ttft_p50_ms']:>10.1f}"
+        )
+    print(
+        "targets: tok/s ratio >= 0.95 (API adds < 5% to generation time); "
+        "TTFT +ms < 10 at 1 stream (queueing adds to TTFT at N concurrent on one slot)"
+    )
 
 
 if __name__ == "__main__":

@@ -212,8 +212,9 @@ class VllmEngine:
             return text, None
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        request = ChatCompletionRequest(
-            model=self.pair.name, messages=[{"role": "user", "content": ""}], tools=tools
+        # The parser API takes vLLM's request model; only its tools matter here.
+        request = ChatCompletionRequest.model_validate(
+            {"model": self.pair.name, "messages": [{"role": "user", "content": ""}], "tools": tools}
         )
         parser = self._tool_parser_cls(self._tokenizer, request.tools)
         info = parser.extract_tool_calls(text, request)

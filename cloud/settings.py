@@ -28,8 +28,9 @@ class CloudSettings(BaseSettings):
         2.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)"
     )
     cpu_cores: str | None = Field(
-        None, description="CPU build: cores for vLLM's threads, e.g. '1' or '0-3' "
-        "(VLLM_CPU_OMP_THREADS_BIND); default lets vLLM pick"
+        None,
+        description="CPU build: cores for vLLM's threads, e.g. '1' or '0-3' "
+        "(VLLM_CPU_OMP_THREADS_BIND); default lets vLLM pick",
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     tool_parser: str | None = Field(None, description="vLLM tool parser; the catalog's by default")

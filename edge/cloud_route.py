@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import nats.errors
@@ -104,7 +104,7 @@ class CloudRoute:
         sampling: SamplingParams,
         session_id: str | None,
         deadline: float | None,
-    ) -> AsyncIterator[TokenEvent | FinishEvent]:
+    ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         """Stream a cloud generation as engine-style events, failing over if a worker dies."""
         nc = self._nc()
         inbox = nc.new_inbox()

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +219,9 @@ class LlamaEngine:
 
     # -- generation ----------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def generate(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         """Run one request; yields token events then one finish event.
 
         Closing the iterator early (a client disconnect) cancels the generation

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -77,5 +77,5 @@ class _ReadCounter(Collector):
     def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
         self._name, self._doc, self._read = name, doc, read
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(self._name, self._doc, value=self._read())

@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +95,7 @@ def engine_config(settings: EdgeSettings) -> tuple[EngineConfig, str]:
 def load_policy(path: Path | None) -> RoutingPolicy:
     """The routing policy from a YAML file, or the defaults."""
     if path is None:
-        return RoutingPolicy()
+        return RoutingPolicy.model_validate({})
     return RoutingPolicy.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
 
 
@@ -164,7 +164,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
 
 
 def _state(request: Request) -> EdgeState:
-    return request.app.state.edge  # type: ignore[no-any-return]
+    state: EdgeState = request.app.state.edge
+    return state
 
 
 # -- errors --------------------------------------------------------------------
@@ -269,7 +270,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 
 
 async def _prime(
-    request: Request, events: AsyncIterator[TokenEvent | FinishEvent]
+    request: Request, events: AsyncGenerator[TokenEvent | FinishEvent, None]
 ) -> AsyncIterator[TokenEvent | FinishEvent]:
     """Wait for the first event (queueing, prefill) so errors still get an HTTP status."""
     try:

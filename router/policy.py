@@ -65,8 +65,10 @@ def base_model(model: str) -> str:
 
 def decide(policy: RoutingPolicy, f: RequestFeatures) -> RouteDecision:
     """Pick the route for a request; the first matching rule wins."""
-    if f.route_header in ("edge", "cloud"):
-        return RouteDecision(f.route_header, "header", f"x-tandem-route: {f.route_header}")
+    if f.route_header == "edge":
+        return RouteDecision("edge", "header", "x-tandem-route: edge")
+    if f.route_header == "cloud":
+        return RouteDecision("cloud", "header", "x-tandem-route: cloud")
     if f.model.endswith(EDGE_SUFFIX):
         return RouteDecision("edge", "model-alias", f"model {f.model!r} asks for the edge")
     if f.model.endswith(CLOUD_SUFFIX) or f.model in policy.cloud_aliases:

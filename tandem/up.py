@@ -111,6 +111,12 @@ def cloud_role(nats: EmbeddedNats, model: str, worker_id: str) -> Role:
     return Role("cloud", argv, lambda: nats.subscribers(subject) > 0, ready_timeout_s=600.0)
 
 
+def _stop_all(roles: list[Role]) -> None:
+    """Stop roles in reverse start order (the edge before the workers it uses)."""
+    for role in reversed(roles):
+        role.stop()
+
+
 def run_mesh(
     make_roles: Callable[[EmbeddedNats], list[Role]],
     *,
@@ -129,7 +135,7 @@ def run_mesh(
     with ExitStack() as stack:
         nats = stack.enter_context(EmbeddedNats(port=nats_port, store_dir=store_dir))
         started: list[Role] = []
-        stack.callback(lambda: [r.stop() for r in reversed(started)])
+        stack.callback(_stop_all, started)
         for role in make_roles(nats):  # all start at once; vLLM's start dominates
             role.start()
             started.append(role)

@@ -36,8 +36,10 @@ COUNT = [{"role": "user", "content": "List the numbers from 1 to 60, separated b
 def workers(nats_server: EmbeddedNats) -> Iterator[dict[str, WorkerProcess]]:
     """Two real cloud workers on the session NATS."""
     # One core each: two vLLM engines bound to the same core would crawl.
-    procs = {wid: WorkerProcess(nats_server, wid, cpu_cores=core)
-             for wid, core in (("worker-a", "0"), ("worker-b", "1"))}
+    procs = {
+        wid: WorkerProcess(nats_server, wid, cpu_cores=core)
+        for wid, core in (("worker-a", "0"), ("worker-b", "1"))
+    }
     for proc in procs.values():
         proc.start()
     try:

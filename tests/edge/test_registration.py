@@ -16,14 +16,19 @@ from tests.edge_process import EdgeProcess
 MODEL = "smollm2-135m"
 
 
-async def _next_beat(url: str, node_id: str, timeout: float = 10.0) -> NodeHeartbeat:
-    nc = await nats.connect(url)
-    try:
-        sub = await nc.subscribe(subjects.node_load(node_id))
-        msg = await sub.next_msg(timeout=timeout)
-        return NodeHeartbeat.from_bytes(msg.data)
-    finally:
-        await nc.close()
+def _next_beat(url: str, node_id: str) -> NodeHeartbeat:
+    """The next heartbeat the node publishes (within 10 s)."""
+
+    async def receive() -> NodeHeartbeat:
+        nc = await nats.connect(url)
+        try:
+            sub = await nc.subscribe(subjects.node_load(node_id))
+            msg = await sub.next_msg(timeout=10)
+            return NodeHeartbeat.from_bytes(msg.data)
+        finally:
+            await nc.close()
+
+    return asyncio.run(receive())
 
 
 def _wait_mesh(edge: EdgeProcess, state: str, timeout: float = 15.0) -> None:
@@ -33,26 +38,29 @@ def _wait_mesh(edge: EdgeProcess, state: str, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-async def test_edge_registers_and_survives_nats_going_away() -> None:
-    with EmbeddedNats() as server, EdgeProcess(nats_url=server.url, node_id="edge-t1",
-                                               heartbeat_s=0.2) as edge:
-        beat = await _next_beat(server.url, "edge-t1")
+def test_edge_registers_and_survives_nats_going_away() -> None:
+    with (
+        EmbeddedNats() as server,
+        EdgeProcess(nats_url=server.url, node_id="edge-t1", heartbeat_s=0.2) as edge,
+    ):
+        beat = _next_beat(server.url, "edge-t1")
         assert (beat.role, beat.model, beat.node_id) == ("edge", MODEL, "edge-t1")
         assert beat.endpoint == f"http://127.0.0.1:{edge.port}"
 
         server.stop()
         _wait_mesh(edge, "disconnected")
         answer = edge.client().chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
         assert answer.choices[0].message.content is not None
 
         server.start()  # same port: the edge reconnects by itself
         _wait_mesh(edge, "connected")
-        again = await _next_beat(server.url, "edge-t1")
+        again = _next_beat(server.url, "edge-t1")
         assert again.sent_at > beat.sent_at
 
 
-async def test_edge_starts_without_nats_and_joins_later() -> None:
+def test_edge_starts_without_nats_and_joins_later() -> None:
     server = EmbeddedNats()
     server.start()
     url = server.url
@@ -62,7 +70,7 @@ async def test_edge_starts_without_nats_and_joins_later() -> None:
         server.start()
         try:
             _wait_mesh(edge, "connected")
-            beat = await asyncio.wait_for(_next_beat(url, "edge-t2"), 15)
+            beat = _next_beat(url, "edge-t2")
             assert beat.node_id == "edge-t2"
         finally:
             server.stop()

@@ -22,8 +22,10 @@ def test_simple_turn_stays_on_the_edge() -> None:
         (RequestFeatures(model="m", has_tools=False, prompt_tokens=5000), "long-context"),
         (RequestFeatures(model="m@cloud", has_tools=False, prompt_tokens=10), "model-alias"),
         (RequestFeatures(model="tandem-cloud", has_tools=False, prompt_tokens=10), "model-alias"),
-        (RequestFeatures(model="m", has_tools=False, prompt_tokens=10, route_header="cloud"),
-         "header"),
+        (
+            RequestFeatures(model="m", has_tools=False, prompt_tokens=10, route_header="cloud"),
+            "header",
+        ),
     ],
 )
 def test_cloud_rules(features: RequestFeatures, rule: str) -> None:

@@ -11,8 +11,18 @@ from typer.testing import CliRunner
 from tandem.cli import app
 
 COMMANDS = [
-    [], ["up"], ["status"], ["version"], ["edge"], ["edge", "serve"], ["cloud"],
-    ["cloud", "serve"], ["models"], ["models", "list"], ["models", "prepare"], ["models", "check"],
+    [],
+    ["up"],
+    ["status"],
+    ["version"],
+    ["edge"],
+    ["edge", "serve"],
+    ["cloud"],
+    ["cloud", "serve"],
+    ["models"],
+    ["models", "list"],
+    ["models", "prepare"],
+    ["models", "check"],
 ]
 
 
@@ -35,7 +45,9 @@ def test_version_prints_the_installed_version() -> None:
 def test_invalid_setting_is_one_clear_line() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tandem.cli", "edge", "serve", "--n-ctx", "3"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: invalid setting n_ctx")
@@ -45,7 +57,9 @@ def test_invalid_setting_is_one_clear_line() -> None:
 def test_status_without_a_mesh_fails_clearly() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tandem.cli", "status", "--nats-url", "nats://127.0.0.1:1"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert "error:" in proc.stderr
