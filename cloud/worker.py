@@ -115,14 +115,17 @@ class CloudWorker:
         now, tokens = time.monotonic(), load.generated_tokens
         then, before = self._rate_mark
         self._rate_mark = (now, tokens)
+        waiting = min(load.waiting, self.in_flight)
         return NodeHeartbeat(
             node_id=self.settings.worker_id,
             role="cloud",
             model=self.engine.pair.name,
             version=__version__,
             load=NodeLoad(
-                running=max(load.running, self.in_flight if not load.waiting else 0),
-                waiting=load.waiting,
+                # In-flight requests are authoritative; vLLM's scheduler stats only say how
+                # many of them wait, and go stale when the engine idles.
+                running=max(0, self.in_flight - waiting),
+                waiting=waiting,
                 kv_cache_usage=min(1.0, max(0.0, load.kv_cache_usage)),
                 tokens_per_s=max(0.0, (tokens - before) / max(now - then, 1e-6)),
                 prefix_cache_hit_rate=load.prefix_hit_rate,
@@ -176,6 +179,7 @@ class CloudWorker:
             await self._generate(request, stream)
         except asyncio.CancelledError:
             await self.engine.abort(request.request_id)
+            logger.info("aborted %s in vLLM", request.request_id)
             raise
         except CloudError as exc:
             await self.engine.abort(request.request_id)

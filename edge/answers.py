@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from edge.engine import FinishEvent, GenerationStats, TokenEvent
-from edge.errors import EdgeError
+from edge.errors import EdgeError, EngineError
 from edge.metrics import EdgeMetrics
 from edge.openai_protocol import (
     ChatChoice,
@@ -134,15 +134,24 @@ def _tool_calls(parsed: ToolCallParse) -> list[ToolCall] | None:
 
 
 async def _drain(events: Events, ctx: AnswerContext) -> tuple[str, FinishEvent]:
-    """Collect all text of a generation."""
+    """Collect all text of a generation.
+
+    Every consumer runs the event stream to its end (it ends right after the
+    finish event), so the generator's clean-up (freeing a slot, unsubscribing)
+    runs now, not whenever the garbage collector finalizes it.
+    """
     parts: list[str] = []
+    finish: FinishEvent | None = None
     async for event in events:
         parts.append(event.text)
         if isinstance(event, FinishEvent):
             ctx.on_finish(event.stats)
-            return "".join(parts), event
-        ctx.on_token(event)
-    raise AssertionError("engine stream ended without a finish event")
+            finish = event
+        else:
+            ctx.on_token(event)
+    if finish is None:
+        raise EngineError("the generation ended without a finish event")
+    return "".join(parts), finish
 
 
 async def collect_chat(events: Events, ctx: AnswerContext) -> ChatCompletion:
@@ -222,8 +231,8 @@ async def stream_chat(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes
                 for item in _stream_tail(chunks, tools, event):
                     yield item
                 ctx.on_finish(event.stats)
-                break
-            ctx.on_token(event)
+            else:
+                ctx.on_token(event)
     except EdgeError as exc:
         # Headers are gone already; the error travels as an event, like vLLM does.
         ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
@@ -270,7 +279,7 @@ async def stream_completion(events: Events, ctx: AnswerContext) -> AsyncIterator
                 if ctx.include_usage:
                     yield chunk("", None, ctx.usage(event.stats))
                 ctx.on_finish(event.stats)
-                break
+                continue
             ctx.on_token(event)
             if event.text:
                 yield chunk(event.text, None)

@@ -136,8 +136,8 @@ class CloudRoute:
                 worker = await self._submit(nc, request)
                 try:
                     async for event in self._relay(chunks, attempt_id, received, worker):
+                        finished = finished or isinstance(event, FinishEvent)
                         yield event
-                    finished = True
                     return
                 except _WorkerLost:
                     self.failovers += 1
