@@ -176,7 +176,14 @@ class CloudWorker:
             asyncio.create_task(self._watch_requester(request)),
         ]
         try:
-            await self._generate(request, stream)
+            # The requester's deadline bounds queueing in vLLM as well as generation.
+            budget = None if request.deadline is None else request.deadline - time.time()
+            async with asyncio.timeout(budget):
+                await self._generate(request, stream)
+        except TimeoutError:
+            await self.engine.abort(request.request_id)
+            error = DeadlineExceededError("the request's deadline passed on the cloud worker")
+            await stream.send(is_end=True, finish_reason="error", error=error.info())
         except asyncio.CancelledError:
             await self.engine.abort(request.request_id)
             logger.info("aborted %s in vLLM", request.request_id)
@@ -200,12 +207,9 @@ class CloudWorker:
         completion = len(request.resume_token_ids)
         cached = 0
         finish: str | None = None
-        deadline = request.deadline
         async for delta in self.engine.generate(
             request.request_id, prompt, request.sampling, request.resume_token_ids
         ):
-            if deadline is not None and time.time() > deadline:
-                raise DeadlineExceededError("the request's deadline passed on the cloud worker")
             completion += len(delta.token_ids)
             cached = delta.cached_tokens
             text_parts.append(delta.text)

@@ -342,21 +342,22 @@ class EmbeddedNats:
     def _terminate(self) -> None:
         process, self._process = self._process, None
         if process is not None:
-            _stop_process(process)
+            stop_process(process, name="nats-server")
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
 
 
-def _stop_process(process: subprocess.Popen[bytes]) -> None:
+def stop_process(
+    process: subprocess.Popen[bytes], *, grace_s: float = _STOP_GRACE_S, name: str = "process"
+) -> int:
+    """SIGTERM (let it drain), SIGKILL after ``grace_s``; return the exit code."""
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=_STOP_GRACE_S)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            logger.warning(
-                "nats-server %s ignored SIGTERM for %.0f s; killing", process.pid, _STOP_GRACE_S
-            )
+            logger.warning("%s %s ignored SIGTERM for %.0f s; killing", name, process.pid, grace_s)
             process.kill()
-    process.wait()
+    return process.wait()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh import subjects
-from mesh.server import EmbeddedNats
+from mesh.server import EmbeddedNats, stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +61,8 @@ class Role:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM (drain), then SIGKILL after ``grace_s``."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop in %.0f s; killing it", self.name, grace_s)
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace_s=grace_s, name=self.name)
 
 
 def _answers(url: str) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from typing import Any
 
 import httpx
 import openai
+
+from mesh.server import stop_process
 
 
 def free_port() -> int:
@@ -93,14 +94,9 @@ class EdgeProcess:
         """Close clients; SIGTERM, then SIGKILL if it lingers."""
         for client in self._clients:
             client.close()
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace_s=15, name="edge")
+        self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> EdgeProcess:
         self.start()

@@ -183,7 +183,7 @@ def test_client_disconnect_aborts_the_request_in_vllm(
                 break
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if any("requester cancelled" in w.log() for w in workers.values()):
+        if any("in vLLM" in w.log() for w in workers.values()):
             break
         time.sleep(0.2)
     logs = "".join(w.log() for w in workers.values())
@@ -236,6 +236,24 @@ async def test_bad_input_on_the_cloud_never_kills_a_worker(
     assert ok.choices[0].message.content
 
 
+async def test_deadline_propagates_to_the_worker(
+    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess]
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        started = time.monotonic()
+        chunks = await _direct_generate(
+            nc,
+            sampling=SamplingParams(max_tokens=1500, temperature=0),
+            deadline=time.time() + 0.5,
+            messages=COUNT,
+        )
+    finally:
+        await nc.close()
+    assert chunks[-1].error is not None and chunks[-1].error.code == 504
+    assert time.monotonic() - started < 10  # 1500 tokens would take ~40 s
+
+
 async def _direct_generate(nc: nats.NATS, **overrides: object) -> list[TokenChunk]:
     inbox = nc.new_inbox()
     got: asyncio.Queue[TokenChunk] = asyncio.Queue()
@@ -243,8 +261,11 @@ async def _direct_generate(nc: nats.NATS, **overrides: object) -> list[TokenChun
     async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
         await got.put(TokenChunk.from_bytes(msg.data))
 
+    async def on_alive(msg) -> None:  # type: ignore[no-untyped-def]
+        await msg.respond(b"")
+
     sub = await nc.subscribe(inbox, cb=on_chunk)
-    alive = await nc.subscribe(subjects.liveness(inbox), cb=lambda m: m.respond(b""))
+    alive = await nc.subscribe(subjects.liveness(inbox), cb=on_alive)
     fields: dict[str, object] = {
         "request_id": uuid.uuid4().hex,
         "model": MODEL,
