@@ -204,18 +204,33 @@ class VllmEngine:
         """Stop a request in vLLM (frees its KV blocks)."""
         await self._llm.abort(request_id)
 
-    def parse_tool_calls(
-        self, text: str, tools: list[dict[str, Any]] | None
-    ) -> tuple[str | None, list[dict[str, Any]] | None]:
-        """Content and OpenAI tool calls from a whole answer, with vLLM's configured parser."""
-        if not tools:
-            return text, None
+    def validate(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any
+    ) -> Any:
+        """vLLM's own OpenAI request model for the chat: bad messages or tools fail here, fast."""
+        from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        # The parser API takes vLLM's request model; only its tools matter here.
-        request = ChatCompletionRequest.model_validate(
-            {"model": self.pair.name, "messages": [{"role": "user", "content": ""}], "tools": tools}
-        )
+        for i, message in enumerate(messages):
+            # vLLM's model lets these through; the template would render them as empty turns.
+            if message.get("content") is None and not message.get("tool_calls"):
+                raise BadGenerateRequestError(
+                    f"messages.{i}: a message needs content or tool_calls"
+                )
+        body: dict[str, Any] = {"model": self.pair.name, "messages": messages, "tools": tools}
+        if tool_choice is not None:
+            body["tool_choice"] = tool_choice
+        try:
+            return ChatCompletionRequest.model_validate(body)
+        except (ValidationError, ValueError) as exc:
+            raise BadGenerateRequestError(f"invalid chat request: {exc}") from exc
+
+    def parse_tool_calls(
+        self, text: str, request: Any
+    ) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """Content and OpenAI tool calls from a whole answer, with vLLM's configured parser."""
+        if not request.tools:
+            return text, None
         parser = self._tool_parser_cls(self._tokenizer, request.tools)
         info = parser.extract_tool_calls(text, request)
         if not info.tools_called:

@@ -202,6 +202,7 @@ class CloudWorker:
                 guard.cancel()
 
     async def _generate(self, request: GenerateRequest, stream: _Stream) -> None:
+        checked = self.engine.validate(request.messages, request.tools, request.tool_choice)
         prompt = self.engine.render(request.messages, request.tools)
         text_parts: list[str] = []
         completion = len(request.resume_token_ids)
@@ -216,7 +217,7 @@ class CloudWorker:
             finish = delta.finish_reason
             if delta.token_ids or delta.text:
                 await stream.send(token_ids=delta.token_ids, text=delta.text)
-        _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), request.tools)
+        _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), checked)
         await stream.send(
             is_end=True,
             finish_reason="tool_calls" if tool_calls else (finish or "stop"),

@@ -34,6 +34,7 @@ from edge.errors import EngineError, QueueFullError, ServiceUnavailableError
 from edge.sampling import SamplingParams
 from edge.sessions import SavedState, SessionCache, common_prefix_len
 from edge.text import TextAssembler
+from models.vocab import llama_token_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class _Slot:
         self.llama = llama
         self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"llama-slot-{index}")
         self.session_key: str | None = None
+        # Not Llama.detokenize: it drops pieces longer than 32 bytes (e.g. runs of spaces).
+        self.token_bytes = llama_token_bytes(llama)
 
     def tokens(self) -> np.ndarray:
         """The tokens whose KV this slot holds now."""
@@ -184,10 +187,6 @@ class LlamaEngine:
         """Token ids of ``text``; special tokens in it (ChatML markers) are parsed."""
         llama = self._slots[0].llama
         return list(llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-
-    def detokenize(self, tokens: list[int]) -> str:
-        """Text of ``tokens``."""
-        return self._slots[0].llama.detokenize(tokens).decode("utf-8", errors="replace")
 
     def perf_counters(self) -> dict[str, int]:
         """llama.cpp's own prompt/generation eval counters, summed over slots."""
@@ -317,7 +316,7 @@ class LlamaEngine:
                 break
             stats.completion_tokens += 1
             self.generated_tokens += 1
-            emit(TokenEvent([token], assembler.push(llama.detokenize([token]))))
+            emit(TokenEvent([token], assembler.push(slot.token_bytes(token))))
             if assembler.stopped:
                 stats.finish_reason = "stop"
                 break

@@ -41,7 +41,13 @@ from models.errors import (
     WeightsNotFoundError,
 )
 from models.settings import ModelSettings, tandem_home
-from models.vocab import VocabMismatch, VocabReport, check_vocab_compatible, require_compatible
+from models.vocab import (
+    VocabMismatch,
+    VocabReport,
+    check_vocab_compatible,
+    llama_token_bytes,
+    require_compatible,
+)
 
 __all__ = [
     "BUILTIN_PAIRS",
@@ -67,6 +73,7 @@ __all__ = [
     "VocabReport",
     "WeightsNotFoundError",
     "check_vocab_compatible",
+    "llama_token_bytes",
     "cloud_weights_dir",
     "edge_gguf_path",
     "is_prepared",

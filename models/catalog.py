@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from models.bundled import DEFAULT_DISTRIBUTION, DEFAULT_GGUF
 from models.chat_template import load_template
-from models.errors import CatalogError, ModelError, ModelNotFoundError
+from models.errors import CatalogError, ModelError, ModelNotFoundError, one_line
 from models.settings import tandem_home
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def _read_catalog_file(path: Path) -> CatalogFile:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise CatalogError(f"{path}: cannot read: {exc}".replace("\n", " ")) from exc
+        raise CatalogError(f"{path}: cannot read: {one_line(exc)}") from exc
     try:
         return CatalogFile.model_validate(data)
     except ValidationError as exc:
@@ -185,7 +185,7 @@ def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        problems.append(f"{where}: {error['msg']}")
+        problems.append(f"{where}: {one_line(error['msg'])}")
     return "; ".join(problems)
 
 

@@ -22,7 +22,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from models.errors import TemplateNotFoundError, TemplateRenderError
+from models.errors import TemplateNotFoundError, TemplateRenderError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def render_chat(
             messages=chat, tools=tool_list, add_generation_prompt=add_generation_prompt, **extra
         )
     except jinja2.TemplateError as exc:
-        raise TemplateRenderError(f"cannot render the conversation: {exc}") from exc
+        raise TemplateRenderError(f"cannot render the conversation: {one_line(exc)}") from exc
 
 
 def _tojson(
@@ -101,7 +101,9 @@ def _compile(template: str) -> jinja2.Template:
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise TemplateRenderError(f"chat template syntax error, line {exc.lineno}: {exc}") from exc
+        raise TemplateRenderError(
+            f"chat template syntax error, line {exc.lineno}: {one_line(exc)}"
+        ) from exc
 
 
 def _as_dict(item: Mapping[str, Any] | Any) -> dict[str, Any]:

@@ -30,7 +30,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from models.bundled import locate_bundled_gguf
 from models.catalog import ModelPair
 from models.chat_template import load_template
-from models.errors import ConversionError, MissingDependencyError, WeightsNotFoundError
+from models.errors import (
+    ConversionError,
+    MissingDependencyError,
+    WeightsNotFoundError,
+    one_line,
+)
 from models.settings import tandem_home
 
 log = logging.getLogger(__name__)
@@ -53,11 +58,6 @@ class ConversionRecord(BaseModel):
     source_sha256: str
     dtype: str
     chat_template_sha256: str
-
-    def matches(self, other: ConversionRecord) -> bool:
-        """Whether both records describe the same conversion (the file's stat may differ)."""
-        ignored = {"source", "source_size", "source_mtime_ns"}
-        return self.model_dump(exclude=ignored) == other.model_dump(exclude=ignored)
 
 
 def edge_gguf_path(pair: ModelPair) -> Path:
@@ -83,14 +83,11 @@ def is_prepared(pair: ModelPair, home: Path | None = None) -> bool:
     target = cloud_weights_dir(pair, home)
     if not pair.cloud.dequantizes_edge:
         return (target / "config.json").is_file()
-    stored = _read_record(target)
-    if stored is None:
-        return False
     try:
         gguf = edge_gguf_path(pair)
     except WeightsNotFoundError:
         return False
-    return _same_stat(stored, gguf) and stored.converter_version == CONVERTER_VERSION
+    return _is_current(pair, gguf, target, rehash=False)
 
 
 def prepare_cloud_weights(pair: ModelPair, home: Path | None = None, force: bool = False) -> Path:
@@ -117,7 +114,7 @@ def _check_hf_dir(pair: ModelPair, path: Path) -> Path:
     return path
 
 
-def _is_current(pair: ModelPair, gguf: Path, target: Path) -> bool:
+def _is_current(pair: ModelPair, gguf: Path, target: Path, rehash: bool = True) -> bool:
     stored = _read_record(target)
     if stored is None or stored.converter_version != CONVERTER_VERSION:
         return False
@@ -128,7 +125,7 @@ def _is_current(pair: ModelPair, gguf: Path, target: Path) -> bool:
     # Same size and mtime: trust the stored hash rather than re-reading ~100 MB.
     if _same_stat(stored, gguf):
         return True
-    return stored.source_sha256 == _sha256_file(gguf)
+    return rehash and stored.source_sha256 == _sha256_file(gguf)
 
 
 def _same_stat(record: ConversionRecord, gguf: Path) -> bool:
@@ -242,7 +239,7 @@ def _write_model(modules: dict[str, Any], gguf: Path, out: Path, dtype: str) -> 
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ConversionError(f"transformers cannot load {gguf}: {exc}") from exc
+        raise ConversionError(f"transformers cannot load {gguf}: {one_line(exc)}") from exc
     # save_pretrained refuses a model loaded from GGUF ("quantized with gguf,
     # not serializable"): rebuild it from a config without the quantization
     # config and copy the dequantized weights over.
@@ -263,7 +260,9 @@ def _write_tokenizer(modules: dict[str, Any], gguf: Path, out: Path, template: s
             str(gguf.parent), gguf_file=gguf.name
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise ConversionError(f"transformers cannot read the tokenizer of {gguf}: {exc}") from exc
+        raise ConversionError(
+            f"transformers cannot read the tokenizer of {gguf}: {one_line(exc)}"
+        ) from exc
     # vLLM and transformers take the chat template from the tokenizer files.
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(out))

@@ -18,6 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def one_line(detail: object) -> str:
+    """Collapse a library's (possibly multi-line) message into one line."""
+    return " ".join(str(detail).split())
+
+
 class ModelError(Exception):
     """Base class of every error raised by `models`."""
 

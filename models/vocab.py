@@ -20,7 +20,12 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from models.chat_template import load_template, render_chat
-from models.errors import IncompatibleVocabError, MissingDependencyError, WeightsNotFoundError
+from models.errors import (
+    IncompatibleVocabError,
+    MissingDependencyError,
+    WeightsNotFoundError,
+    one_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +128,7 @@ def require_compatible(
         shown = "; ".join(m.describe() for m in report.mismatches[:3])
         raise IncompatibleVocabError(
             f"draft {draft_gguf.name} and target {target_hf_dir} do not share a tokenizer "
-            f"({len(report.mismatches)} differences shown at most {MAX_MISMATCHES}: {shown}); "
+            f"(first differences: {shown}); "
             "draft and target must share a tokenizer for speculative decoding"
         )
     return report
@@ -144,7 +149,9 @@ def _load_draft_vocab(path: Path) -> Any:
         with contextlib.redirect_stderr(noise):
             return Llama(model_path=str(path), vocab_only=True, verbose=False)
     except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-        raise WeightsNotFoundError(f"llama.cpp cannot read the draft {path}: {exc}") from exc
+        raise WeightsNotFoundError(
+            f"llama.cpp cannot read the draft {path}: {one_line(exc)}"
+        ) from exc
     finally:
         log.debug("llama.cpp said: %s", noise.getvalue().strip())
 
@@ -159,11 +166,11 @@ def _load_target_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
-        raise WeightsNotFoundError(f"cannot load a tokenizer from {path}: {exc}") from exc
+        raise WeightsNotFoundError(f"cannot load a tokenizer from {path}: {one_line(exc)}") from exc
 
 
 def _token_mismatches(llama: Any, tokenizer: Any, n_common: int) -> list[VocabMismatch]:
-    draft_bytes = _draft_token_bytes(llama)
+    draft_bytes = llama_token_bytes(llama)
     target_bytes = _target_token_bytes(tokenizer)
     mismatches = []
     for token_id in range(n_common):
@@ -179,8 +186,11 @@ def _token_mismatches(llama: Any, tokenizer: Any, n_common: int) -> list[VocabMi
     return mismatches
 
 
-def _draft_token_bytes(llama: Any) -> Callable[[int], bytes]:
-    """Return a function giving the raw bytes of one draft token id."""
+def llama_token_bytes(llama: Any) -> Callable[[int], bytes]:
+    """Return a function giving the raw bytes of one token id of a llama.cpp model.
+
+    Each call of the returned function reuses one buffer: give each thread its own.
+    """
     import llama_cpp
 
     # Not Llama.detokenize: it uses a 32-byte buffer and returns b"" for longer

@@ -43,12 +43,14 @@ HomeOption = Annotated[
         "--home",
         envvar="TANDEM_HOME",
         show_default=False,
-        help="Tandem's data directory [default: ~/.cache/tandem].",
+        help="Tandem's data directory (default: ~/.cache/tandem).",
     ),
 ]
 NameArgument = Annotated[
     str | None,
-    typer.Argument(show_default=False, help="Model pair name [default: the catalog's default]."),
+    typer.Argument(
+        show_default=False, help="Model pair name (default: the catalog's default pair)."
+    ),
 ]
 
 

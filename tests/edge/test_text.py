@@ -35,3 +35,18 @@ def test_finish_releases_held_tail() -> None:
     a = TextAssembler(["STOP"])
     assert a.push(b"go ST") == "go "
     assert a.finish() == "ST"
+
+
+def test_long_token_pieces_survive_decoding() -> None:
+    """llama-cpp-python's detokenize drops pieces over 32 bytes; the engine's reader must not."""
+    from llama_cpp import Llama
+
+    from models.bundled import locate_bundled_gguf
+    from models.vocab import llama_token_bytes
+
+    llama = Llama(str(locate_bundled_gguf()), vocab_only=True, verbose=False)
+    spaces = "\n" + " " * 32
+    (token,) = llama.tokenize(spaces.encode(), add_bos=False, special=True)
+    assert llama_token_bytes(llama)(token) == spaces.encode()
+    a = TextAssembler([])
+    assert a.push(llama_token_bytes(llama)(token)) + a.finish() == spaces

@@ -1,5 +1,7 @@
 import contextlib
+import hashlib
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -25,6 +27,8 @@ from models import (
 from tests.models.support import CONVERSATIONS, Prepared
 
 GENERATED_TOKENS = 32
+
+log = logging.getLogger(__name__)
 
 
 def test_edge_gguf_path_reports_a_missing_file(tmp_path: Path) -> None:
@@ -53,6 +57,60 @@ def test_fresh_home_is_not_prepared(home: Path, default_pair: ModelPair) -> None
     assert not is_prepared(default_pair)
 
 
+def write_record(target: Path, gguf: Path, template: str, **changes: Any) -> None:
+    """Write the checksum.json a conversion of `gguf` would write, with `changes`."""
+    stat = gguf.stat()
+    fields = {
+        "converter_version": CONVERTER_VERSION,
+        "source": str(gguf),
+        "source_size": stat.st_size,
+        "source_mtime_ns": stat.st_mtime_ns,
+        "source_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
+        "dtype": "float32",
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+    } | changes
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "checksum.json").write_text(ConversionRecord.model_validate(fields).model_dump_json())
+
+
+def test_matching_checksum_skips_conversion(
+    home: Path, default_pair: ModelPair, gguf: Path, template: str
+) -> None:
+    target = cloud_weights_dir(default_pair)
+    write_record(target, gguf, template)
+    assert is_prepared(default_pair)
+    # Nothing but checksum.json is there: a conversion would have written weights.
+    assert prepare_cloud_weights(default_pair) == target
+    assert [p.name for p in target.iterdir()] == ["checksum.json"]
+
+
+def test_moved_but_identical_gguf_is_recognised_by_its_hash(
+    home: Path, default_pair: ModelPair, gguf: Path, template: str
+) -> None:
+    target = cloud_weights_dir(default_pair)
+    write_record(target, gguf, template, source="/elsewhere/model.gguf", source_mtime_ns=1)
+    assert not is_prepared(default_pair)  # the cheap check only compares stats
+    assert prepare_cloud_weights(default_pair) == target
+    assert [p.name for p in target.iterdir()] == ["checksum.json"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"converter_version": CONVERTER_VERSION - 1},
+        {"dtype": "bfloat16"},
+        {"chat_template_sha256": "0" * 64},
+        {"source_sha256": "0" * 64, "source_mtime_ns": 1},
+    ],
+    ids=["converter", "dtype", "template", "source"],
+)
+def test_stale_checksum_means_not_prepared(
+    home: Path, default_pair: ModelPair, gguf: Path, template: str, changes: dict[str, Any]
+) -> None:
+    write_record(cloud_weights_dir(default_pair), gguf, template, **changes)
+    assert not is_prepared(default_pair)
+
+
 @pytest.mark.slow
 def test_prepared_dir_is_a_clean_hf_model(prepared: Prepared, gguf: Path, template: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,15 +133,14 @@ def test_prepared_dir_is_a_clean_hf_model(prepared: Prepared, gguf: Path, templa
 
 
 @pytest.mark.slow
-def test_second_prepare_is_cached(
-    prepared: Prepared, default_pair: ModelPair, record_property: Any
-) -> None:
+def test_second_prepare_is_cached(prepared: Prepared, default_pair: ModelPair) -> None:
     checksum = prepared.path / "checksum.json"
     before = (prepared.path.stat().st_mtime_ns, checksum.stat().st_mtime_ns)
     started = time.perf_counter()
     path = prepare_cloud_weights(default_pair, home=prepared.home)
-    record_property("conversion_s", round(prepared.seconds, 2))
-    record_property("cached_call_s", round(time.perf_counter() - started, 4))
+    log.info(
+        "conversion %.1f s, cached call %.4f s", prepared.seconds, time.perf_counter() - started
+    )
     assert path == prepared.path
     assert (prepared.path.stat().st_mtime_ns, checksum.stat().st_mtime_ns) == before
     assert is_prepared(default_pair, home=prepared.home)
@@ -111,7 +168,7 @@ def test_cached_prepare_does_not_import_torch(prepared: Prepared) -> None:
 
 @pytest.mark.slow
 def test_greedy_predictions_agree_with_llama_cpp(
-    prepared: Prepared, gguf: Path, template: str, record_property: Any
+    prepared: Prepared, gguf: Path, template: str
 ) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -126,10 +183,10 @@ def test_greedy_predictions_agree_with_llama_cpp(
         predicted = logits.argmax(-1).numpy()[n_prompt - 1 : -1]
         agree += int((predicted == np.array(sequence[n_prompt:])).sum())
         total += len(sequence) - n_prompt
-    record_property("greedy_agreement", f"{agree}/{total}")
+    log.info("greedy agreement llama.cpp Q4_1 vs transformers fp32: %d/%d", agree, total)
     assert total >= len(CONVERSATIONS)
     # FINDINGS measured 98% for this pair; near-ties flip between Q4_1 and fp32.
-    assert agree / total >= 0.9
+    assert agree / total >= 0.9, f"only {agree}/{total} greedy predictions agree"
 
 
 def _draft_greedy_sequences(gguf: Path, template: str) -> list[tuple[int, list[int]]]:
