@@ -1,8 +1,9 @@
 """Edge API overhead: the edge daemon over HTTP versus llama.cpp called directly, same run.
 
-Both sides run the same model, thread count and greedy requests, pinned to the
-same core one after the other, so the ratio isolates what the API layer adds
-(HTTP, JSON/SSE, queueing, detokenization). Prints TTFT p50 and tokens/s for
+Both sides run the same model, thread count and greedy requests on the same
+core (``--core``), one after the other; the HTTP client runs on another core
+(``--client-core``), as a remote agent would, so the ratio isolates what the
+edge's API layer adds (HTTP, JSON/SSE, queueing, detokenization). Prints TTFT p50 and tokens/s for
 1 stream and N concurrent streams, and the ratios against the direct baseline.
 
     python bench/edge_bench.py --requests 8 --max-tokens 64 --concurrency 8
@@ -115,19 +116,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--core", type=int, default=0, help="pin everything to this core")
+    parser.add_argument("--core", type=int, default=0, help="core for llama.cpp (both sides)")
+    parser.add_argument("--client-core", type=int, default=1, help="core for the HTTP client")
     args = parser.parse_args()
-    os.sched_setaffinity(0, {args.core})  # the edge subprocess inherits the pinning
+    os.sched_setaffinity(0, {args.core})  # the direct baseline, and the edge it spawns
     chats = prompts(args.requests)
     direct(chats[:2], 8, args.threads)  # warm-up: page in the model file
     base = direct(chats, args.max_tokens, args.threads)
     with EdgeProcess(n_threads=args.threads, slots=1) as edge:
+        os.sched_setaffinity(0, {args.client_core})
         asyncio.run(via_api(edge, chats[:2], 8, 1))  # warm-up
         single = asyncio.run(via_api(edge, chats, args.max_tokens, 1))
         many = asyncio.run(via_api(edge, chats, args.max_tokens, args.concurrency))
     print(
         f"requests={args.requests} max_tokens={args.max_tokens} threads={args.threads} "
-        f"core={args.core}"
+        f"llama.cpp core={args.core} client core={args.client_core}"
     )
     print(f"{'mode':<28}{'TTFT p50 ms':>12}{'tok/s':>10}{'tok/s ratio':>13}{'TTFT +ms':>10}")
     rows = [
