@@ -58,8 +58,9 @@ class _Stream:
     async def send(self, **fields: Any) -> None:
         chunk = TokenChunk(request_id=self._request.request_id, seq=self._seq, **fields)
         self._seq += 1
+        # No flush(): it waits a PING/PONG round trip per chunk. publish() wakes nats-py's
+        # flusher, which writes the buffer on the next loop iteration.
         await self._nc.publish(self._request.reply_subject, chunk.to_bytes())
-        await self._nc.flush()  # a chunk left in the buffer is latency the user sees
         self.last_sent = time.monotonic()
 
 
