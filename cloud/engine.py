@@ -17,6 +17,7 @@ from typing import Any
 
 from cloud.errors import BadGenerateRequestError, EngineFailedError
 from cloud.settings import CloudSettings
+from cloud.speculative import Verdict, verify_greedy
 from mesh.protocol import SamplingParams as WireSampling
 from models.catalog import Catalog, ModelPair
 from models.chat_template import load_template
@@ -51,6 +52,11 @@ class Delta:
     finish_reason: str | None
     prompt_tokens: int
     cached_tokens: int
+
+
+def _rank1(position: dict[int, Any]) -> int:
+    """The token vLLM ranks first among a position's prompt logprobs."""
+    return next(token for token, logprob in position.items() if logprob.rank == 1)
 
 
 def _stat_logger_factory(load: EngineLoad) -> Any:
@@ -120,6 +126,11 @@ class VllmEngine:
         logger.info(
             "vLLM engine for %s up in %.1f s", self.pair.name, time.perf_counter() - started
         )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the target accepts."""
+        return len(self._tokenizer)
 
     def render(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
@@ -199,6 +210,50 @@ class VllmEngine:
             if type(exc).__name__ == "EngineDeadError":
                 raise
             raise EngineFailedError(f"vLLM failed: {exc}") from exc
+
+    async def verify(
+        self, request_id: str, context: list[int], draft: list[int]
+    ) -> tuple[Verdict, int]:
+        """Score ``draft`` after ``context`` in one forward pass; the greedy verdict and
+        how many prompt tokens came from the prefix cache.
+
+        ``prompt_logprobs`` gives, at each draft position, the target's top-1 token;
+        the one generated token is the bonus after the last draft. vLLM skips the
+        prefix cache for such requests by default (a full prefill); reading it is
+        safe as long as every draft position lies at or past ``num_cached_tokens``
+        (positions below it hold garbage), which the check below enforces.
+        """
+        final = await self._score(request_id, context + draft, read_cache=True)
+        if final.num_cached_tokens > len(context):
+            final = await self._score(f"{request_id}-nocache", context + draft, read_cache=False)
+        top1 = [_rank1(final.prompt_logprobs[len(context) + i]) for i in range(len(draft))]
+        bonus = final.outputs[0].token_ids[0]
+        return verify_greedy(draft, [*top1, bonus]), final.num_cached_tokens or 0
+
+    async def _score(self, request_id: str, tokens: list[int], *, read_cache: bool) -> Any:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        room = self.settings.max_model_len - len(tokens)
+        if room < 1:
+            raise BadGenerateRequestError(
+                f"context plus draft ({len(tokens)} tokens) leaves no room in "
+                f"{self.settings.max_model_len}"
+            )
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=1,
+            detokenize=False,
+            skip_reading_prefix_cache=not read_cache,
+        )
+        final = None
+        async for out in self._llm.generate(
+            TokensPrompt(prompt_token_ids=tokens), params, request_id
+        ):
+            final = out
+        assert final is not None
+        return final
 
     async def abort(self, request_id: str) -> None:
         """Stop a request in vLLM (frees its KV blocks)."""

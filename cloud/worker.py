@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
@@ -40,10 +41,14 @@ from mesh.protocol import (
     NodeHeartbeat,
     NodeLoad,
     TokenChunk,
+    VerifyReply,
+    VerifyRequest,
 )
 from mesh.version import __version__
 
 logger = logging.getLogger(__name__)
+
+W = TypeVar("W", GenerateRequest, VerifyRequest)
 
 
 class _Stream:
@@ -103,6 +108,11 @@ class CloudWorker:
             subject=subjects.worker(s.worker_id, "generate"),
             handler=self.handle_generate,
         )
+        for name, subject in (
+            ("verify", subjects.cloud_verify(model)),
+            ("verify-affinity", subjects.worker(s.worker_id, "verify")),
+        ):
+            await self._service.add_endpoint(name=name, subject=subject, handler=self.handle_verify)
         await self._nc.subscribe(subjects.cloud_cancel(model), cb=self.handle_cancel)
         self._beats = Heartbeater(
             self._nc, subjects.node_load(s.worker_id), self.beat, interval_s=s.heartbeat_s
@@ -138,22 +148,69 @@ class CloudWorker:
 
     async def handle_generate(self, msg: Request) -> None:
         """Accept a generate request (reply at once) and stream it in a task."""
+        request = await self._admit(msg, GenerateRequest)
+        if request is None:
+            return
+        accepted = GenerateAccepted(
+            request_id=request.request_id, worker_id=self.settings.worker_id
+        )
+        await msg.respond(accepted.to_bytes())
+        self._track(request.request_id, self._serve(request))
+
+    async def handle_verify(self, msg: Request) -> None:
+        """Score an edge's drafts (one forward pass) and reply with the verdict."""
+        request = await self._admit(msg, VerifyRequest)
+        if request is not None:
+            # Replies must not wait for each other: vLLM batches concurrent verifications.
+            self._track(request.request_id, self._verify(msg, request))
+
+    async def _admit(self, msg: Request, kind: type[W]) -> W | None:
+        """The decoded request, or None after answering 400 (undecodable) or 503 (draining)."""
         try:
-            request = GenerateRequest.from_bytes(msg.data)
+            request = kind.from_bytes(msg.data)
         except ProtocolError as exc:
             await msg.respond_error("400", str(exc))
-            return
+            return None
         if self._draining:
             await msg.respond_error("503", str(DrainingError("worker is draining")))
+            return None
+        return request
+
+    def _track(self, request_id: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that cancels and drains find by request id."""
+        task = asyncio.create_task(work, name=request_id)
+        self._tasks[request_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(request_id, None))
+
+    async def _verify(self, msg: Request, request: VerifyRequest) -> None:
+        vocab = self.engine.vocab_size
+        bad = [t for t in request.context_token_ids + request.draft_token_ids if not 0 <= t < vocab]
+        if bad:
+            await msg.respond_error("400", f"token id {bad[0]} is outside the vocabulary")
+            return
+        budget = None if request.deadline is None else request.deadline - time.time()
+        try:
+            async with asyncio.timeout(budget):
+                verdict, cached = await self.engine.verify(
+                    request.request_id, request.context_token_ids, request.draft_token_ids
+                )
+        except TimeoutError:
+            await self.engine.abort(request.request_id)
+            await msg.respond_error("504", "the verification's deadline passed")
+            return
+        except CloudError as exc:
+            await msg.respond_error(str(exc.status), str(exc))
             return
         await msg.respond(
-            GenerateAccepted(
-                request_id=request.request_id, worker_id=self.settings.worker_id
+            VerifyReply(
+                request_id=request.request_id,
+                worker_id=self.settings.worker_id,
+                context_len=len(request.context_token_ids),
+                accepted=verdict.accepted,
+                next_token=verdict.next_token,
+                cached_tokens=cached,
             ).to_bytes()
         )
-        task = asyncio.create_task(self._serve(request), name=f"generate {request.request_id}")
-        self._tasks[request.request_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(request.request_id, None))
 
     async def handle_cancel(self, msg: Any) -> None:
         """Abort a request this worker is serving (broadcast: others ignore it)."""

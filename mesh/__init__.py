@@ -25,6 +25,8 @@ from mesh.protocol import (
     NodeLoad,
     SamplingParams,
     TokenChunk,
+    VerifyReply,
+    VerifyRequest,
     WireMessage,
     parse_message,
 )
@@ -51,6 +53,8 @@ __all__ = [
     "ProtocolError",
     "SamplingParams",
     "TokenChunk",
+    "VerifyReply",
+    "VerifyRequest",
     "WireMessage",
     "connect",
     "connect_in_background",

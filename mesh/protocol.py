@@ -146,6 +146,38 @@ class TokenChunk(WireMessage):
     error: ErrorInfo | None = None
 
 
+class VerifyRequest(WireMessage):
+    """Ask a worker to score an edge's draft tokens after a context (greedy rule).
+
+    ``context_token_ids`` is the whole prompt plus every token confirmed so far;
+    the worker's prefix cache makes re-sending it cheap.
+    """
+
+    kind: Literal["verify_request"] = "verify_request"
+    request_id: str = Field(min_length=1)
+    session_id: str | None = None
+    model: str = Field(min_length=1)
+    context_token_ids: list[int] = Field(min_length=1)
+    draft_token_ids: list[int] = Field(min_length=1, max_length=64)
+    deadline: float | None = None
+
+
+class VerifyReply(WireMessage):
+    """How many drafts the target accepts and the token it emits after them.
+
+    ``context_len`` echoes the request so a requester can reject a reply that
+    does not match its state instead of splicing it in.
+    """
+
+    kind: Literal["verify_reply"] = "verify_reply"
+    request_id: str = Field(min_length=1)
+    worker_id: str = Field(min_length=1)
+    context_len: int = Field(ge=1)
+    accepted: int = Field(ge=0)
+    next_token: int = Field(ge=0)
+    cached_tokens: int = Field(ge=0)
+
+
 class CancelRequest(WireMessage):
     """Stop generating for ``request_id`` (the requester went away)."""
 
@@ -154,7 +186,13 @@ class CancelRequest(WireMessage):
 
 
 Message = Annotated[
-    NodeHeartbeat | GenerateRequest | GenerateAccepted | TokenChunk | CancelRequest,
+    NodeHeartbeat
+    | GenerateRequest
+    | GenerateAccepted
+    | TokenChunk
+    | CancelRequest
+    | VerifyRequest
+    | VerifyReply,
     Field(discriminator="kind"),
 ]
 _MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

@@ -19,7 +19,14 @@ import openai
 import pytest
 
 from mesh import subjects
-from mesh.protocol import GenerateAccepted, GenerateRequest, SamplingParams, TokenChunk
+from mesh.protocol import (
+    GenerateAccepted,
+    GenerateRequest,
+    SamplingParams,
+    TokenChunk,
+    VerifyReply,
+    VerifyRequest,
+)
 from mesh.server import EmbeddedNats
 from tests.edge_process import EdgeProcess
 from tests.worker_process import WorkerProcess
@@ -283,6 +290,56 @@ async def _direct_generate(nc: nats.NATS, **overrides: object) -> list[TokenChun
     await sub.unsubscribe()
     await alive.unsubscribe()
     return chunks
+
+
+async def test_verify_scores_drafts_against_the_greedy_target(
+    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess]
+) -> None:
+    from llama_cpp import Llama
+
+    from models.bundled import locate_bundled_gguf
+    from models.chat_template import load_template, render_chat
+
+    vocab = Llama(str(locate_bundled_gguf()), vocab_only=True, verbose=False)
+    text = render_chat(load_template("chatml_tools"), COUNT)
+    prompt = list(vocab.tokenize(text.encode(), add_bos=False, special=True))
+    nc = await nats.connect(nats_server.url)
+    try:
+        chunks = await _direct_generate(
+            nc, messages=COUNT, sampling=SamplingParams(max_tokens=12, temperature=0)
+        )
+        target = [t for c in chunks for t in c.token_ids]
+        assert len(target) == 12
+
+        async def verify(context: list[int], draft: list[int]) -> VerifyReply:
+            request = VerifyRequest(
+                request_id=uuid.uuid4().hex,
+                model=MODEL,
+                context_token_ids=context,
+                draft_token_ids=draft,
+            )
+            reply = await nc.request(subjects.cloud_verify(MODEL), request.to_bytes(), timeout=30)
+            assert not (reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers
+            return VerifyReply.from_bytes(reply.data)
+
+        all_good = await verify(prompt, target[:6])
+        assert (all_good.accepted, all_good.next_token) == (6, target[6])
+        assert all_good.context_len == len(prompt)
+        wrong = (target[2] + 1) % 49152
+        corrected = await verify(prompt, [*target[:2], wrong, *target[3:5]])
+        assert (corrected.accepted, corrected.next_token) == (2, target[2])
+        later = await verify(prompt + target[:6], target[6:9])
+        assert (later.accepted, later.next_token) == (3, target[9])
+        bad = await nc.request(
+            subjects.cloud_verify(MODEL),
+            VerifyRequest(
+                request_id="x", model=MODEL, context_token_ids=[10**7], draft_token_ids=[1]
+            ).to_bytes(),
+            timeout=10,
+        )
+        assert (bad.headers or {}).get("Nats-Service-Error-Code") == "400"
+    finally:
+        await nc.close()
 
 
 def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:  # type: ignore[no-untyped-def]
