@@ -387,7 +387,7 @@ def _install_routes(app: FastAPI) -> None:
         state = _state(request)
         body = await parse_body(request, ChatCompletionRequest)
         _check_model(state, body.model)
-        prompt = state.prompts.chat_tokens(body)
+        prompt = await asyncio.to_thread(state.prompts.chat_tokens, body)
         tools = body.active_tools()
         decision = decide(
             state.policy,
@@ -426,7 +426,7 @@ def _install_routes(app: FastAPI) -> None:
         state = _state(request)
         body = await parse_body(request, CompletionRequest)
         _check_model(state, body.model)
-        prompt = state.prompts.completion_tokens(body)
+        prompt = await asyncio.to_thread(state.prompts.completion_tokens, body)
         max_tokens = state.prompts.completion_budget(len(prompt), body.max_tokens)
         ctx = AnswerContext(
             model=state.model_id,

@@ -61,12 +61,14 @@ def _remember_cause(seen: list[Exception], exc: Exception) -> None:
     seen[:] = [exc]
 
 
-def _callbacks(name: str, seen: list[Exception]) -> dict[str, Any]:
+def _callbacks(name: str, seen: list[Exception], nc: Client) -> dict[str, Any]:
     async def error(exc: Exception) -> None:
         _remember_cause(seen, exc)
         await _log_error(exc)
 
     async def disconnected() -> None:
+        if nc.is_closed or nc.is_draining:  # our own close: nothing to warn about
+            return
         logger.warning("%s: disconnected from NATS; reconnecting", name)
 
     async def reconnected() -> None:
@@ -104,9 +106,9 @@ async def connect(
     credentials = {"token": token, "user": user, "password": password, "user_credentials": creds}
     auth: dict[str, Any] = {key: value for key, value in credentials.items() if value is not None}
     seen: list[Exception] = []
-    options = {**_DEFAULT_OPTIONS, **_callbacks(name, seen), **auth, **overrides}
-    max_reconnects = options.pop("max_reconnect_attempts")
     nc = Client()
+    options = {**_DEFAULT_OPTIONS, **_callbacks(name, seen, nc), **auth, **overrides}
+    max_reconnects = options.pop("max_reconnect_attempts")
     try:
         await nc.connect(
             servers, name=name, max_reconnect_attempts=_FIRST_CONNECT_MAX_RECONNECTS, **options

@@ -349,9 +349,17 @@ class EmbeddedNats:
 
 
 def stop_process(
-    process: subprocess.Popen[bytes], *, grace_s: float = _STOP_GRACE_S, name: str = "process"
+    process: subprocess.Popen[bytes],
+    *,
+    grace_s: float = _STOP_GRACE_S,
+    name: str = "process",
+    kill_group: bool = False,
 ) -> int:
-    """SIGTERM (let it drain), SIGKILL after ``grace_s``; return the exit code."""
+    """SIGTERM (let it drain), SIGKILL after ``grace_s``; return the exit code.
+
+    ``kill_group``: the SIGKILL goes to the process's whole group (started with
+    ``start_new_session``), so helpers it spawned (vLLM's engine core) die too.
+    """
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
@@ -359,5 +367,9 @@ def stop_process(
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             logger.warning("%s %s ignored SIGTERM for %.0f s; killing", name, process.pid, grace_s)
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                if kill_group:
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:
+                    process.kill()
     return process.wait()

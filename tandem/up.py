@@ -62,7 +62,7 @@ class Role:
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM (drain), then SIGKILL after ``grace_s``."""
         if self.process is not None:
-            stop_process(self.process, grace_s=grace_s, name=self.name)
+            stop_process(self.process, grace_s=grace_s, name=self.name, kill_group=True)
 
 
 def _answers(url: str) -> bool:

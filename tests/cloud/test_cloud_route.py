@@ -188,16 +188,48 @@ def test_client_disconnect_aborts_the_request_in_vllm(
         for line in resp.iter_lines():
             if '"content":"' in line.replace(" ", "") and '"content":""' not in line:
                 break
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if any("in vLLM" in w.log() for w in workers.values()):
-            break
-        time.sleep(0.2)
+    assert _wait_for_log(workers, "in vLLM", 10)
     logs = "".join(w.log() for w in workers.values())
     assert "requester cancelled" in logs
     assert "in vLLM" in logs
     # vLLM's scheduler (reported in heartbeats) has nothing left running.
     assert asyncio.run(_fleet_running(mesh_edge)) == 0
+
+
+async def test_a_vanished_requester_is_detected_and_its_request_aborted(
+    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess]
+) -> None:
+    """No cancel message: the requester's connection just dies (as if the edge crashed)."""
+    nc = await nats.connect(nats_server.url)
+    inbox = nc.new_inbox()
+    first: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+        await first.put(msg.data)
+
+    await nc.subscribe(inbox, cb=on_chunk)
+    request = GenerateRequest(
+        request_id=f"vanish-{uuid.uuid4().hex}",
+        model=MODEL,
+        reply_subject=inbox,
+        messages=COUNT,
+        sampling=SamplingParams(max_tokens=1500, temperature=0),
+    )
+    await nc.request(subjects.cloud_generate(MODEL), request.to_bytes(), timeout=5)
+    await asyncio.wait_for(first.get(), 30)
+    await nc.close()  # nobody answers the liveness inbox from now on
+    gone = f"requester of {request.request_id} is gone"
+    assert await asyncio.to_thread(_wait_for_log, workers, gone, 15)
+
+
+def _wait_for_log(workers: dict[str, WorkerProcess], text: str, timeout_s: float) -> bool:
+    """Whether some worker logs ``text`` within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(text in w.log() for w in workers.values()):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 async def _fleet_running(edge: EdgeProcess) -> int:
