@@ -27,6 +27,7 @@ from edge.openai_protocol import (
     CompletionChoice,
     FunctionCall,
     PromptTokensDetails,
+    SpeculativeUsage,
     TandemUsage,
     ToolCall,
     ToolCallDelta,
@@ -76,6 +77,9 @@ class AnswerContext:
         m.cached_prompt_tokens.inc(stats.cached_tokens)
         m.completion_tokens.inc(stats.completion_tokens)
         m.requests.labels(self.endpoint, self.route, status).inc()
+        m.drafted_tokens.inc(stats.drafted)
+        m.accepted_tokens.inc(stats.accepted)
+        m.verify_rounds.inc(stats.verify_rounds)
 
     def usage(self, stats: GenerationStats) -> Usage:
         """The usage block, with Tandem's route facts nested in it."""
@@ -91,6 +95,7 @@ class AnswerContext:
                 cached_prompt_tokens=stats.cached_tokens,
                 worker_id=stats.worker_id,
                 rule=self.rule,
+                speculative=_speculative_usage(stats),
             ),
         )
 
@@ -117,6 +122,19 @@ def with_generator_calls(parsed: ToolCallParse, finish: FinishEvent) -> ToolCall
     ]
     return ToolCallParse(
         content=parsed.content, calls=calls, malformed=[] if calls else parsed.malformed
+    )
+
+
+def _speculative_usage(stats: GenerationStats) -> SpeculativeUsage | None:
+    if not stats.verify_rounds:
+        return None
+    return SpeculativeUsage(
+        drafted=stats.drafted,
+        accepted=stats.accepted,
+        verify_rounds=stats.verify_rounds,
+        acceptance_rate=round(stats.accepted / max(1, stats.drafted), 4),
+        tokens_per_verify=round(stats.completion_tokens / stats.verify_rounds, 3),
+        fell_back_to_edge=stats.fell_back,
     )
 
 

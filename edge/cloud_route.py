@@ -26,6 +26,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from edge.drafter import Verifier
 from edge.engine import FinishEvent, GenerationStats, TokenEvent
 from edge.errors import EdgeError, ServiceUnavailableError
 from mesh import subjects
@@ -39,6 +40,8 @@ from mesh.protocol import (
     GenerateRequest,
     SamplingParams,
     TokenChunk,
+    VerifyReply,
+    VerifyRequest,
 )
 
 logger = logging.getLogger(__name__)
@@ -186,12 +189,68 @@ class CloudRoute:
             return accepted.worker_id
         raise CloudUnavailableError(f"no cloud worker serves {self._model!r} right now")
 
-    def _subjects_for(self, session_id: str | None) -> list[str]:
-        queue = subjects.cloud_generate(self._model)
+    async def verify(
+        self,
+        context: list[int],
+        draft: list[int],
+        *,
+        session_id: str | None,
+        deadline: float | None,
+    ) -> VerifyReply:
+        """One verification round trip (affinity first, so the worker's prefix cache hits)."""
+        nc = self._nc()
+        request = VerifyRequest(
+            request_id=uuid.uuid4().hex,
+            session_id=session_id,
+            model=self._model,
+            context_token_ids=context,
+            draft_token_ids=draft,
+            deadline=deadline,
+        )
+        for subject in self._subjects_for(session_id, verb="verify"):
+            try:
+                reply = await nc.request(subject, request.to_bytes(), timeout=self._stall_timeout_s)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                continue
+            if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
+                code = int(reply.headers["Nats-Service-Error-Code"])
+                if code == 503:
+                    continue
+                raise CloudRequestError(
+                    code,
+                    "invalid_request_error",
+                    reply.headers.get("Nats-Service-Error", "rejected"),
+                )
+            verdict = VerifyReply.from_bytes(reply.data)
+            if verdict.context_len != len(context) or verdict.accepted > len(draft):
+                # Never splice a reply that does not belong to this state.
+                raise CloudRequestError(502, "server_error", "verify reply does not match")
+            if session_id:
+                self._remember(session_id, verdict.worker_id)
+            return verdict
+        raise CloudUnavailableError(f"no cloud worker verifies for {self._model!r} right now")
+
+    def verifier(
+        self, loop: asyncio.AbstractEventLoop, *, session_id: str | None, deadline: float | None
+    ) -> Verifier:
+        """A blocking verify for an engine slot's thread; the round trip runs on ``loop``."""
+
+        def verify(context: list[int], draft: list[int]) -> tuple[int, int]:
+            reply = asyncio.run_coroutine_threadsafe(
+                self.verify(context, draft, session_id=session_id, deadline=deadline), loop
+            ).result()
+            return reply.accepted, reply.next_token
+
+        return verify
+
+    def _subjects_for(self, session_id: str | None, verb: str = "generate") -> list[str]:
+        queue = (subjects.cloud_generate if verb == "generate" else subjects.cloud_verify)(
+            self._model
+        )
         worker = self._affinity.get(session_id) if session_id else None
         healthy = {b.node_id for b in self._fleet.healthy_workers(self._model)}
         if worker is not None and worker in healthy:
-            return [subjects.worker(worker, "generate"), queue]
+            return [subjects.worker(worker, verb), queue]
         return [queue]
 
     def _remember(self, session_id: str, worker: str) -> None:

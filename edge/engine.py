@@ -24,12 +24,13 @@ import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge.drafter import DraftLength, Verifier, draft_greedy, prefill, rollback
 from edge.errors import EngineError, QueueFullError, ServiceUnavailableError
 from edge.sampling import SamplingParams
 from edge.sessions import SavedState, SessionCache, common_prefix_len
@@ -64,6 +65,9 @@ class GenerationRequest:
     sampling: SamplingParams
     session_id: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Set for the speculative route: the cloud verifies drafts (greedy sampling only).
+    verifier: Verifier | None = None
+    fallback_to_edge: bool = True  # when verification fails mid-answer
 
 
 @dataclass
@@ -76,6 +80,10 @@ class GenerationStats:
     queue_s: float = 0.0
     finish_reason: str | None = None
     worker_id: str | None = None  # the cloud worker that served it, on the cloud route
+    drafted: int = 0  # speculative route: draft tokens sent for verification
+    accepted: int = 0  # ... of which the target kept
+    verify_rounds: int = 0
+    fell_back: bool = False  # ... the cloud went away and the edge finished the answer
 
 
 @dataclass(frozen=True)
@@ -280,8 +288,8 @@ class LlamaEngine:
                 common_prefix_len(slot.tokens(), request.prompt_tokens),
                 len(request.prompt_tokens) - 1,
             )
-            text = self._decode_loop(slot, request, stats, emit)
-            emit(FinishEvent(text=text, stats=stats))
+            loop = self._decode_loop if request.verifier is None else self._speculate_loop
+            emit(FinishEvent(text=loop(slot, request, stats, emit), stats=stats))
         except BaseException as exc:  # surfaced on the event loop, never lost
             logger.exception("generation failed on slot %d", slot.index)
             slot.llama.reset()
@@ -295,13 +303,15 @@ class LlamaEngine:
         stats: GenerationStats,
         emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
     ) -> str:
-        import llama_cpp
 
         llama = slot.llama
         params = request.sampling
         llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         assembler = TextAssembler(params.stop)
-        budget = min(params.max_tokens, self.n_ctx - len(request.prompt_tokens))
+        # Absolute: a speculative answer that falls back here has produced tokens already.
+        budget = stats.completion_tokens + min(
+            params.max_tokens, self.n_ctx - len(request.prompt_tokens)
+        )
         stats.finish_reason = "length"
         tokens = llama.generate(
             request.prompt_tokens,
@@ -316,19 +326,85 @@ class LlamaEngine:
                 stats.finish_reason = "cancelled"
                 self.cancelled_generations += 1
                 break
-            if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
-                stats.finish_reason = "stop"
-                break
-            stats.completion_tokens += 1
-            self.generated_tokens += 1
-            emit(TokenEvent([token], assembler.push(slot.token_bytes(token))))
-            if assembler.stopped:
-                stats.finish_reason = "stop"
-                break
-            if stats.completion_tokens >= budget:
+            reason = self._accept_token(slot, token, assembler, stats, emit, budget)
+            if reason is not None:
+                stats.finish_reason = reason
                 break
         tokens.close()
         return assembler.finish()
+
+    def _speculate_loop(
+        self,
+        slot: _Slot,
+        request: GenerationRequest,
+        stats: GenerationStats,
+        emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
+    ) -> str:
+        """Draft on llama.cpp, verify in the cloud, emit what the target confirms."""
+        assert request.verifier is not None
+        llama, params = slot.llama, request.sampling
+        assembler = TextAssembler(params.stop)
+        budget = min(params.max_tokens, self.n_ctx - len(request.prompt_tokens))
+        context = list(request.prompt_tokens)
+        prefill(llama, context)
+        length = DraftLength()
+        while True:
+            if request.cancel.is_set():
+                stats.finish_reason = "cancelled"
+                self.cancelled_generations += 1
+                return assembler.finish()
+            room = budget - stats.completion_tokens  # >= 1: the target adds one token
+            draft = draft_greedy(llama, max(1, min(length.k, room - 1)), self._is_eog)
+            try:
+                accepted, next_token = request.verifier(context, draft)
+            except Exception as exc:
+                if not request.fallback_to_edge:
+                    raise
+                logger.warning("verification failed (%s); finishing on the edge", exc)
+                stats.fell_back = True
+                rollback(llama, len(context), 0)
+                rest = GenerationRequest(
+                    context, replace(params, max_tokens=room), cancel=request.cancel
+                )
+                return assembler.finish() + self._decode_loop(slot, rest, stats, emit)
+            stats.drafted += len(draft)
+            stats.accepted += accepted
+            stats.verify_rounds += 1
+            length.update(len(draft), accepted)
+            rollback(llama, len(context), accepted)
+            for token in [*draft[:accepted], next_token]:
+                reason = self._accept_token(slot, token, assembler, stats, emit, budget)
+                if reason is not None:
+                    stats.finish_reason = reason
+                    return assembler.finish()
+                context.append(token)
+            llama.eval([next_token])  # the next draft continues from the target's token
+
+    def _is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab._model.vocab, token))
+
+    def _accept_token(
+        self,
+        slot: _Slot,
+        token: int,
+        assembler: TextAssembler,
+        stats: GenerationStats,
+        emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
+        budget: int,
+    ) -> str | None:
+        """Emit one generated token; the finish reason if generation must stop here."""
+        if self._is_eog(token):
+            return "stop"
+        stats.completion_tokens += 1
+        self.generated_tokens += 1
+        emit(TokenEvent([token], assembler.push(slot.token_bytes(token))))
+        if assembler.stopped:
+            return "stop"
+        if stats.completion_tokens >= budget:
+            return "length"
+        return None
 
     def _prepare_slot(self, slot: _Slot, request: GenerationRequest) -> None:
         """Save the slot's old conversation if replaced; restore a better saved prefix."""

@@ -36,6 +36,19 @@ class EdgeMetrics:
         self.completion_tokens = Counter(
             "tandem_edge_completion_tokens", "Generated tokens.", registry=r
         )
+        self.drafted_tokens = Counter(
+            "tandem_edge_speculative_drafted_tokens",
+            "Draft tokens sent for verification.",
+            registry=r,
+        )
+        self.accepted_tokens = Counter(
+            "tandem_edge_speculative_accepted_tokens",
+            "Draft tokens the cloud target kept.",
+            registry=r,
+        )
+        self.verify_rounds = Counter(
+            "tandem_edge_speculative_verify_rounds", "Verification round trips.", registry=r
+        )
         self.malformed_tool_calls = Counter(
             "tandem_edge_malformed_tool_calls", "Tool-call blocks the parser rejected.", registry=r
         )

@@ -226,6 +226,17 @@ def unix_now() -> int:
     return int(time.time())
 
 
+class SpeculativeUsage(BaseModel):
+    """Drafting statistics of a speculative answer."""
+
+    drafted: int
+    accepted: int
+    verify_rounds: int
+    acceptance_rate: float
+    tokens_per_verify: float
+    fell_back_to_edge: bool = False
+
+
 class TandemUsage(BaseModel):
     """Where the answer ran and what it cost; nested in ``usage.tandem``."""
 
@@ -235,6 +246,7 @@ class TandemUsage(BaseModel):
     cached_prompt_tokens: int = 0
     worker_id: str | None = None
     rule: str | None = None
+    speculative: SpeculativeUsage | None = None
 
 
 class PromptTokensDetails(BaseModel):

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge import answers
 from edge.answers import AnswerContext
 from edge.cloud_route import CloudUnavailableError, deadline_in
+from edge.drafter import Verifier
 from edge.engine import EngineConfig, FinishEvent, GenerationRequest, LlamaEngine, TokenEvent
 from edge.errors import (
     AuthenticationError,
@@ -340,6 +341,24 @@ async def _try_cloud(
     return events
 
 
+def _speculative_verifier(
+    request: Request, state: EdgeState, ctx: AnswerContext
+) -> Verifier | None:
+    """The cloud verifier for the speculative route, or None to serve on the edge alone."""
+    cloud = state.registration.cloud if state.registration else None
+    if cloud is None or not cloud.available():
+        if state.policy.on_cloud_unavailable == "fail":
+            raise CloudUnavailableError("no cloud worker is reachable to verify drafts")
+        ctx.route = "edge-fallback"
+        return None
+    ctx.route = "speculative"
+    return cloud.verifier(
+        asyncio.get_running_loop(),
+        session_id=request.headers.get(SESSION_HEADER),
+        deadline=deadline_in(state.settings.cloud_timeout_s),
+    )
+
+
 def _dump(value: Any) -> Any:
     return value.model_dump() if isinstance(value, BaseModel) else value
 
@@ -407,14 +426,18 @@ def _install_routes(app: FastAPI) -> None:
             rule=decision.rule,
             tool_names={t["function"]["name"] for t in tools} if tools else None,
         )
-        events = None
-        if decision.route == "cloud":
-            events = await _try_cloud(request, state, body, ctx)
+        route = decision.route
+        if route == "speculative" and body.temperature != 0:
+            # Verification on the wire is greedy only so far; sampling goes to the cloud.
+            route, ctx.rule = "cloud", "speculative-needs-temperature-0"
+        events = await _try_cloud(request, state, body, ctx) if route == "cloud" else None
         if events is None:
             max_tokens = state.prompts.completion_budget(len(prompt), body.requested_max_tokens())
-            events = await _prime(
-                request, state.engine.generate(_generation(request, prompt, max_tokens, body))
-            )
+            generation = _generation(request, prompt, max_tokens, body)
+            if route == "speculative":
+                generation.verifier = _speculative_verifier(request, state, ctx)
+                generation.fallback_to_edge = state.policy.on_cloud_unavailable == "edge-fallback"
+            events = await _prime(request, state.engine.generate(generation))
         if body.stream:
             return _streaming(answers.stream_chat(events, ctx), ctx.route)
         answer = await _unless_disconnected(request, answers.collect_chat(events, ctx))

@@ -13,9 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Route = Literal["edge", "cloud"]
+Route = Literal["edge", "cloud", "speculative"]
 CLOUD_SUFFIX = "@cloud"
 EDGE_SUFFIX = "@edge"
+SPECULATIVE_SUFFIX = "@speculative"
 
 
 class RoutingPolicy(BaseModel):
@@ -57,7 +58,7 @@ class RouteDecision:
 
 def base_model(model: str) -> str:
     """The served model name without a route suffix."""
-    for suffix in (CLOUD_SUFFIX, EDGE_SUFFIX):
+    for suffix in (CLOUD_SUFFIX, EDGE_SUFFIX, SPECULATIVE_SUFFIX):
         if model.endswith(suffix):
             return model[: -len(suffix)]
     return model
@@ -69,6 +70,10 @@ def decide(policy: RoutingPolicy, f: RequestFeatures) -> RouteDecision:
         return RouteDecision("edge", "header", "x-tandem-route: edge")
     if f.route_header == "cloud":
         return RouteDecision("cloud", "header", "x-tandem-route: cloud")
+    if f.route_header == "speculative":
+        return RouteDecision("speculative", "header", "x-tandem-route: speculative")
+    if f.model.endswith(SPECULATIVE_SUFFIX):
+        return RouteDecision("speculative", "model-alias", f"model {f.model!r} asks for it")
     if f.model.endswith(EDGE_SUFFIX):
         return RouteDecision("edge", "model-alias", f"model {f.model!r} asks for the edge")
     if f.model.endswith(CLOUD_SUFFIX) or f.model in policy.cloud_aliases:

@@ -374,6 +374,50 @@ async def test_verify_scores_drafts_against_the_greedy_target(
         await nc.close()
 
 
+SPEC_PROMPTS = [
+    "List the numbers from 1 to 30, separated by commas.",
+    "What is the capital of France? Answer in one sentence.",
+    "Write a short poem about the sea.",
+    "Explain what a CPU does in two sentences.",
+]
+
+
+def test_speculative_route_gives_the_cloud_models_greedy_answer(mesh_edge: EdgeProcess) -> None:
+    client = mesh_edge.client()
+    identical, rounds = 0, 0
+    for prompt in SPEC_PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        cloud = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=40, temperature=0, extra_headers=CLOUD
+        )
+        raw = client.chat.completions.with_raw_response.create(
+            model=f"{MODEL}@speculative", messages=messages, max_tokens=40, temperature=0
+        )
+        spec = raw.parse()
+        assert raw.headers["x-tandem-route"] == "speculative"
+        stats = _usage_extra(spec.usage)["speculative"]
+        assert stats["verify_rounds"] >= 1 and not stats["fell_back_to_edge"]
+        assert stats["accepted"] <= stats["drafted"]
+        rounds += stats["verify_rounds"]
+        identical += spec.choices[0].message.content == cloud.choices[0].message.content
+        assert spec.usage.completion_tokens <= 40  # type: ignore[union-attr]
+    # Greedy verification makes the answer the target's; a prompt may still differ at a
+    # numerical near-tie (batched verification vs token-by-token decoding).
+    print(f"speculative == cloud-only on {identical}/{len(SPEC_PROMPTS)} prompts")
+    assert identical >= len(SPEC_PROMPTS) - 1
+    metrics = mesh_edge.metrics()
+    assert metrics["tandem_edge_speculative_verify_rounds_total"] >= rounds
+    assert metrics["tandem_edge_speculative_accepted_tokens_total"] > 0
+
+
+def test_speculative_with_sampling_goes_to_the_cloud(mesh_edge: EdgeProcess) -> None:
+    raw = mesh_edge.client().chat.completions.with_raw_response.create(
+        model=f"{MODEL}@speculative", messages=COUNT, max_tokens=4, temperature=0.7
+    )
+    assert raw.headers["x-tandem-route"] == "cloud"
+    assert _usage_extra(raw.parse().usage)["rule"] == "speculative-needs-temperature-0"
+
+
 def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with EmbeddedNats() as empty_mesh:
         with EdgeProcess(nats_url=empty_mesh.url) as edge:
@@ -382,6 +426,10 @@ def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:
             )
             assert raw.headers["x-tandem-route"] == "edge-fallback"
             assert _usage_extra(raw.parse().usage)["route"] == "edge-fallback"
+            spec = edge.client().chat.completions.with_raw_response.create(
+                model=f"{MODEL}@speculative", messages=COUNT, max_tokens=4, temperature=0
+            )
+            assert spec.headers["x-tandem-route"] == "edge-fallback"
         policy = tmp_path / "policy.yaml"
         policy.write_text("on_cloud_unavailable: fail\n")
         with EdgeProcess(nats_url=empty_mesh.url, policy_file=policy) as edge:
