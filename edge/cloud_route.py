@@ -78,6 +78,7 @@ class CloudRoute:
         accept_timeout_s: float = 2.0,
         stall_timeout_s: float = 3.0,
         max_failovers: int = 2,
+        emulated_rtt_s: float = 0.0,
     ) -> None:
         self._link = link
         self._fleet = fleet
@@ -86,6 +87,8 @@ class CloudRoute:
         self._stall_timeout_s = stall_timeout_s
         self._max_failovers = max_failovers
         self._affinity: OrderedDict[str, str] = OrderedDict()
+        # Benchmarks emulate a WAN between edge and cloud: half on the way out, half back.
+        self._half_rtt_s = emulated_rtt_s / 2
         self.failovers = 0
 
     def available(self) -> bool:
@@ -169,6 +172,7 @@ class CloudRoute:
         """Hand the request to a worker (affinity first); return the worker id."""
         for subject in self._subjects_for(request.session_id):
             try:
+                await self._wan()
                 reply = await nc.request(
                     subject, request.to_bytes(), timeout=self._accept_timeout_s
                 )
@@ -183,6 +187,7 @@ class CloudRoute:
                     "invalid_request_error",
                     reply.headers.get("Nats-Service-Error", "rejected"),
                 )
+            await self._wan()  # streamed chunks then follow at the same one-way delay
             accepted = GenerateAccepted.from_bytes(reply.data)
             if request.session_id:
                 self._remember(request.session_id, accepted.worker_id)
@@ -209,6 +214,7 @@ class CloudRoute:
         )
         for subject in self._subjects_for(session_id, verb="verify"):
             try:
+                await self._wan()
                 reply = await nc.request(subject, request.to_bytes(), timeout=self._stall_timeout_s)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 continue
@@ -221,6 +227,7 @@ class CloudRoute:
                     "invalid_request_error",
                     reply.headers.get("Nats-Service-Error", "rejected"),
                 )
+            await self._wan()
             verdict = VerifyReply.from_bytes(reply.data)
             if verdict.context_len != len(context) or verdict.accepted > len(draft):
                 # Never splice a reply that does not belong to this state.
@@ -229,6 +236,10 @@ class CloudRoute:
                 self._remember(session_id, verdict.worker_id)
             return verdict
         raise CloudUnavailableError(f"no cloud worker verifies for {self._model!r} right now")
+
+    async def _wan(self) -> None:
+        if self._half_rtt_s:
+            await asyncio.sleep(self._half_rtt_s)
 
     def verifier(
         self, loop: asyncio.AbstractEventLoop, *, session_id: str | None, deadline: float | None

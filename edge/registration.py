@@ -88,7 +88,11 @@ class MeshRegistration:
         await self.fleet.start()
         s = self._settings
         self.cloud = CloudRoute(
-            self._link, self.fleet, s.model, stall_timeout_s=s.cloud_stall_timeout_s
+            self._link,
+            self.fleet,
+            s.model,
+            stall_timeout_s=s.cloud_stall_timeout_s,
+            emulated_rtt_s=s.emulated_rtt_ms / 1000,
         )
 
     async def stop(self) -> None:

@@ -38,4 +38,7 @@ class EdgeSettings(BaseSettings):
         3.0, gt=0, description="silence after which a cloud worker is presumed dead"
     )
     policy_file: Path | None = Field(None, description="routing policy YAML")
+    emulated_rtt_ms: float = Field(
+        0.0, ge=0, description="benchmarks only: extra edge-cloud round-trip time per request"
+    )
     log_level: str = "info"
