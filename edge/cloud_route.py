@@ -170,29 +170,13 @@ class CloudRoute:
 
     async def _submit(self, nc: Client, request: GenerateRequest) -> str:
         """Hand the request to a worker (affinity first); return the worker id."""
-        for subject in self._subjects_for(request.session_id):
-            try:
-                await self._wan()
-                reply = await nc.request(
-                    subject, request.to_bytes(), timeout=self._accept_timeout_s
-                )
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                continue
-            if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
-                code = int(reply.headers["Nats-Service-Error-Code"])
-                if code == 503:
-                    continue  # draining; try the queue group
-                raise CloudRequestError(
-                    code,
-                    "invalid_request_error",
-                    reply.headers.get("Nats-Service-Error", "rejected"),
-                )
-            await self._wan()  # streamed chunks then follow at the same one-way delay
-            accepted = GenerateAccepted.from_bytes(reply.data)
-            if request.session_id:
-                self._remember(request.session_id, accepted.worker_id)
-            return accepted.worker_id
-        raise CloudUnavailableError(f"no cloud worker serves {self._model!r} right now")
+        reply = await self._request_any(
+            nc, request.session_id, "generate", request.to_bytes(), self._accept_timeout_s
+        )
+        accepted = GenerateAccepted.from_bytes(reply.data)
+        if request.session_id:
+            self._remember(request.session_id, accepted.worker_id)
+        return accepted.worker_id
 
     async def verify(
         self,
@@ -203,7 +187,6 @@ class CloudRoute:
         deadline: float | None,
     ) -> VerifyReply:
         """One verification round trip (affinity first, so the worker's prefix cache hits)."""
-        nc = self._nc()
         request = VerifyRequest(
             request_id=uuid.uuid4().hex,
             session_id=session_id,
@@ -212,30 +195,36 @@ class CloudRoute:
             draft_token_ids=draft,
             deadline=deadline,
         )
-        for subject in self._subjects_for(session_id, verb="verify"):
+        reply = await self._request_any(
+            self._nc(), session_id, "verify", request.to_bytes(), self._stall_timeout_s
+        )
+        verdict = VerifyReply.from_bytes(reply.data)
+        if verdict.context_len != len(context) or verdict.accepted > len(draft):
+            # Never splice a reply that does not belong to this state.
+            raise CloudRequestError(502, "server_error", "verify reply does not match")
+        if session_id:
+            self._remember(session_id, verdict.worker_id)
+        return verdict
+
+    async def _request_any(
+        self, nc: Client, session_id: str | None, verb: str, payload: bytes, wait_s: float
+    ) -> Msg:
+        """Request/reply with the session's worker, then the queue group; skip draining ones."""
+        for subject in self._subjects_for(session_id, verb):
             try:
                 await self._wan()
-                reply = await nc.request(subject, request.to_bytes(), timeout=self._stall_timeout_s)
+                reply = await nc.request(subject, payload, timeout=wait_s)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 continue
-            if reply.headers and reply.headers.get("Nats-Service-Error-Code"):
-                code = int(reply.headers["Nats-Service-Error-Code"])
-                if code == 503:
-                    continue
-                raise CloudRequestError(
-                    code,
-                    "invalid_request_error",
-                    reply.headers.get("Nats-Service-Error", "rejected"),
-                )
+            error = (reply.headers or {}).get("Nats-Service-Error-Code")
+            if error == "503":
+                continue  # draining; try the next subject
+            if error:
+                message = (reply.headers or {}).get("Nats-Service-Error", "rejected")
+                raise CloudRequestError(int(error), "invalid_request_error", message)
             await self._wan()
-            verdict = VerifyReply.from_bytes(reply.data)
-            if verdict.context_len != len(context) or verdict.accepted > len(draft):
-                # Never splice a reply that does not belong to this state.
-                raise CloudRequestError(502, "server_error", "verify reply does not match")
-            if session_id:
-                self._remember(session_id, verdict.worker_id)
-            return verdict
-        raise CloudUnavailableError(f"no cloud worker verifies for {self._model!r} right now")
+            return reply
+        raise CloudUnavailableError(f"no cloud worker serves {self._model!r} {verb} right now")
 
     async def _wan(self) -> None:
         if self._half_rtt_s:
