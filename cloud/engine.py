@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 class EngineLoad:
     """The scheduler's latest view, fed by vLLM's stat logger hook."""
 
-    running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
     prefix_queries: int = 0
@@ -50,7 +49,6 @@ class Delta:
     token_ids: list[int]
     text: str
     finish_reason: str | None
-    prompt_tokens: int
     cached_tokens: int
 
 
@@ -71,7 +69,6 @@ def _stat_logger_factory(load: EngineLoad) -> Any:
             self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any
         ) -> None:
             if scheduler_stats is not None:
-                load.running = scheduler_stats.num_running_reqs
                 load.waiting = scheduler_stats.num_waiting_reqs
                 load.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
                 load.prefix_queries += scheduler_stats.prefix_cache_stats.queries
@@ -199,7 +196,6 @@ class VllmEngine:
                     token_ids=list(completion.token_ids),
                     text=completion.text,
                     finish_reason=completion.finish_reason,
-                    prompt_tokens=len(prompt_ids),
                     cached_tokens=out.num_cached_tokens or 0,
                 )
         except BadGenerateRequestError:

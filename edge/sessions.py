@@ -46,9 +46,6 @@ class SessionCache:
         self._lock = threading.Lock()
         self._size = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     @property
     def size_bytes(self) -> int:
         """Bytes held by all entries."""

@@ -8,7 +8,6 @@ and on Ctrl-C stops everything in reverse order.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mesh import subjects
@@ -36,16 +35,13 @@ class Role:
     name: str
     argv: list[str]
     is_ready: Callable[[], bool]
-    env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 60.0
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Launch the process (stdout/stderr go to the terminal)."""
         # Own session: Ctrl-C reaches only the supervisor, which stops roles in order.
-        self.process = subprocess.Popen(
-            self.argv, env={**os.environ, **self.env}, start_new_session=True
-        )
+        self.process = subprocess.Popen(self.argv, start_new_session=True)
 
     def wait_ready(self) -> None:
         """Block until ``is_ready()``, or raise StartupError."""
