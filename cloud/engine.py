@@ -8,10 +8,11 @@ prompt then enters the engine as token ids.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,40 @@ class EngineLoad:
     def prefix_hit_rate(self) -> float:
         """Share of prompt tokens served from vLLM's prefix cache so far."""
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+
+class BusyClock:
+    """Wall seconds during which at least one request was inside the engine.
+
+    Measured around our calls into vLLM rather than from its per-step stats: on the
+    CPU build's in-process executor, vLLM's iteration timer (``elapsed_ms``) starts
+    after the forward pass has already run, so it misses the work we want to count.
+    With one engine per worker, "a request is inside" means the engine is stepping.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._inside = 0
+        self._since = 0.0
+        self._total = 0.0
+
+    @contextlib.contextmanager
+    def occupied(self) -> Iterator[None]:
+        """Count the time until exit as busy (overlapping requests count once)."""
+        if self._inside == 0:
+            self._since = self._clock()
+        self._inside += 1
+        try:
+            yield
+        finally:
+            self._inside -= 1
+            if self._inside == 0:
+                self._total += self._clock() - self._since
+
+    @property
+    def busy_s(self) -> float:
+        """Busy seconds so far, including the interval still open."""
+        return self._total + (self._clock() - self._since if self._inside else 0.0)
 
 
 @dataclass(frozen=True)
@@ -90,6 +125,7 @@ class VllmEngine:
         self.pair: ModelPair = Catalog.load().get(settings.model)
         self.template = load_template(self.pair.chat_template)
         self.load = EngineLoad()
+        self.busy = BusyClock()
         self._llm: Any = None
         self._tokenizer: Any = None
         self._tool_parser_cls: Any = None
@@ -188,16 +224,17 @@ class VllmEngine:
         full_prompt = prompt_ids + resume_ids
         params = self._sampling(sampling, len(full_prompt), len(resume_ids))
         try:
-            async for out in self._llm.generate(
-                TokensPrompt(prompt_token_ids=full_prompt), params, request_id
-            ):
-                completion = out.outputs[0]
-                yield Delta(
-                    token_ids=list(completion.token_ids),
-                    text=completion.text,
-                    finish_reason=completion.finish_reason,
-                    cached_tokens=out.num_cached_tokens or 0,
-                )
+            with self.busy.occupied():
+                async for out in self._llm.generate(
+                    TokensPrompt(prompt_token_ids=full_prompt), params, request_id
+                ):
+                    completion = out.outputs[0]
+                    yield Delta(
+                        token_ids=list(completion.token_ids),
+                        text=completion.text,
+                        finish_reason=completion.finish_reason,
+                        cached_tokens=out.num_cached_tokens or 0,
+                    )
         except BadGenerateRequestError:
             raise
         except ValueError as exc:  # vLLM's input validation
@@ -244,10 +281,11 @@ class VllmEngine:
             skip_reading_prefix_cache=not read_cache,
         )
         final = None
-        async for out in self._llm.generate(
-            TokensPrompt(prompt_token_ids=tokens), params, request_id
-        ):
-            final = out
+        with self.busy.occupied():
+            async for out in self._llm.generate(
+                TokensPrompt(prompt_token_ids=tokens), params, request_id
+            ):
+                final = out
         assert final is not None
         return final
 

@@ -81,6 +81,7 @@ class CloudWorker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._draining = False
         self._rate_mark = (time.monotonic(), 0)
+        self._tokens_per_s = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -98,6 +99,8 @@ class CloudWorker:
             version=_semver(__version__),
             description=f"Tandem cloud worker for {model}",
             metadata={"worker_id": s.worker_id, "model": model},
+            # $SRV.STATS carries the load too, for tools that poll instead of subscribing.
+            stats_handler=lambda _endpoint: self.load().model_dump(mode="json"),
         )
         await self._service.add_endpoint(
             name="generate", subject=subjects.cloud_generate(model), handler=self.handle_generate
@@ -121,27 +124,33 @@ class CloudWorker:
         logger.info("worker %s serving %s on %s", s.worker_id, model, s.nats_url)
 
     def beat(self) -> NodeHeartbeat:
-        """This worker's heartbeat now."""
-        load = self.engine.load
-        now, tokens = time.monotonic(), load.generated_tokens
+        """This worker's heartbeat now (it also restarts the tokens/s window)."""
+        now, tokens = time.monotonic(), self.engine.load.generated_tokens
         then, before = self._rate_mark
         self._rate_mark = (now, tokens)
-        waiting = min(load.waiting, self.in_flight)
+        self._tokens_per_s = max(0.0, (tokens - before) / max(now - then, 1e-6))
         return NodeHeartbeat(
             node_id=self.settings.worker_id,
             role="cloud",
             model=self.engine.pair.name,
             version=__version__,
-            load=NodeLoad(
-                # In-flight requests are authoritative; vLLM's scheduler stats only say how
-                # many of them wait, and go stale when the engine idles.
-                running=max(0, self.in_flight - waiting),
-                waiting=waiting,
-                kv_cache_usage=min(1.0, max(0.0, load.kv_cache_usage)),
-                tokens_per_s=max(0.0, (tokens - before) / max(now - then, 1e-6)),
-                prefix_cache_hit_rate=load.prefix_hit_rate,
-                draining=self._draining,
-            ),
+            load=self.load(),
+        )
+
+    def load(self) -> NodeLoad:
+        """This worker's load now; tokens/s is over the last heartbeat interval."""
+        load = self.engine.load
+        waiting = min(load.waiting, self.in_flight)
+        return NodeLoad(
+            # In-flight requests are authoritative; vLLM's scheduler stats only say how
+            # many of them wait, and go stale when the engine idles.
+            running=max(0, self.in_flight - waiting),
+            waiting=waiting,
+            kv_cache_usage=min(1.0, max(0.0, load.kv_cache_usage)),
+            tokens_per_s=self._tokens_per_s,
+            prefix_cache_hit_rate=load.prefix_hit_rate,
+            draining=self._draining,
+            engine_busy_s=self.engine.busy.busy_s,
         )
 
     # -- handlers -------------------------------------------------------------

@@ -68,6 +68,11 @@ class NodeLoad(WireMessage):
     tokens_per_s: float = Field(ge=0.0)
     prefix_cache_hit_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     draining: bool = False
+    # Cumulative wall seconds during which the engine had at least one request in it
+    # (running or queued behind a running one), since the node started. Deltas of it
+    # over a run, divided by the tokens served, give engine-seconds per token: a
+    # verification pass and a decode step each count for the time they occupy the engine.
+    engine_busy_s: float = Field(default=0.0, ge=0.0)
 
 
 class NodeHeartbeat(WireMessage):
