@@ -162,6 +162,9 @@ class LlamaEngine:
         # Monotonic counters, written by slot threads, read by metrics and heartbeats.
         self.generated_tokens = 0
         self.cancelled_generations = 0
+        # Seconds slots spent serving requests (summed over slots): engine-seconds for
+        # cost per token. A speculative request's wait for verification counts: it holds the slot.
+        self.busy_seconds = 0.0
 
     @staticmethod
     def _load(config: EngineConfig, *, vocab_only: bool = False) -> Any:
@@ -279,6 +282,7 @@ class LlamaEngine:
         emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
     ) -> None:
         """The slot thread's part: prefix reuse, then the token loop."""
+        started = time.perf_counter()
         try:
             if request.cancel.is_set():
                 stats.finish_reason = "cancelled"
@@ -295,6 +299,8 @@ class LlamaEngine:
             slot.llama.reset()
             slot.session_key = None
             emit(_ErrorEvent(exc))
+        finally:
+            self.busy_seconds += time.perf_counter() - started
 
     def _decode_loop(
         self,

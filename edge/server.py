@@ -127,6 +127,11 @@ def build_state(settings: EdgeSettings) -> EdgeState:
         lambda: engine.generated_tokens,
     )
     metrics.add_counter(
+        "tandem_edge_engine_busy_seconds",
+        "Seconds llama.cpp slots spent serving requests, summed over slots.",
+        lambda: engine.busy_seconds,
+    )
+    metrics.add_counter(
         "tandem_edge_cancelled_generations",
         "Generations stopped early because the client went away.",
         lambda: engine.cancelled_generations,
