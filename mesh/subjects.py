@@ -12,6 +12,7 @@ import re
 
 PREFIX = "tandem.v1"
 POLICY_BUCKET = "tandem_policy"
+POLICY_KEY = "active"  # the one live routing policy in POLICY_BUCKET
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]+")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_-]")
@@ -78,3 +79,8 @@ def worker(worker_id: str, verb: str) -> str:
 def cloud_service_name(model: str) -> str:
     """NATS micro service name of the cloud workers for ``model`` (``[A-Za-z0-9_-]`` only)."""
     return f"tandem-cloud-{token(model)}"
+
+
+def policy_applied() -> str:
+    """Where edges report each policy revision they applied (or refused)."""
+    return f"{PREFIX}.policy.applied"

@@ -1,12 +1,28 @@
-"""Tandem router: the routing policy and the decision of where a request runs."""
+"""Tandem router: the routing policy, its store in NATS KV, and the decision of where a
+request runs."""
 
 from router.policy import (
+    Explanation,
+    PolicyError,
     RequestFeatures,
     Route,
     RouteDecision,
     RoutingPolicy,
+    Rule,
     base_model,
     decide,
+    explain,
 )
 
-__all__ = ["RequestFeatures", "Route", "RouteDecision", "RoutingPolicy", "base_model", "decide"]
+__all__ = [
+    "Explanation",
+    "PolicyError",
+    "RequestFeatures",
+    "Route",
+    "RouteDecision",
+    "RoutingPolicy",
+    "Rule",
+    "base_model",
+    "decide",
+    "explain",
+]
