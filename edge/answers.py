@@ -134,6 +134,7 @@ def _speculative_usage(stats: GenerationStats) -> SpeculativeUsage | None:
         verify_rounds=stats.verify_rounds,
         acceptance_rate=round(stats.accepted / max(1, stats.drafted), 4),
         tokens_per_verify=round(stats.completion_tokens / stats.verify_rounds, 3),
+        pipelined_rounds=stats.pipelined_rounds,
         fell_back_to_edge=stats.fell_back,
     )
 

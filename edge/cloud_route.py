@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import Future
 from typing import Any
 
 import nats.errors
@@ -199,7 +200,11 @@ class CloudRoute:
             self._nc(), session_id, "verify", request.to_bytes(), self._stall_timeout_s
         )
         verdict = VerifyReply.from_bytes(reply.data)
-        if verdict.context_len != len(context) or verdict.accepted > len(draft):
+        if (
+            verdict.request_id != request.request_id
+            or verdict.context_len != len(context)
+            or verdict.accepted > len(draft)
+        ):
             # Never splice a reply that does not belong to this state.
             raise CloudRequestError(502, "server_error", "verify reply does not match")
         if session_id:
@@ -233,13 +238,15 @@ class CloudRoute:
     def verifier(
         self, loop: asyncio.AbstractEventLoop, *, session_id: str | None, deadline: float | None
     ) -> Verifier:
-        """A blocking verify for an engine slot's thread; the round trip runs on ``loop``."""
+        """A verify for an engine slot's thread: it returns a future at once and the round
+        trip runs on ``loop``, so the slot drafts ahead meanwhile."""
 
-        def verify(context: list[int], draft: list[int]) -> tuple[int, int]:
-            reply = asyncio.run_coroutine_threadsafe(
-                self.verify(context, draft, session_id=session_id, deadline=deadline), loop
-            ).result()
+        async def verdict(context: list[int], draft: list[int]) -> tuple[int, int]:
+            reply = await self.verify(context, draft, session_id=session_id, deadline=deadline)
             return reply.accepted, reply.next_token
+
+        def verify(context: list[int], draft: list[int]) -> Future[tuple[int, int]]:
+            return asyncio.run_coroutine_threadsafe(verdict(context, draft), loop)
 
         return verify
 
@@ -303,6 +310,8 @@ def _stats(end: TokenChunk, completion_tokens: int, worker: str) -> GenerationSt
         completion_tokens=completion_tokens,
         finish_reason=end.finish_reason,
         worker_id=worker,
+        simulated=bool(usage.get("simulated", False)),
+        engine_s=usage.get("engine_s"),
     )
 
 

@@ -6,26 +6,41 @@ Runs in an engine slot's thread (it owns the llama.cpp context):
 2. draft up to ``k`` tokens greedily, evaluating each so the next can be drafted;
 3. send context + drafts to a cloud worker (``verify``), which keeps the drafts
    its target model agrees with and adds its own next token;
-4. roll the KV cache back to the accepted drafts (llama.cpp drops the rest) and
+4. pipelining: while that verification is in flight (the round trip runs on the
+   event loop), go on drafting the block after it as if every draft were
+   accepted; the first token of that block is the draft model's guess of the
+   target's next token;
+5. when the verdict arrives: if every draft was accepted and the target's next
+   token equals the guess, the block drafted ahead is already in the KV cache
+   and is the next draft, sent at once. Otherwise roll the KV cache back to the
+   accepted drafts (llama.cpp drops the rest, the block ahead included) and
    evaluate the target's token, so the next draft continues from the target's
-   sequence. The output is therefore the cloud model's greedy output.
+   sequence. Either way the output is the cloud model's greedy output.
 
 The draft length adapts: it grows while whole drafts are accepted and shrinks
-to just past the accepted run when they are not, between ``min_k`` and ``max_k``.
+to just past the accepted run when they are not, between ``min_k`` and ``max_k``;
+while drafts are accepted it never drops below the tokens the edge can draft in
+one verification round trip, so pipelining has a block to hide the round trip behind.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec
 
 import numpy as np
 
 from edge.sessions import common_prefix_len
 
-# context token ids, draft token ids -> (accepted drafts, the target's next token, margins)
-Verifier = Callable[[list[int], list[int]], tuple[int, int]]
+P = ParamSpec("P")
+
+# (context token ids, draft token ids) -> a future of (accepted drafts, the target's next
+# token). It returns at once: the round trip runs elsewhere while the slot drafts ahead.
+Verifier = Callable[[list[int], list[int]], "Future[tuple[int, int]]"]
 
 
 @dataclass
@@ -36,12 +51,22 @@ class DraftLength:
     min_k: int = 1
     max_k: int = 16
 
-    def update(self, drafted: int, accepted: int) -> None:
-        """All accepted: draft more next time; otherwise aim just past the accepted run."""
-        if accepted == drafted:
-            self.k = min(self.max_k, self.k + 2)
-        else:
+    def update(
+        self, drafted: int, accepted: int, round_trip_s: float = 0.0, token_s: float = 0.0
+    ) -> None:
+        """All accepted: draft more next time; otherwise aim just past the accepted run.
+
+        ``round_trip_s`` is how long the verification took as the edge saw it and
+        ``token_s`` the edge's time to draft one token: while drafts are accepted,
+        ``k`` stays at or above their ratio, so the next block takes a round trip to
+        draft and the edge is never idle waiting for a verdict.
+        """
+        if accepted < drafted:
             self.k = max(self.min_k, min(self.k, accepted + 1))
+            return
+        self.k = min(self.max_k, self.k + 2)
+        if token_s > 0:
+            self.k = max(self.k, min(self.max_k, math.ceil(round_trip_s / token_s)))
 
 
 def prefill(llama: Any, prompt: list[int]) -> int:
@@ -52,8 +77,17 @@ def prefill(llama: Any, prompt: list[int]) -> int:
     return keep
 
 
-def draft_greedy(llama: Any, k: int, is_eog: Callable[[int], bool]) -> list[int]:
-    """Up to ``k`` argmax tokens from the current logits on; stops after an end token."""
+def draft_greedy(
+    llama: Any,
+    k: int,
+    is_eog: Callable[[int], bool],
+    stop: Callable[[list[int]], bool] | None = None,
+) -> list[int]:
+    """Up to ``k`` argmax tokens from the current logits on.
+
+    Every token is evaluated except an end token, after which nothing is drafted;
+    ``stop(draft)``, asked after each token, ends the block early.
+    """
     import llama_cpp
 
     n_vocab = llama.n_vocab()
@@ -67,9 +101,65 @@ def draft_greedy(llama: Any, k: int, is_eog: Callable[[int], bool]) -> list[int]
         if is_eog(token):
             break  # nothing follows an end token; it is not evaluated
         llama.eval([token])
+        if stop is not None and stop(draft):
+            break
     return draft
+
+
+def draft_ahead(
+    llama: Any,
+    draft: list[int],
+    limit: int,
+    is_eog: Callable[[int], bool],
+    pending: Future[tuple[int, int]],
+) -> list[int]:
+    """Draft the block after ``draft`` while its verification is ``pending``.
+
+    The block assumes every draft is accepted; its first token is the guess of the
+    target's next token. Drafting stops as soon as a verdict proves the guess wrong
+    (at most one token is wasted after the verdict arrives), and not before
+    ``limit`` otherwise: a block whose guess holds becomes the next draft.
+    """
+    if limit < 2 or not draft or is_eog(draft[-1]):
+        return []  # no room for a next draft, or the draft model ended the answer
+
+    def disproved(ahead: list[int]) -> bool:
+        if not pending.done():
+            return False
+        if pending.exception() is not None:
+            return True
+        accepted, next_token = pending.result()
+        return accepted < len(draft) or next_token != ahead[0]
+
+    return draft_greedy(llama, limit, is_eog, stop=disproved)
+
+
+def continues(draft: list[int], ahead: list[int], accepted: int, next_token: int) -> bool:
+    """Whether the block drafted ahead is still valid after the verdict."""
+    return accepted == len(draft) and ahead[:1] == [next_token]
 
 
 def rollback(llama: Any, context_len: int, accepted: int) -> None:
     """Keep the KV of the context and the accepted drafts; the next eval overwrites the rest."""
     llama.n_tokens = context_len + accepted
+
+
+class DraftTimer:
+    """The edge's recent time to draft one token (an exponential moving average)."""
+
+    def __init__(self, weight: float = 0.3) -> None:
+        self._weight = weight
+        self.token_s = 0.0
+
+    def draft(self, work: Callable[P, list[int]], *args: P.args, **kwargs: P.kwargs) -> list[int]:
+        """Run a drafting call and fold its per-token time into the average."""
+        started = time.perf_counter()
+        tokens = work(*args, **kwargs)
+        if tokens:
+            sample = (time.perf_counter() - started) / len(tokens)
+            self.token_s = (
+                sample
+                if not self.token_s
+                else (self._weight * sample + (1 - self._weight) * self.token_s)
+            )
+        return tokens

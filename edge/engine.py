@@ -23,14 +23,23 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge.drafter import DraftLength, Verifier, draft_greedy, prefill, rollback
+from edge.drafter import (
+    DraftLength,
+    DraftTimer,
+    Verifier,
+    continues,
+    draft_ahead,
+    draft_greedy,
+    prefill,
+    rollback,
+)
 from edge.errors import EngineError, QueueFullError, ServiceUnavailableError
 from edge.sampling import SamplingParams
 from edge.sessions import SavedState, SessionCache, common_prefix_len
@@ -83,6 +92,7 @@ class GenerationStats:
     drafted: int = 0  # speculative route: draft tokens sent for verification
     accepted: int = 0  # ... of which the target kept
     verify_rounds: int = 0
+    pipelined_rounds: int = 0  # ... whose draft was drafted during the previous round trip
     fell_back: bool = False  # ... the cloud went away and the edge finished the answer
 
 
@@ -346,23 +356,31 @@ class LlamaEngine:
         stats: GenerationStats,
         emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
     ) -> str:
-        """Draft on llama.cpp, verify in the cloud, emit what the target confirms."""
+        """Draft on llama.cpp, verify in the cloud, emit what the target confirms.
+
+        Pipelined (see ``edge.drafter``): each round sends a draft, drafts the next
+        block while the verdict is in flight, and keeps that block if the verdict
+        confirms the guess it was built on.
+        """
         assert request.verifier is not None
         llama, params = slot.llama, request.sampling
         assembler = TextAssembler(params.stop)
         budget = min(params.max_tokens, self.n_ctx - len(request.prompt_tokens))
         context = list(request.prompt_tokens)
         prefill(llama, context)
-        length = DraftLength()
+        length, timer = DraftLength(), DraftTimer()
+        draft = timer.draft(draft_greedy, llama, max(1, min(length.k, budget - 1)), self._is_eog)
         while True:
             if request.cancel.is_set():
                 stats.finish_reason = "cancelled"
                 self.cancelled_generations += 1
                 return assembler.finish()
             room = budget - stats.completion_tokens  # >= 1: the target adds one token
-            draft = draft_greedy(llama, max(1, min(length.k, room - 1)), self._is_eog)
+            pending, round_trip = self._send_for_verification(request.verifier, context, draft)
+            limit = min(length.k + 1, room - len(draft) - 1)
+            ahead = timer.draft(draft_ahead, llama, draft, limit, self._is_eog, pending)
             try:
-                accepted, next_token = request.verifier(context, draft)
+                accepted, next_token = pending.result()
             except Exception as exc:
                 if not request.fallback_to_edge:
                     raise
@@ -376,15 +394,35 @@ class LlamaEngine:
             stats.drafted += len(draft)
             stats.accepted += accepted
             stats.verify_rounds += 1
-            length.update(len(draft), accepted)
-            rollback(llama, len(context), accepted)
+            length.update(len(draft), accepted, round_trip(), timer.token_s)
+            kept = continues(draft, ahead, accepted, next_token)
+            if not kept:
+                rollback(llama, len(context), accepted)  # drops the block ahead too
             for token in [*draft[:accepted], next_token]:
                 reason = self._accept_token(slot, token, assembler, stats, emit, budget)
                 if reason is not None:
                     stats.finish_reason = reason
                     return assembler.finish()
                 context.append(token)
-            llama.eval([next_token])  # the next draft continues from the target's token
+            if kept and len(ahead) > 1:
+                draft = ahead[1:]  # drafted during the round trip; already evaluated
+                stats.pipelined_rounds += 1
+                continue
+            if not kept:
+                llama.eval([next_token])  # the next draft continues from the target's token
+            room = budget - stats.completion_tokens
+            draft = timer.draft(draft_greedy, llama, max(1, min(length.k, room - 1)), self._is_eog)
+
+    @staticmethod
+    def _send_for_verification(
+        verifier: Verifier, context: list[int], draft: list[int]
+    ) -> tuple[Future[tuple[int, int]], Callable[[], float]]:
+        """Start a verification; also a function giving its round trip once it is done."""
+        sent = time.perf_counter()
+        arrived: list[float] = []
+        pending = verifier(list(context), list(draft))
+        pending.add_done_callback(lambda _: arrived.append(time.perf_counter()))
+        return pending, lambda: (arrived[0] if arrived else time.perf_counter()) - sent
 
     def _is_eog(self, token: int) -> bool:
         import llama_cpp

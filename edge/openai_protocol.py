@@ -234,6 +234,8 @@ class SpeculativeUsage(BaseModel):
     verify_rounds: int
     acceptance_rate: float
     tokens_per_verify: float
+    # Rounds whose draft was drafted during the previous verification's round trip.
+    pipelined_rounds: int = 0
     fell_back_to_edge: bool = False
 
 

@@ -1,0 +1,108 @@
+"""The pipelined drafting loop on real llama.cpp, against a scripted target sequence.
+
+The cloud's verify is replaced by the pure greedy rule (``cloud.speculative``)
+applied to a fixed target token sequence, answering after a delay from another
+thread, as a round trip would. The target is the draft model's own greedy answer
+with tokens changed at chosen positions, so some drafts are accepted whole (and
+the block drafted ahead is kept) and some are rejected (KV rollback). Whatever the
+mix, the output must be exactly the target sequence. The end-to-end path with
+real vLLM verification is in ``tests/cloud/test_cloud_route.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+
+from cloud.speculative import verify_greedy
+from edge.drafter import DraftLength, Verifier
+from edge.engine import EngineConfig, FinishEvent, GenerationRequest, LlamaEngine, TokenEvent
+from edge.sampling import SamplingParams
+from models.bundled import locate_bundled_gguf
+
+PROMPT = "<|im_start|>user\nList the numbers from 1 to 40, separated by commas.<|im_end|>\n"
+PROMPT += "<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaEngine]:
+    engine = LlamaEngine(EngineConfig(model_path=locate_bundled_gguf(), n_ctx=512))
+    yield engine
+    asyncio.run(engine.close())
+
+
+class ScriptedTarget:
+    """Greedy verification against a fixed target sequence, answering after ``delay_s``."""
+
+    def __init__(self, prompt_len: int, target: list[int], delay_s: float) -> None:
+        self.prompt_len, self.target, self.delay_s = prompt_len, target, delay_s
+        self.pool = ThreadPoolExecutor(4)
+        self.calls = 0
+
+    def verify(self, context: list[int], draft: list[int]) -> Future[tuple[int, int]]:
+        self.calls += 1
+        start = len(context) - self.prompt_len
+        assert context[self.prompt_len :] == self.target[:start], "context left the target"
+        wanted = self.target[start : start + len(draft) + 1]
+
+        def answer() -> tuple[int, int]:
+            time.sleep(self.delay_s)
+            verdict = verify_greedy(draft, wanted)
+            return verdict.accepted, verdict.next_token
+
+        return self.pool.submit(answer)
+
+
+async def _run(
+    engine: LlamaEngine, prompt: list[int], max_tokens: int, verifier: Verifier | None
+) -> tuple[list[int], FinishEvent]:
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    request.verifier = verifier
+    request.fallback_to_edge = False
+    tokens: list[int] = []
+    async for event in engine.generate(request):
+        if isinstance(event, TokenEvent):
+            tokens.extend(event.token_ids)
+        else:
+            return tokens, event
+    raise AssertionError("no finish event")
+
+
+@pytest.mark.timeout(120)
+async def test_pipelined_speculation_emits_exactly_the_target_sequence(
+    engine: LlamaEngine,
+) -> None:
+    prompt = engine.tokenize(PROMPT)
+    own, _ = await _run(engine, prompt, 60, None)
+    assert len(own) == 60
+    target = list(own)
+    for position in (7, 23, 24, 41):  # the target disagrees with the draft model here
+        target[position] = (target[position] + 1) % engine.n_vocab
+    scripted = ScriptedTarget(len(prompt), target, delay_s=0.03)
+    tokens, finish = await _run(engine, prompt, 60, scripted.verify)
+    stats = finish.stats
+    assert tokens == target
+    assert finish.stats.finish_reason == "length"
+    assert stats.verify_rounds == scripted.calls
+    assert stats.accepted < stats.drafted  # the changed positions were rejected...
+    assert stats.pipelined_rounds >= 1  # ...and blocks drafted during round trips were kept
+    assert stats.verify_rounds < 60 / 2  # several tokens per round trip
+
+
+def test_draft_length_follows_acceptance_and_covers_the_round_trip() -> None:
+    length = DraftLength(k=4, max_k=16)
+    length.update(drafted=4, accepted=4)
+    assert length.k == 6
+    length.update(drafted=6, accepted=2)
+    assert length.k == 3
+    # 50 ms round trip, 5 ms per drafted token: draft at least 10 while they are accepted.
+    length.update(drafted=3, accepted=3, round_trip_s=0.05, token_s=0.005)
+    assert length.k == 10
+    length.update(drafted=10, accepted=10, round_trip_s=1.0, token_s=0.005)
+    assert length.k == 16
+    length.update(drafted=16, accepted=0, round_trip_s=1.0, token_s=0.005)
+    assert length.k == 1
