@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from edge.engine import FinishEvent, GenerationStats, TokenEvent
@@ -25,6 +25,7 @@ from edge.openai_protocol import (
     ChatMessageOut,
     Completion,
     CompletionChoice,
+    EscalationUsage,
     FunctionCall,
     PromptTokensDetails,
     SpeculativeUsage,
@@ -38,6 +39,8 @@ from edge.openai_protocol import (
 from edge.tool_calls import ParsedToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
 
 Events = AsyncIterator[TokenEvent | FinishEvent]
+# ``system_fingerprint`` of answers a simulated engine produced (scale runs only).
+SIMULATED_FINGERPRINT = "tandem-simulated-engine"
 
 
 @dataclass
@@ -57,6 +60,9 @@ class AnswerContext:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     n_tokens: int = 0
+    # Told of every finished answer (the router learns cloud latency, acceptance, budgets).
+    on_done: Callable[[AnswerContext, GenerationStats], None] | None = None
+    escalation: EscalationUsage | None = None  # set when the answer changed route midway
 
     def on_token(self, event: TokenEvent) -> None:
         """Record token timing (TTFT on the first one)."""
@@ -80,6 +86,12 @@ class AnswerContext:
         m.drafted_tokens.inc(stats.drafted)
         m.accepted_tokens.inc(stats.accepted)
         m.verify_rounds.inc(stats.verify_rounds)
+        if self.on_done is not None:
+            self.on_done(self, stats)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
 
     def usage(self, stats: GenerationStats) -> Usage:
         """The usage block, with Tandem's route facts nested in it."""
@@ -96,6 +108,9 @@ class AnswerContext:
                 worker_id=stats.worker_id,
                 rule=self.rule,
                 speculative=_speculative_usage(stats),
+                escalation=self.escalation,
+                simulated=stats.simulated,
+                simulated_engine_ms=_ms(stats.engine_s),
             ),
         )
 
@@ -123,6 +138,10 @@ def with_generator_calls(parsed: ToolCallParse, finish: FinishEvent) -> ToolCall
     return ToolCallParse(
         content=parsed.content, calls=calls, malformed=[] if calls else parsed.malformed
     )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def _speculative_usage(stats: GenerationStats) -> SpeculativeUsage | None:
@@ -185,6 +204,7 @@ async def collect_chat(events: Events, ctx: AnswerContext) -> ChatCompletion:
         model=ctx.model,
         choices=[ChatChoice(message=message, finish_reason=_finish_reason(stats, parsed))],
         usage=ctx.usage(stats),
+        system_fingerprint=SIMULATED_FINGERPRINT if stats.simulated else None,
     )
 
 
@@ -232,6 +252,7 @@ class _ChatChunks:
             model=self.ctx.model,
             choices=[],
             usage=self.ctx.usage(stats),
+            system_fingerprint=SIMULATED_FINGERPRINT if stats.simulated else None,
         )
         return sse(body.model_dump())
 

@@ -111,8 +111,12 @@ class CloudRoute:
         sampling: SamplingParams,
         session_id: str | None,
         deadline: float | None,
+        resume_token_ids: list[int] | None = None,
     ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
-        """Stream a cloud generation as engine-style events, failing over if a worker dies."""
+        """Stream a cloud generation as engine-style events, failing over if a worker dies.
+
+        ``resume_token_ids``: the answer's tokens so far (an edge answer escalated midway);
+        the worker continues after them, and only new tokens are streamed back."""
         nc = self._nc()
         inbox = nc.new_inbox()
         chunks: asyncio.Queue[Msg] = asyncio.Queue()
@@ -131,7 +135,7 @@ class CloudRoute:
             reply_subject=inbox,
             deadline=deadline,
         )
-        received: list[int] = []
+        received: list[int] = list(resume_token_ids or [])
         attempt_id: str | None = None
         finished = False
         try:

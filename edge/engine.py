@@ -26,7 +26,7 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from edge.drafter import (
     rollback,
 )
 from edge.errors import EngineError, QueueFullError, ServiceUnavailableError
+from edge.escalation import ConfidenceWatch, last_logits, token_logprob
 from edge.sampling import SamplingParams
 from edge.sessions import SavedState, SessionCache, common_prefix_len
 from edge.text import TextAssembler
@@ -77,6 +78,9 @@ class GenerationRequest:
     # Set for the speculative route: the cloud verifies drafts (greedy sampling only).
     verifier: Verifier | None = None
     fallback_to_edge: bool = True  # when verification fails mid-answer
+    max_draft_tokens: int | None = None  # the policy's cap on the draft length
+    # Edge route: stop (finish_reason "escalate") when the model grows unsure.
+    escalation: ConfidenceWatch | None = None
 
 
 @dataclass
@@ -94,6 +98,8 @@ class GenerationStats:
     verify_rounds: int = 0
     pipelined_rounds: int = 0  # ... whose draft was drafted during the previous round trip
     fell_back: bool = False  # ... the cloud went away and the edge finished the answer
+    simulated: bool = False  # a simulated engine (edge or cloud) produced the answer
+    engine_s: float | None = None  # simulated engines only: modelled queue + compute time
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,8 @@ class _Slot:
 
 class LlamaEngine:
     """Serves generations from a pool of llama.cpp slots; see the module docstring."""
+
+    simulated = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -337,10 +345,16 @@ class LlamaEngine:
             min_p=0.0,
             repeat_penalty=1.0,
         )
+        watch = request.escalation
         for token in tokens:
             if request.cancel.is_set():
                 stats.finish_reason = "cancelled"
                 self.cancelled_generations += 1
+                break
+            if watch is not None and watch.observe(
+                token_logprob(last_logits(llama), token), stats.completion_tokens
+            ):
+                stats.finish_reason = "escalate"  # the doubtful token is not emitted
                 break
             reason = self._accept_token(slot, token, assembler, stats, emit, budget)
             if reason is not None:
@@ -369,6 +383,9 @@ class LlamaEngine:
         context = list(request.prompt_tokens)
         prefill(llama, context)
         length, timer = DraftLength(), DraftTimer()
+        if request.max_draft_tokens is not None:  # the routing rule's cap
+            length.max_k = request.max_draft_tokens
+            length.k = min(length.k, length.max_k)
         draft = timer.draft(draft_greedy, llama, max(1, min(length.k, budget - 1)), self._is_eog)
         while True:
             if request.cancel.is_set():
@@ -502,3 +519,30 @@ class LlamaEngine:
             slot.thread.shutdown(wait=True)
             slot.llama.close()
         self._vocab.close()
+
+
+class EdgeEngine(Protocol):
+    """What the daemon needs of an engine: ``LlamaEngine``, or ``SimEngine`` for scale runs."""
+
+    config: EngineConfig
+    simulated: bool
+    generated_tokens: int
+    cancelled_generations: int
+    busy_seconds: float
+
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def n_vocab(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def session_cache_bytes(self) -> int: ...
+    def tokenize(self, text: str) -> list[int]: ...
+    def perf_counters(self) -> dict[str, int]: ...
+    def generate(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[TokenEvent | FinishEvent, None]: ...
+    async def close(self) -> None: ...

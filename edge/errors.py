@@ -7,6 +7,7 @@ EdgeError                      base; ``status``, ``type`` and ``code`` shape the
 ├── ModelNotFoundError         404: the ``model`` is not served here
 ├── PayloadTooLargeError       413: request body over the configured limit
 ├── QueueFullError             429: the engine queue is full; carries ``retry_after_s``
+├── CloudBudgetExceededError   429: the tenant's cloud-token budget is spent (policy: fail)
 ├── ServiceUnavailableError    503: the engine is shutting down or not loaded
 └── EngineError                500: llama.cpp failed; the request is lost, the daemon is not
 """
@@ -85,6 +86,14 @@ class QueueFullError(EdgeError):
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class CloudBudgetExceededError(EdgeError):
+    """The routing policy refuses the cloud to a tenant over its hourly budget."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "cloud_budget_exceeded"
 
 
 class ServiceUnavailableError(EdgeError):

@@ -49,6 +49,18 @@ class EdgeMetrics:
         self.verify_rounds = Counter(
             "tandem_edge_speculative_verify_rounds", "Verification round trips.", registry=r
         )
+        self.route_decisions = Counter(
+            "tandem_edge_route_decisions",
+            "Routing decisions, by route and the policy rule that chose it.",
+            ["route", "rule"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "tandem_edge_escalations",
+            "Edge answers handed to a stronger route midway, by that route.",
+            ["to"],
+            registry=r,
+        )
         self.malformed_tool_calls = Counter(
             "tandem_edge_malformed_tool_calls", "Tool-call blocks the parser rejected.", registry=r
         )

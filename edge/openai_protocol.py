@@ -239,6 +239,14 @@ class SpeculativeUsage(BaseModel):
     fell_back_to_edge: bool = False
 
 
+class EscalationUsage(BaseModel):
+    """An edge answer that continued on a stronger route when the edge grew unsure."""
+
+    at_token: int  # completion tokens the edge had produced
+    mean_logprob: float  # over the window that triggered it
+    to: str  # the route that finished the answer
+
+
 class TandemUsage(BaseModel):
     """Where the answer ran and what it cost; nested in ``usage.tandem``."""
 
@@ -249,6 +257,10 @@ class TandemUsage(BaseModel):
     worker_id: str | None = None
     rule: str | None = None
     speculative: SpeculativeUsage | None = None
+    # A simulated engine produced the answer (scale runs), and its modelled engine time.
+    simulated: bool = False
+    simulated_engine_ms: float | None = None
+    escalation: EscalationUsage | None = None
 
 
 class PromptTokensDetails(BaseModel):

@@ -11,19 +11,20 @@ import time
 from nats.aio.client import Client
 
 from edge.cloud_route import CloudRoute
-from edge.engine import LlamaEngine
+from edge.engine import EdgeEngine
 from edge.settings import EdgeSettings
 from mesh import subjects
 from mesh.connection import MeshLink, connect_in_background
 from mesh.heartbeat import FleetView, Heartbeater
 from mesh.protocol import NodeHeartbeat, NodeLoad
 from mesh.version import __version__
+from router.live import LivePolicy, PolicyFollower
 
 
 class _TokenRate:
     """Tokens per second over the interval between two reads."""
 
-    def __init__(self, engine: LlamaEngine) -> None:
+    def __init__(self, engine: EdgeEngine) -> None:
         self._engine = engine
         self._last = (time.monotonic(), engine.generated_tokens)
 
@@ -37,9 +38,11 @@ class _TokenRate:
 class MeshRegistration:
     """Announces this edge on the mesh, watches the fleet, and owns the cloud route."""
 
-    def __init__(self, settings: EdgeSettings, engine: LlamaEngine) -> None:
+    def __init__(self, settings: EdgeSettings, engine: EdgeEngine, policy: LivePolicy) -> None:
         self._settings = settings
         self._engine = engine
+        self._policy = policy
+        self._follower: PolicyFollower | None = None
         self._rate = _TokenRate(engine)
         self._link: MeshLink | None = None
         self._beats: Heartbeater | None = None
@@ -60,6 +63,7 @@ class MeshRegistration:
             model=s.model,
             version=__version__,
             endpoint=f"http://{s.host}:{s.port}",
+            simulated=e.simulated,
             load=NodeLoad(
                 running=e.running,
                 waiting=e.waiting,
@@ -94,9 +98,14 @@ class MeshRegistration:
             stall_timeout_s=s.cloud_stall_timeout_s,
             emulated_rtt_s=s.emulated_rtt_ms / 1000,
         )
+        if self._follower is None:  # it re-watches by itself after a reconnect
+            self._follower = PolicyFollower(nc, self._policy, s.node_id)
+            await self._follower.start()
 
     async def stop(self) -> None:
         """Stop beating and close the link."""
+        if self._follower:
+            await self._follower.stop()
         if self._beats:
             await self._beats.stop()
         if self.fleet:

@@ -13,13 +13,12 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -29,19 +28,30 @@ from edge import answers
 from edge.answers import AnswerContext
 from edge.cloud_route import CloudUnavailableError, deadline_in
 from edge.drafter import Verifier
-from edge.engine import EngineConfig, FinishEvent, GenerationRequest, LlamaEngine, TokenEvent
+from edge.engine import (
+    EdgeEngine,
+    EngineConfig,
+    FinishEvent,
+    GenerationRequest,
+    GenerationStats,
+    LlamaEngine,
+    TokenEvent,
+)
 from edge.errors import (
     AuthenticationError,
+    CloudBudgetExceededError,
     EdgeError,
     InvalidRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
     QueueFullError,
 )
+from edge.escalation import ConfidenceWatch
 from edge.metrics import EdgeMetrics
 from edge.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    EscalationUsage,
     ModelCard,
     ModelList,
     new_id,
@@ -49,17 +59,26 @@ from edge.openai_protocol import (
 )
 from edge.prompts import PromptBuilder
 from edge.registration import MeshRegistration
+from edge.routing import (
+    DEFAULT_TENANT,
+    ROUTE_HEADER,
+    TENANT_HEADER,
+    ComplexityScorer,
+    Observations,
+    category,
+    chat_features,
+)
 from edge.settings import EdgeSettings
 from mesh.protocol import SamplingParams as WireSampling
 from models.catalog import Catalog
 from models.chat_template import load_template
 from models.convert import edge_gguf_path
-from router.policy import RequestFeatures, RoutingPolicy, base_model, decide
+from router.live import LivePolicy
+from router.policy import PolicyError, RouteDecision, RoutingPolicy, base_model, decide
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
-ROUTE_HEADER = "x-tandem-route"
 SESSION_HEADER = "x-session-id"
 _DISCONNECT_POLL_S = 0.25
 
@@ -69,13 +88,24 @@ class EdgeState:
     """Everything a request handler needs; owned by the app, no module globals."""
 
     settings: EdgeSettings
-    engine: LlamaEngine
+    engine: EdgeEngine
     prompts: PromptBuilder
     metrics: EdgeMetrics
     model_id: str
     created: int
-    policy: RoutingPolicy
+    live: LivePolicy  # the routing policy in force; swapped whole on a new revision
+    observations: Observations
+    classifier: ComplexityScorer | None = None  # loaded when a policy needs it
     registration: MeshRegistration | None = None
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        return self.live.current
+
+    def cloud_workers(self) -> int | None:
+        """Healthy cloud workers for this edge's model; None when not on a mesh."""
+        fleet = self.registration.fleet if self.registration else None
+        return None if fleet is None else len(fleet.healthy_workers(self.model_id))
 
 
 def engine_config(settings: EdgeSettings) -> tuple[EngineConfig, str]:
@@ -93,18 +123,36 @@ def engine_config(settings: EdgeSettings) -> tuple[EngineConfig, str]:
     return config, load_template(pair.chat_template)
 
 
-def load_policy(path: Path | None) -> RoutingPolicy:
-    """The routing policy from a YAML file, or the defaults."""
+def load_policy(path: Path | None) -> LivePolicy:
+    """The starting policy: a YAML file, or the built-in one (the store may replace it)."""
     if path is None:
-        return RoutingPolicy.model_validate({})
-    return RoutingPolicy.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        return LivePolicy(RoutingPolicy(), source="built-in")
+    try:
+        return LivePolicy(RoutingPolicy.from_yaml(path.read_text(encoding="utf-8")), "file")
+    except (OSError, PolicyError) as exc:
+        raise SystemExit(f"routing policy {path} is not usable:\n{exc}") from exc
+
+
+def make_engine(settings: EdgeSettings, config: EngineConfig) -> EdgeEngine:
+    """llama.cpp, or the simulated engine (latency model, no weights) for scale runs."""
+    if settings.engine == "sim":
+        from edge.sim_engine import SimEngine
+        from models.latency import LatencyProfile
+
+        return SimEngine(config, LatencyProfile.load(settings.sim_profile).edge)
+    return LlamaEngine(config)
 
 
 def build_state(settings: EdgeSettings) -> EdgeState:
     """Load the model and wire the engine, prompts and metrics together."""
     config, template = engine_config(settings)
-    engine = LlamaEngine(config)
+    engine = make_engine(settings, config)
     metrics = EdgeMetrics()
+    metrics.add_gauge(
+        "tandem_edge_simulated_engine",
+        "1 when this edge runs the SIMULATED engine (scale runs), else 0.",
+        lambda: int(engine.simulated),
+    )
     metrics.add_gauge(
         "tandem_edge_queue_depth", "Requests waiting for a slot.", lambda: engine.waiting
     )
@@ -136,6 +184,17 @@ def build_state(settings: EdgeSettings) -> EdgeState:
         "Generations stopped early because the client went away.",
         lambda: engine.cancelled_generations,
     )
+    live = load_policy(settings.policy_file)
+    metrics.add_gauge(
+        "tandem_edge_policy_revision",
+        "Store revision of the routing policy in force (0: a file or the built-in one).",
+        lambda: live.revision or 0,
+    )
+    metrics.add_counter(
+        "tandem_edge_policy_rejections",
+        "Stored policy revisions refused as invalid (the last good one stayed in force).",
+        lambda: live.rejections,
+    )
     return EdgeState(
         settings=settings,
         engine=engine,
@@ -143,7 +202,8 @@ def build_state(settings: EdgeSettings) -> EdgeState:
         metrics=metrics,
         model_id=settings.model,
         created=unix_now(),
-        policy=load_policy(settings.policy_file),
+        live=live,
+        observations=Observations(),
     )
 
 
@@ -155,7 +215,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         state = await asyncio.to_thread(build_state, settings)
         app.state.edge = state
         if settings.nats_url:
-            state.registration = MeshRegistration(settings, state.engine)
+            state.registration = MeshRegistration(settings, state.engine, state.live)
             await state.registration.start()
         logger.info("edge %s serving %s", settings.node_id, state.model_id)
         yield
@@ -166,6 +226,10 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     app = FastAPI(title="Tandem edge", lifespan=lifespan)
     _install_error_handlers(app)
     _install_routes(app)
+    if settings.engine == "sim":
+        from edge.sim_engine import SimulatedEngineHeader
+
+        app.add_middleware(SimulatedEngineHeader)
     return app
 
 
@@ -309,7 +373,11 @@ def _generation(
 
 
 async def _try_cloud(
-    request: Request, state: EdgeState, body: ChatCompletionRequest, ctx: AnswerContext
+    request: Request,
+    state: EdgeState,
+    body: ChatCompletionRequest,
+    ctx: AnswerContext,
+    resume_token_ids: list[int] | None = None,
 ) -> AsyncIterator[TokenEvent | FinishEvent] | None:
     """Events from the cloud route, or None to serve on the edge (marked edge-fallback)."""
     cloud = state.registration.cloud if state.registration else None
@@ -334,10 +402,11 @@ async def _try_cloud(
                 ),
                 session_id=request.headers.get(SESSION_HEADER),
                 deadline=deadline_in(state.settings.cloud_timeout_s),
+                resume_token_ids=resume_token_ids,
             ),
         )
     except CloudUnavailableError:
-        if state.policy.on_cloud_unavailable == "fail":
+        if state.policy.fallbacks.cloud_unavailable == "fail":
             raise
         logger.info("cloud unavailable; serving on the edge")
         ctx.route = "edge-fallback"
@@ -346,13 +415,124 @@ async def _try_cloud(
     return events
 
 
+def _route(
+    request: Request, state: EdgeState, body: ChatCompletionRequest, prompt: list[int]
+) -> tuple[RouteDecision, float | None]:
+    """The policy's decision for a chat request (and the complexity score, if computed)."""
+    policy = state.policy  # read once: a reload mid-request does not split the decision
+    complexity = None
+    if policy.uses_complexity and state.classifier is not None:
+        complexity = state.classifier.score(
+            prompt, has_tools=bool(body.active_tools()), n_messages=len(body.messages)
+        )
+    features = chat_features(
+        body,
+        len(prompt),
+        request.headers,
+        edge_queue=state.engine.waiting,
+        cloud_workers=state.cloud_workers(),
+        observations=state.observations,
+        complexity=complexity,
+    )
+    decision = decide(policy, features)
+    state.metrics.route_decisions.labels(decision.route, decision.rule).inc()
+    if decision.fail_reason is not None:
+        raise CloudBudgetExceededError(decision.fail_reason)
+    return decision, complexity
+
+
+def _observer(
+    state: EdgeState, request: Request, complexity: float | None
+) -> Callable[[AnswerContext, GenerationStats], None]:
+    """What the router learns when the answer is done."""
+    tenant = request.headers.get(TENANT_HEADER) or DEFAULT_TENANT
+
+    def done(ctx: AnswerContext, stats: GenerationStats) -> None:
+        route = ctx.escalation.to if ctx.escalation else ctx.route
+        state.observations.record(
+            route=route, tenant=tenant, category=category(complexity), stats=stats,
+            ttft_s=ctx.ttft_s,
+        )  # fmt: skip
+
+    return done
+
+
+async def _escalating(
+    request: Request,
+    state: EdgeState,
+    body: ChatCompletionRequest,
+    ctx: AnswerContext,
+    generation: GenerationRequest,
+    events: AsyncIterator[TokenEvent | FinishEvent],
+) -> AsyncIterator[TokenEvent | FinishEvent]:
+    """The edge's events; if the edge stops unsure, the rest of the same answer from the
+    policy's escalation route, continuing after the tokens already sent."""
+    emitted: list[int] = []
+    async for event in events:
+        if isinstance(event, TokenEvent):
+            emitted.extend(event.token_ids)
+        if not (isinstance(event, FinishEvent) and event.stats.finish_reason == "escalate"):
+            yield event
+            continue
+        if event.text:
+            yield TokenEvent([], event.text)
+        watch = generation.escalation
+        assert watch is not None and watch.triggered_mean is not None
+        target = state.policy.escalation.route
+        rest = await _continuation(request, state, body, ctx, generation, emitted, target)
+        ctx.escalation = EscalationUsage(
+            at_token=len(emitted), mean_logprob=round(watch.triggered_mean, 4), to=ctx.route
+        )
+        ctx.route = "edge"  # the answer started here; usage.tandem.escalation says the rest
+        state.metrics.escalations.labels(ctx.escalation.to).inc()
+        new_tokens = 0
+        async for more in rest:
+            if isinstance(more, TokenEvent):
+                new_tokens += len(more.token_ids)
+            else:
+                more.stats.prompt_tokens = event.stats.prompt_tokens
+                more.stats.cached_tokens = event.stats.cached_tokens
+                more.stats.completion_tokens = len(emitted) + new_tokens
+            yield more
+        return
+
+
+async def _continuation(
+    request: Request,
+    state: EdgeState,
+    body: ChatCompletionRequest,
+    ctx: AnswerContext,
+    generation: GenerationRequest,
+    emitted: list[int],
+    target: str,
+) -> AsyncIterator[TokenEvent | FinishEvent]:
+    """The rest of an escalated answer, on ``target``; the edge finishes it itself if the
+    cloud is not there (per the policy's cloud_unavailable fallback)."""
+    if target == "cloud" or body.temperature != 0:
+        events = await _try_cloud(request, state, body, ctx, resume_token_ids=emitted)
+        if events is not None:
+            return events
+    rest = GenerationRequest(
+        prompt_tokens=generation.prompt_tokens + emitted,
+        sampling=replace(
+            generation.sampling, max_tokens=generation.sampling.max_tokens - len(emitted)
+        ),
+        session_id=generation.session_id,
+        cancel=generation.cancel,
+    )
+    if target == "speculative" and body.temperature == 0:
+        rest.verifier = _speculative_verifier(request, state, ctx)
+        rest.fallback_to_edge = state.policy.fallbacks.cloud_unavailable == "edge"
+    return await _prime(request, state.engine.generate(rest))
+
+
 def _speculative_verifier(
     request: Request, state: EdgeState, ctx: AnswerContext
 ) -> Verifier | None:
     """The cloud verifier for the speculative route, or None to serve on the edge alone."""
     cloud = state.registration.cloud if state.registration else None
     if cloud is None or not cloud.available():
-        if state.policy.on_cloud_unavailable == "fail":
+        if state.policy.fallbacks.cloud_unavailable == "fail":
             raise CloudUnavailableError("no cloud worker is reachable to verify drafts")
         ctx.route = "edge-fallback"
         return None
@@ -391,6 +571,7 @@ def _install_routes(app: FastAPI) -> None:
             "running": state.engine.running,
             "waiting": state.engine.waiting,
             "mesh": None if reg is None else ("connected" if reg.connected else "disconnected"),
+            "policy": state.live.status(),
         }
 
     @app.get("/metrics")
@@ -413,15 +594,7 @@ def _install_routes(app: FastAPI) -> None:
         _check_model(state, body.model)
         prompt = await asyncio.to_thread(state.prompts.chat_tokens, body)
         tools = body.active_tools()
-        decision = decide(
-            state.policy,
-            RequestFeatures(
-                model=body.model,
-                has_tools=bool(tools),
-                prompt_tokens=len(prompt),
-                route_header=request.headers.get(ROUTE_HEADER),
-            ),
-        )
+        decision, complexity = _route(request, state, body, prompt)
         ctx = AnswerContext(
             model=body.model,
             node_id=state.settings.node_id,
@@ -430,6 +603,7 @@ def _install_routes(app: FastAPI) -> None:
             include_usage=body.include_usage(),
             rule=decision.rule,
             tool_names={t["function"]["name"] for t in tools} if tools else None,
+            on_done=_observer(state, request, complexity),
         )
         route = decision.route
         if route == "speculative" and body.temperature != 0:
@@ -437,12 +611,20 @@ def _install_routes(app: FastAPI) -> None:
             route, ctx.rule = "cloud", "speculative-needs-temperature-0"
         events = await _try_cloud(request, state, body, ctx) if route == "cloud" else None
         if events is None:
-            max_tokens = state.prompts.completion_budget(len(prompt), body.requested_max_tokens())
-            generation = _generation(request, prompt, max_tokens, body)
+            generation = _generation(request, prompt, state.prompts.completion_budget(
+                len(prompt), body.requested_max_tokens()), body)  # fmt: skip
             if route == "speculative":
                 generation.verifier = _speculative_verifier(request, state, ctx)
-                generation.fallback_to_edge = state.policy.on_cloud_unavailable == "edge-fallback"
+                generation.fallback_to_edge = state.policy.fallbacks.cloud_unavailable == "edge"
+                generation.max_draft_tokens = decision.max_draft_tokens
+            escalation = state.policy.escalation
+            if ctx.route == "edge" and decision.escalate and escalation.enabled:
+                generation.escalation = ConfidenceWatch(
+                    escalation.window_tokens, escalation.min_mean_logprob, escalation.after_tokens
+                )
             events = await _prime(request, state.engine.generate(generation))
+            if generation.escalation is not None:
+                events = _escalating(request, state, body, ctx, generation, events)
         if body.stream:
             return _streaming(answers.stream_chat(events, ctx), ctx.route)
         answer = await _unless_disconnected(request, answers.collect_chat(events, ctx))

@@ -431,7 +431,7 @@ def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:
             )
             assert spec.headers["x-tandem-route"] == "edge-fallback"
         policy = tmp_path / "policy.yaml"
-        policy.write_text("on_cloud_unavailable: fail\n")
+        policy.write_text("fallbacks: {cloud_unavailable: fail}\n")
         with EdgeProcess(nats_url=empty_mesh.url, policy_file=policy) as edge:
             resp = httpx.post(
                 f"{edge.base_url}/v1/chat/completions",
