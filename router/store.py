@@ -104,7 +104,8 @@ def _decode(entry: KeyValue.Entry) -> StoredPolicy:
 class PolicyStore:
     """Read, write (compare-and-set), list and watch the live routing policy."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, nc: Client, kv: KeyValue) -> None:
+        self.nc = nc
         self._kv = kv
 
     @classmethod
@@ -123,7 +124,7 @@ class PolicyStore:
                     description="Tandem routing policy (tandem policy ...)",
                 )
             )
-        return cls(kv)
+        return cls(nc, kv)
 
     async def current(self) -> StoredPolicy | None:
         """The latest revision, or None if no policy was ever stored (or it was deleted)."""
