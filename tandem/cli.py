@@ -7,6 +7,7 @@ Example::
     tandem cloud serve --nats-url nats://127.0.0.1:4222
     tandem status
     tandem models list
+    tandem bench run --start-mesh
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import typer
 
 from mesh.version import __version__
-from tandem.commands import cloud, edge, models, status, up
+from tandem.commands import bench, cloud, edge, models, status, up
 
 app = typer.Typer(
     help="Tandem: a hybrid edge-cloud LLM inference mesh.",
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.add_typer(edge.app, name="edge")
 app.add_typer(cloud.app, name="cloud")
 app.add_typer(models.app, name="models")
+app.add_typer(bench.app, name="bench")
 app.command(name="up")(up.up)
 app.command(name="status")(status.status)
 
