@@ -375,14 +375,19 @@ def _trace_rule(rule: Rule, f: RequestFeatures) -> RuleTrace:
 def _client_choice(policy: RoutingPolicy, f: RequestFeatures) -> RouteDecision | None:
     if not policy.client_overrides:
         return None
+    # The client chose: its answer stays where it asked (no mid-answer escalation).
     if f.route_header in ROUTES:
         route = cast(Route, f.route_header)
-        return RouteDecision(route, "header", f"x-tandem-route: {route}")
+        return RouteDecision(route, "header", f"x-tandem-route: {route}", escalate=False)
     for suffix, route in _SUFFIXES.items():
         if f.model.endswith(suffix):
-            return RouteDecision(route, "model-alias", f"model {f.model!r} asks for it")
+            return RouteDecision(
+                route, "model-alias", f"model {f.model!r} asks for it", escalate=False
+            )
     if f.model in policy.cloud_aliases:
-        return RouteDecision("cloud", "model-alias", f"model {f.model!r} is a cloud alias")
+        return RouteDecision(
+            "cloud", "model-alias", f"model {f.model!r} is a cloud alias", escalate=False
+        )
     return None
 
 

@@ -166,13 +166,22 @@ def get(
 
 
 @app.command()
-def history(nats_url: NatsUrl = DEFAULT_NATS) -> None:
+def history(
+    output: Annotated[
+        Literal["table", "json"], typer.Option("-o", "--output", help="table or json.")
+    ] = "table",
+    nats_url: NatsUrl = DEFAULT_NATS,
+) -> None:
     """Every stored revision still held (the bucket keeps the last 64)."""
+    from router.store import describe
 
     async def work(store: Any) -> Any:
         return await store.history()
 
     revisions = _run(nats_url, work)
+    if output == "json":
+        typer.echo(json.dumps([describe(s) for s in revisions], indent=2))
+        return
     if not revisions:
         typer.echo("no policy stored yet")
         return
@@ -222,9 +231,10 @@ def diff(
         old, new, old_name, new_name = _run(nats_url, work)
     except KeyError as exc:
         fail(str(exc.args[0]))
-    lines = difflib.unified_diff(
-        old.splitlines(keepends=True), new.splitlines(keepends=True), old_name, new_name
-    )
+    def as_lines(text: str) -> list[str]:
+        return (text if text.endswith("\n") or not text else text + "\n").splitlines(True)
+
+    lines = difflib.unified_diff(as_lines(old), as_lines(new), old_name, new_name)
     text = "".join(lines)
     typer.echo(text if text else "no differences", nl=not text)
 
