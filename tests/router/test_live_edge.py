@@ -83,7 +83,7 @@ def ask(edge: EdgeProcess, **extra: Any) -> Any:
 def test_set_applies_on_the_edge_without_dropping_a_request(
     mesh: EmbeddedNats, edge: EdgeProcess, tmp_path: Path
 ) -> None:
-    assert ask(edge).usage.tandem["rule"] == "default"  # type: ignore[union-attr]
+    assert ask(edge).usage.tandem["rule"] == "default"
     # A long answer streams while the policy changes under it.
     outcome: dict[str, Any] = {}
 
@@ -100,7 +100,7 @@ def test_set_applies_on_the_edge_without_dropping_a_request(
             if chunk.choices and chunk.choices[0].finish_reason:
                 outcome["finish"] = chunk.choices[0].finish_reason
             if chunk.usage:
-                outcome["rule"] = chunk.usage.tandem["rule"]  # type: ignore[attr-defined]
+                outcome["rule"] = chunk.usage.tandem["rule"]
 
     streamer = threading.Thread(target=stream)
     streamer.start()
@@ -112,7 +112,7 @@ def test_set_applies_on_the_edge_without_dropping_a_request(
     streamer.join(timeout=120)
     assert outcome == {"finish": "length", "rule": "default"}  # finished under its policy
     assert health(edge)["policy"]["source"] == "store"
-    assert ask(edge).usage.tandem["rule"] == "everything-local"  # type: ignore[union-attr]
+    assert ask(edge).usage.tandem["rule"] == "everything-local"
     assert policy_cli(mesh, "get").stdout == LOCAL  # as written, comment included
 
 
@@ -127,7 +127,7 @@ def test_an_invalid_stored_policy_is_never_applied(mesh: EmbeddedNats, edge: Edg
     assert status["revision"] == before
     assert "rules.0.route" in status["rejected"]["error"]
     assert edge.metrics()["tandem_edge_policy_rejections_total"] == 1
-    assert ask(edge).usage.tandem["rule"] == "everything-local"  # type: ignore[union-attr]
+    assert ask(edge).usage.tandem["rule"] == "everything-local"
     shown = policy_cli(mesh, "show").stdout
     assert "INVALID" in shown
 
@@ -149,7 +149,7 @@ def test_cli_history_diff_rollback_and_conflict(
     rolled = policy_cli(mesh, "rollback", str(first)).stdout
     assert "applied" in rolled
     wait_for(lambda: health(edge)["policy"]["revision"] > history[-1]["revision"])
-    assert ask(edge).usage.tandem["rule"] == "everything-local"  # type: ignore[union-attr]
+    assert ask(edge).usage.tandem["rule"] == "everything-local"
 
 
 def test_validate_and_explain(mesh: EmbeddedNats, tmp_path: Path) -> None:
