@@ -100,7 +100,7 @@ def test_set_applies_on_the_edge_without_dropping_a_request(
             if chunk.choices and chunk.choices[0].finish_reason:
                 outcome["finish"] = chunk.choices[0].finish_reason
             if chunk.usage:
-                outcome["rule"] = chunk.usage.model_extra["tandem"]["rule"]
+                outcome["rule"] = (chunk.usage.model_extra or {})["tandem"]["rule"]
 
     streamer = threading.Thread(target=stream)
     streamer.start()
