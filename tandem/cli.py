@@ -25,6 +25,7 @@ app = typer.Typer(
 app.add_typer(edge.app, name="edge")
 app.add_typer(cloud.app, name="cloud")
 app.add_typer(models.app, name="models")
+app.add_typer(router.app, name="router")
 app.add_typer(bench.app, name="bench")
 app.command(name="up")(up.up)
 app.command(name="status")(status.status)
