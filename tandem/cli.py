@@ -15,7 +15,7 @@ from __future__ import annotations
 import typer
 
 from mesh.version import __version__
-from tandem.commands import bench, cloud, edge, models, status, up
+from tandem.commands import bench, cloud, edge, models, router, status, up
 
 app = typer.Typer(
     help="Tandem: a hybrid edge-cloud LLM inference mesh.",
