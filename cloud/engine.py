@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cloud.errors import BadGenerateRequestError, EngineFailedError
 from cloud.settings import CloudSettings
@@ -85,6 +85,8 @@ class Delta:
     text: str
     finish_reason: str | None
     cached_tokens: int
+    # Simulated engines only, on the last delta: modelled queue + compute seconds.
+    engine_s: float | None = None
 
 
 def _rank1(position: dict[int, Any]) -> int:
@@ -119,6 +121,8 @@ def _stat_logger_factory(load: EngineLoad) -> Any:
 
 class VllmEngine:
     """One vLLM ``AsyncLLM`` serving the target model of a catalog pair."""
+
+    simulated = False
 
     def __init__(self, settings: CloudSettings) -> None:
         self.settings = settings
@@ -331,3 +335,33 @@ class VllmEngine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+
+
+class CloudEngine(Protocol):
+    """What the worker needs of an engine: ``VllmEngine``, or ``SimVllmEngine`` for scale runs."""
+
+    pair: ModelPair
+    load: EngineLoad
+    busy: BusyClock
+    simulated: bool
+
+    @property
+    def vocab_size(self) -> int: ...
+    async def start(self) -> None: ...
+    def validate(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any
+    ) -> Any: ...
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]: ...
+    def generate(
+        self, request_id: str, prompt_ids: list[int], sampling: WireSampling, resume_ids: list[int]
+    ) -> AsyncIterator[Delta]: ...
+    async def verify(
+        self, request_id: str, context: list[int], draft: list[int]
+    ) -> tuple[Verdict, int]: ...
+    async def abort(self, request_id: str) -> None: ...
+    def parse_tool_calls(
+        self, text: str, request: Any
+    ) -> tuple[str | None, list[dict[str, Any]] | None]: ...
+    def shutdown(self) -> None: ...

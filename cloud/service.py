@@ -6,11 +6,20 @@ import asyncio
 import logging
 import signal
 
-from cloud.engine import VllmEngine
+from cloud.engine import CloudEngine, VllmEngine
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 
 logger = logging.getLogger(__name__)
+
+
+def make_engine(settings: CloudSettings) -> CloudEngine:
+    """vLLM, or the simulated engine (imports no vLLM) when ``settings.engine`` is 'sim'."""
+    if settings.engine == "sim":
+        from cloud.sim_engine import SimVllmEngine
+
+        return SimVllmEngine(settings)
+    return VllmEngine(settings)
 
 
 async def run_worker(settings: CloudSettings) -> None:
@@ -19,7 +28,7 @@ async def run_worker(settings: CloudSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    engine = VllmEngine(settings)
+    engine = make_engine(settings)
     await engine.start()
     worker = CloudWorker(settings, engine)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -38,4 +39,10 @@ class CloudSettings(BaseSettings):
     keepalive_s: float = Field(0.5, gt=0, description="idle gap before a keepalive chunk")
     liveness_s: float = Field(2.0, gt=0, description="how often to check the requester is there")
     drain_timeout_s: float = Field(60.0, ge=0)
+    engine: Literal["vllm", "sim"] = Field(
+        "vllm", description="'sim': a simulated engine (latency model, no vLLM) for scale runs"
+    )
+    sim_profile: Path | None = Field(
+        None, description="latency profile JSON for --engine sim; the shipped default if unset"
+    )
     log_level: str = "info"

@@ -27,7 +27,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from cloud.engine import VllmEngine
+from cloud.engine import CloudEngine
 from cloud.errors import CloudError, DeadlineExceededError, DrainingError, EngineFailedError
 from cloud.settings import CloudSettings
 from mesh import subjects
@@ -72,7 +72,7 @@ class _Stream:
 class CloudWorker:
     """Serves ``generate`` for one model pair's target on the mesh."""
 
-    def __init__(self, settings: CloudSettings, engine: VllmEngine) -> None:
+    def __init__(self, settings: CloudSettings, engine: CloudEngine) -> None:
         self.settings = settings
         self.engine = engine
         self._nc: Client | None = None
@@ -135,6 +135,7 @@ class CloudWorker:
             model=self.engine.pair.name,
             version=__version__,
             load=self.load(),
+            simulated=self.engine.simulated,
         )
 
     def load(self) -> NodeLoad:
@@ -275,6 +276,7 @@ class CloudWorker:
         completion = len(request.resume_token_ids)
         cached = 0
         finish: str | None = None
+        engine_s: float | None = None
         async for delta in self.engine.generate(
             request.request_id, prompt, request.sampling, request.resume_token_ids
         ):
@@ -282,6 +284,7 @@ class CloudWorker:
             cached = delta.cached_tokens
             text_parts.append(delta.text)
             finish = delta.finish_reason
+            engine_s = delta.engine_s if delta.engine_s is not None else engine_s
             if delta.token_ids or delta.text:
                 await stream.send(token_ids=delta.token_ids, text=delta.text)
         _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), checked)
@@ -294,6 +297,7 @@ class CloudWorker:
                 "completion_tokens": completion,
                 "cached_tokens": cached,
                 "worker_id": self.settings.worker_id,
+                **({"simulated": True, "engine_s": engine_s} if self.engine.simulated else {}),
             },
         )
 

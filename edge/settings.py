@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,5 +41,11 @@ class EdgeSettings(BaseSettings):
     policy_file: Path | None = Field(None, description="routing policy YAML")
     emulated_rtt_ms: float = Field(
         0.0, ge=0, description="benchmarks only: extra edge-cloud round-trip time per request"
+    )
+    engine: Literal["llama", "sim"] = Field(
+        "llama", description="'sim': a simulated engine (latency model, no weights) for scale runs"
+    )
+    sim_profile: Path | None = Field(
+        None, description="latency profile JSON for --engine sim; the shipped default if unset"
     )
     log_level: str = "info"

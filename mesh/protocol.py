@@ -86,6 +86,7 @@ class NodeHeartbeat(WireMessage):
     load: NodeLoad
     endpoint: str | None = None
     sent_at: float = Field(default_factory=time.time)
+    simulated: bool = False  # the node runs a simulated engine (scale runs only)
 
 
 # -- cloud streaming --------------------------------------------------------------------------

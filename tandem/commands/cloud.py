@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +22,12 @@ def serve(
     kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache GiB (CPU).")] = None,
     cpu_cores: Annotated[str | None, typer.Option(help="CPU cores for vLLM, e.g. '1'.")] = None,
     tool_parser: Annotated[str | None, typer.Option(help="vLLM tool parser name.")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="'vllm', or 'sim': a SIMULATED engine for scale runs.")
+    ] = None,
+    sim_profile: Annotated[
+        Path | None, typer.Option(help="Latency profile JSON for --engine sim.")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Serve a catalog pair's target model with vLLM on the mesh.

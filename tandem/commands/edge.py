@@ -26,6 +26,12 @@ def serve(
     nats_url: Annotated[str | None, typer.Option(help="Join the mesh at this NATS URL.")] = None,
     node_id: Annotated[str | None, typer.Option(help="This node's id on the mesh.")] = None,
     policy_file: Annotated[Path | None, typer.Option(help="Routing policy YAML.")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="'llama', or 'sim': a SIMULATED engine for scale runs.")
+    ] = None,
+    sim_profile: Annotated[
+        Path | None, typer.Option(help="Latency profile JSON for --engine sim.")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Serve the OpenAI API on this machine with llama.cpp.

@@ -1,0 +1,300 @@
+"""The cloud worker's simulated engine: vLLM's interface and continuous batching, no model.
+
+For scale runs only (``tandem cloud serve --engine sim``): the worker, its NATS
+service, streaming, cancellation and draining run unchanged; this class stands
+in for ``VllmEngine``. It imports no vLLM and no torch.
+
+The scheduler is vLLM's continuous batching reduced to its timing: a loop of
+steps; each step admits waiting requests while the batch has room
+(``max_batch``), then every running sequence gets one token. A step lasts
+``tpot_s(batch)`` from the calibrated profile, plus ``prefill_extra_s`` of each
+prompt admitted in it, so time per token grows with the running batch exactly
+as measured on the real engine. Prefix caching is modelled on whole blocks of
+``BLOCK_TOKENS`` (vLLM-CPU's granularity) in an LRU bounded by the KV cache size.
+
+Answers are the filler text of ``models.sim_vocab`` in real token ids; the final
+delta carries the request's modelled engine time (queueing + its steps), which
+the worker reports as ``simulated`` in the stream's usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloud.engine import BusyClock, Delta, EngineLoad
+from cloud.errors import BadGenerateRequestError
+from cloud.settings import CloudSettings
+from cloud.speculative import Verdict
+from mesh.protocol import SamplingParams as WireSampling
+from models.catalog import Catalog, ModelPair
+from models.chat_template import load_template, render_chat
+from models.convert import edge_gguf_path
+from models.errors import ModelError
+from models.latency import EngineProfile, LatencyProfile
+from models.sim_vocab import SimVocab
+
+logger = logging.getLogger(__name__)
+
+BLOCK_TOKENS = 128
+
+
+@dataclass
+class _Sequence:
+    """One request inside the simulated scheduler."""
+
+    request_id: str
+    prompt: list[int]
+    max_tokens: int
+    stop: list[str]
+    enqueued_at: float
+    out: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
+    cached: int = 0
+    emitted: int = 0
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class SimChatRequest:
+    """What ``validate`` returns, as vLLM's request model does: the chat's tools."""
+
+    tools: list[dict[str, Any]] | None
+
+
+class PrefixCache:
+    """Which whole prompt blocks vLLM would have in its prefix cache (LRU by block)."""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self._capacity = max(1, capacity_blocks)
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def hit_tokens(self, prompt: list[int]) -> int:
+        """Cached tokens of ``prompt`` (its leading cached blocks); caches all its blocks."""
+        cached, hits_so_far = 0, True
+        for key in _block_keys(prompt):
+            if hits_so_far and key in self._blocks:
+                cached += BLOCK_TOKENS
+                self._blocks.move_to_end(key)
+                continue
+            hits_so_far = False
+            self._blocks[key] = None
+        while len(self._blocks) > self._capacity:
+            self._blocks.popitem(last=False)
+        return cached
+
+
+def _block_keys(tokens: list[int]) -> list[int]:
+    """Chained hashes of each whole block: a block's key depends on everything before it."""
+    keys, previous = [], 0
+    for start in range(0, len(tokens) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
+        previous = hash((previous, *tokens[start : start + BLOCK_TOKENS]))
+        keys.append(previous)
+    return keys
+
+
+class SimVllmEngine:
+    """Stands in for ``VllmEngine`` with modelled time; see the module docstring."""
+
+    simulated = True
+
+    def __init__(self, settings: CloudSettings, profile: EngineProfile | None = None) -> None:
+        self.settings = settings
+        self.pair: ModelPair = Catalog.load().get(settings.model)
+        self.template = load_template(self.pair.chat_template)
+        self.profile = profile or LatencyProfile.load(settings.sim_profile).cloud
+        self.load = EngineLoad()
+        self.busy = BusyClock()
+        kv_tokens = int(settings.kv_cache_gb * 2**30) // self.profile.kv_bytes_per_token
+        self.prefix_cache = PrefixCache(kv_tokens // BLOCK_TOKENS)
+        self._vocab: SimVocab | None = None
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[str, _Sequence] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load the vocabulary and start the scheduler loop."""
+        self._vocab = await asyncio.to_thread(SimVocab, edge_gguf_path(self.pair))
+        self._scheduler = asyncio.create_task(self._schedule(), name="sim-scheduler")
+        logger.info(
+            "SIMULATED engine for %s (profile of %s, max batch %d)",
+            self.pair.name,
+            self.profile.engine,
+            self.profile.max_batch,
+        )
+
+    @property
+    def vocab(self) -> SimVocab:
+        """The vocabulary (after ``start``)."""
+        if self._vocab is None:
+            raise RuntimeError("the simulated engine is not started")
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the target accepts."""
+        return self.vocab.n_vocab
+
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        """Prompt token ids of a chat: the catalog template, the real vocabulary."""
+        try:
+            return self.vocab.tokenize(render_chat(self.template, messages, tools=tools))
+        except ModelError as exc:
+            raise BadGenerateRequestError(f"cannot render the conversation: {exc}") from exc
+
+    def validate(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any
+    ) -> SimChatRequest:
+        """The checks ``VllmEngine.validate`` makes that matter without vLLM's request model."""
+        for i, message in enumerate(messages):
+            if message.get("content") is None and not message.get("tool_calls"):
+                raise BadGenerateRequestError(
+                    f"messages.{i}: a message needs content or tool_calls"
+                )
+        return SimChatRequest(tools=tools)
+
+    def parse_tool_calls(
+        self, text: str, request: Any
+    ) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """The filler never calls a tool."""
+        return text, None
+
+    async def verify(
+        self,
+        request_id: str,
+        context: list[int],
+        draft: list[int],
+        sampling: WireSampling | None = None,
+        draft_distributions: list[Any] | None = None,
+    ) -> tuple[Verdict, int]:
+        """Not simulated: draft verification needs the real target's logits."""
+        raise BadGenerateRequestError(
+            "the simulated engine does not verify drafts; run the worker with --engine vllm"
+        )
+
+    # -- generation ---------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: WireSampling,
+        resume_ids: list[int],
+    ) -> AsyncIterator[Delta]:
+        """Queue the request in the simulated scheduler and relay its deltas."""
+        full_prompt = prompt_ids + resume_ids
+        room = self.settings.max_model_len - len(full_prompt)
+        if room <= 0:
+            raise BadGenerateRequestError(
+                f"This model's maximum context length is {self.settings.max_model_len} tokens, "
+                f"but the prompt takes {len(full_prompt)} tokens."
+            )
+        wanted = room if sampling.max_tokens is None else sampling.max_tokens - len(resume_ids)
+        if wanted > room:
+            raise BadGenerateRequestError(
+                f"This model's maximum context length is {self.settings.max_model_len} tokens; "
+                f"{len(full_prompt)} prompt tokens leave room for {room}, not {wanted}."
+            )
+        seq = _Sequence(
+            request_id,
+            full_prompt,
+            max(1, wanted),
+            sampling.stop or [],
+            enqueued_at=asyncio.get_running_loop().time(),
+        )
+        self._waiting.append(seq)
+        self.load.waiting = len(self._waiting)
+        self._wake.set()
+        try:
+            with self.busy.occupied():
+                while True:
+                    delta = await seq.out.get()
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+        finally:
+            self._remove(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Drop a request from the scheduler."""
+        self._remove(request_id)
+
+    def _remove(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+        for seq in self._waiting:
+            if seq.request_id == request_id:
+                self._waiting.remove(seq)
+                break
+        self.load.waiting = len(self._waiting)
+
+    async def _schedule(self) -> None:
+        """The step loop: admit, advance the modelled clock by the step, emit one token each."""
+        loop = asyncio.get_running_loop()
+        clock = loop.time()
+        while True:
+            if not self._running and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                if not self._waiting:
+                    continue  # aborted before the scheduler woke
+                # An idle engine starts stepping when the request arrived, not when this
+                # loop got round to it: the wake-up lag is the event loop's, not the model's.
+                clock = max(clock, self._waiting[0].enqueued_at)
+            admitted = self._admit()
+            step = self.profile.tpot_s(len(self._running)) + sum(
+                self.profile.prefill_extra_s(len(s.prompt) - s.cached) for s in admitted
+            )
+            # Absolute step ends: event-loop lag does not pile up into modelled time.
+            clock += step
+            await asyncio.sleep(max(0.0, clock - loop.time()))
+            for seq in list(self._running.values()):
+                self._emit(seq, clock)
+
+    def _admit(self) -> list[_Sequence]:
+        admitted = []
+        while self._waiting and len(self._running) < self.profile.max_batch:
+            seq = self._waiting.popleft()
+            seq.cached = min(self.prefix_cache.hit_tokens(seq.prompt), len(seq.prompt) - 1)
+            self.load.prefix_queries += len(seq.prompt)
+            self.load.prefix_hits += seq.cached
+            self._running[seq.request_id] = seq
+            admitted.append(seq)
+        self.load.waiting = len(self._waiting)
+        self.load.kv_cache_usage = len(self._running) / self.profile.max_batch
+        return admitted
+
+    def _emit(self, seq: _Sequence, clock: float) -> None:
+        token = self.vocab.filler_token(seq.emitted)
+        seq.emitted += 1
+        self.load.generated_tokens += 1
+        piece = self.vocab.token_bytes(token).decode("utf-8", errors="replace")
+        text, finish = seq.text + piece, None
+        cut = min((i for s in seq.stop if (i := text.find(s)) >= 0), default=None)
+        if cut is not None:
+            piece, finish = piece[: max(0, cut - len(seq.text))], "stop"
+        elif seq.emitted >= seq.max_tokens:
+            finish = "length"
+        seq.text = text
+        seq.out.put_nowait(
+            Delta(
+                token_ids=[token],
+                text=piece,
+                finish_reason=finish,
+                cached_tokens=seq.cached,
+                engine_s=clock - seq.enqueued_at if finish else None,
+            )
+        )
+        if finish is not None:
+            self._running.pop(seq.request_id, None)
+
+    def shutdown(self) -> None:
+        """Stop the scheduler loop."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            self._scheduler = None

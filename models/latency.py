@@ -1,0 +1,174 @@
+"""The latency model of the simulated engines, fitted from a real calibration run.
+
+A simulated engine replaces the forward pass with two straight lines, each fitted
+by ordinary least squares to timings of the real engine on this machine:
+
+- time to first token against the prompt tokens that had to be evaluated
+  (prefill is linear in the uncached prompt: ``ttft(L) = a + b·L``);
+- time per output token against the running batch (one decode step serves
+  every running sequence; its cost grows with the batch: ``tpot(B) = c + d·B``).
+
+A ``LatencyProfile`` holds one ``EngineProfile`` per role (the edge's llama.cpp,
+the cloud's vLLM), the samples they were fitted to, and where and when they were
+measured. ``bench/calibrate.py`` writes one; the default profile ships in
+``models/profiles/``. Everything a simulated engine produces is labelled
+simulated, whatever profile it runs.
+
+    >>> profile = LatencyProfile.default()
+    >>> round(profile.cloud.tpot_s(8), 4) > round(profile.cloud.tpot_s(1), 4)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.errors import ModelError
+
+DEFAULT_PROFILE = "default.json"
+# A step can never take less than this, whatever the fitted line says at small x.
+_MIN_STEP_S = 1e-4
+
+
+class LatencyProfileError(ModelError):
+    """A latency profile is missing, unreadable, or cannot be fitted."""
+
+
+class LinearFit(BaseModel):
+    """``y = intercept + slope·x``, fitted by least squares, with its goodness of fit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    intercept: float
+    slope: float
+    r2: float = Field(description="coefficient of determination on the fitted samples")
+    n: int = Field(ge=2, description="samples fitted")
+
+    def __call__(self, x: float) -> float:
+        """The fitted value at ``x``."""
+        return self.intercept + self.slope * x
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
+    """Least squares of ``ys`` on ``xs`` with a non-negative intercept (closed form).
+
+    Ordinary least squares: slope = cov(x, y) / var(x), intercept = mean(y) - slope·mean(x).
+    A latency has no negative fixed cost, so when OLS puts the intercept below zero
+    (timings that curve upwards, e.g. on a loaded machine) the line is refitted
+    through the origin, the least-squares line with intercept 0: slope = Σxy / Σx².
+    r2 = 1 - SS_residual / SS_total (1.0 when every y is equal and fitted exactly).
+    """
+    if len(xs) != len(ys):
+        raise LatencyProfileError(f"{len(xs)} x values but {len(ys)} y values")
+    if len(set(xs)) < 2:
+        raise LatencyProfileError("a line needs samples at two or more distinct x values")
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+    slope = sxy / sxx
+    intercept = mean_y - slope * mean_x
+    if intercept < 0:
+        intercept = 0.0
+        slope = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
+    ss_tot = sum((y - mean_y) ** 2 for y in ys)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    if not all(math.isfinite(v) for v in (slope, intercept, r2)):
+        raise LatencyProfileError("the fit is not finite; check the samples")
+    return LinearFit(intercept=intercept, slope=slope, r2=r2, n=n)
+
+
+class EngineProfile(BaseModel):
+    """The fitted latency of one real engine, and the samples behind the fit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: str = Field(description="the real engine measured, e.g. 'llama.cpp 0.3.36'")
+    ttft: LinearFit = Field(description="seconds to first token vs uncached prompt tokens")
+    tpot: LinearFit = Field(description="seconds per output token vs running batch size")
+    max_batch: int = Field(ge=1, description="largest batch the sim may run at once")
+    kv_bytes_per_token: int = Field(ge=1, description="KV cache bytes one token occupies")
+    ttft_samples: list[tuple[int, float]] = Field(default_factory=list)
+    tpot_samples: list[tuple[int, float]] = Field(default_factory=list)
+
+    def ttft_s(self, uncached_prompt_tokens: int) -> float:
+        """Modelled time to first token for a prompt with this many tokens to evaluate."""
+        return max(_MIN_STEP_S, self.ttft(uncached_prompt_tokens))
+
+    def tpot_s(self, batch: int) -> float:
+        """Modelled duration of one decode step with ``batch`` running sequences."""
+        return max(_MIN_STEP_S, self.tpot(max(1, batch)))
+
+    def prefill_extra_s(self, uncached_prompt_tokens: int) -> float:
+        """What admitting a prompt adds to a decode step: its TTFT beyond one step at batch 1.
+
+        At batch 1 this makes a prompt's first step take exactly ``ttft_s``; in a
+        busy batch the prompt's prefill is added to the shared step, as continuous
+        batching does.
+        """
+        return max(0.0, self.ttft_s(uncached_prompt_tokens) - self.tpot_s(1))
+
+    @classmethod
+    def fitted(
+        cls,
+        engine: str,
+        ttft_samples: Sequence[tuple[int, float]],
+        tpot_samples: Sequence[tuple[int, float]],
+        *,
+        max_batch: int,
+        kv_bytes_per_token: int,
+    ) -> EngineProfile:
+        """Fit both lines to (x, seconds) samples of the real engine."""
+        return cls(
+            engine=engine,
+            ttft=fit_line([x for x, _ in ttft_samples], [y for _, y in ttft_samples]),
+            tpot=fit_line([x for x, _ in tpot_samples], [y for _, y in tpot_samples]),
+            max_batch=max_batch,
+            kv_bytes_per_token=kv_bytes_per_token,
+            ttft_samples=list(ttft_samples),
+            tpot_samples=list(tpot_samples),
+        )
+
+
+class LatencyProfile(BaseModel):
+    """The edge's and the cloud's engine profiles, with where and when they were measured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = "SIMULATED ENGINE latency profile"
+    machine: str = Field(description="the machine the real engines ran on")
+    measured_at: str = Field(description="UTC date and time of the calibration run")
+    command: str = Field(description="the command that measured it")
+    load_average: str = Field(description="`uptime` load during the run: a shared machine")
+    model: str = Field(description="the catalog model pair measured")
+    edge: EngineProfile
+    cloud: EngineProfile
+
+    def save(self, path: Path) -> None:
+        """Write the profile as indented JSON."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> LatencyProfile:
+        """A profile from ``path``, or the default one shipped with Tandem."""
+        try:
+            if path is None:
+                text = resources.files("models").joinpath("profiles", DEFAULT_PROFILE).read_text()
+            else:
+                text = path.read_text(encoding="utf-8")
+            return cls.model_validate_json(text)
+        except (OSError, ValueError) as exc:
+            where = path or f"models/profiles/{DEFAULT_PROFILE}"
+            raise LatencyProfileError(f"cannot read the latency profile {where}: {exc}") from exc
+
+    @classmethod
+    def default(cls) -> LatencyProfile:
+        """The profile measured on the development machine, shipped in the package."""
+        return cls.load(None)
