@@ -29,7 +29,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -306,8 +306,8 @@ class EngineMeter:
 
 
 def engine_seconds(
-    before: tuple[float | None, dict[str, float | None] | None],
-    after: tuple[float | None, dict[str, float | None] | None],
+    before: tuple[float | None, Mapping[str, float | None] | None],
+    after: tuple[float | None, Mapping[str, float | None] | None],
 ) -> EngineSeconds:
     """Busy seconds spent between two readings (workers heard in both)."""
     edge = None if before[0] is None or after[0] is None else after[0] - before[0]

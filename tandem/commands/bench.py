@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -192,7 +193,10 @@ def run(
                 )
             report, curves = run_bench(options, _RichProgress(bar), log_dir=out / "logs")
         paths = write(report, curves, out)
-    except (BenchError, ValueError) as exc:
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    except BenchError as exc:
         fail(str(exc))
     console.print(headline_table(report))
     console.print(latency_table(report.results))
