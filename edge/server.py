@@ -68,6 +68,7 @@ from edge.routing import (
     category,
     chat_features,
 )
+from edge.sampling import SamplingParams
 from edge.settings import EdgeSettings
 from mesh.protocol import SamplingParams as WireSampling
 from models.catalog import Catalog
@@ -341,7 +342,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 
 async def _prime(
     request: Request, events: AsyncGenerator[TokenEvent | FinishEvent, None]
-) -> AsyncIterator[TokenEvent | FinishEvent]:
+) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
     """Wait for the first event (queueing, prefill) so errors still get an HTTP status."""
     try:
         first = await _unless_disconnected(request, anext(events))
@@ -349,7 +350,7 @@ async def _prime(
         await events.aclose()
         raise
 
-    async def replay() -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def replay() -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         async with aclosing(events):
             yield first
             if not isinstance(first, FinishEvent):
@@ -463,38 +464,43 @@ async def _escalating(
     body: ChatCompletionRequest,
     ctx: AnswerContext,
     generation: GenerationRequest,
-    events: AsyncIterator[TokenEvent | FinishEvent],
+    events: AsyncGenerator[TokenEvent | FinishEvent, None],
 ) -> AsyncIterator[TokenEvent | FinishEvent]:
     """The edge's events; if the edge stops unsure, the rest of the same answer from the
     policy's escalation route, continuing after the tokens already sent."""
     emitted: list[int] = []
-    async for event in events:
-        if isinstance(event, TokenEvent):
-            emitted.extend(event.token_ids)
-        if not (isinstance(event, FinishEvent) and event.stats.finish_reason == "escalate"):
+    handover: FinishEvent | None = None
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, FinishEvent) and event.stats.finish_reason == "escalate":
+                handover = event
+                break
+            if isinstance(event, TokenEvent):
+                emitted.extend(event.token_ids)
             yield event
-            continue
-        if event.text:
-            yield TokenEvent([], event.text)
-        watch = generation.escalation
-        assert watch is not None and watch.triggered_mean is not None
-        target = state.policy.escalation.route
-        rest = await _continuation(request, state, body, ctx, generation, emitted, target)
-        ctx.escalation = EscalationUsage(
-            at_token=len(emitted), mean_logprob=round(watch.triggered_mean, 4), to=ctx.route
-        )
-        ctx.route = "edge"  # the answer started here; usage.tandem.escalation says the rest
-        state.metrics.escalations.labels(ctx.escalation.to).inc()
-        new_tokens = 0
-        async for more in rest:
-            if isinstance(more, TokenEvent):
-                new_tokens += len(more.token_ids)
-            else:
-                more.stats.prompt_tokens = event.stats.prompt_tokens
-                more.stats.cached_tokens = event.stats.cached_tokens
-                more.stats.completion_tokens = len(emitted) + new_tokens
-            yield more
+    # Closed: the edge slot is free again (the continuation may need it).
+    if handover is None:
         return
+    if handover.text:
+        yield TokenEvent([], handover.text)
+    watch = generation.escalation
+    assert watch is not None and watch.triggered_mean is not None
+    target = state.policy.escalation.route
+    rest = await _continuation(request, state, body, ctx, generation, emitted, target)
+    ctx.escalation = EscalationUsage(
+        at_token=len(emitted), mean_logprob=round(watch.triggered_mean, 4), to=ctx.route
+    )
+    ctx.route = "edge"  # the answer started here; usage.tandem.escalation says the rest
+    state.metrics.escalations.labels(ctx.escalation.to).inc()
+    new_tokens = 0
+    async for more in rest:
+        if isinstance(more, TokenEvent):
+            new_tokens += len(more.token_ids)
+        else:
+            more.stats.prompt_tokens = handover.stats.prompt_tokens
+            more.stats.cached_tokens = handover.stats.cached_tokens
+            more.stats.completion_tokens = len(emitted) + new_tokens
+        yield more
 
 
 async def _continuation(
@@ -518,16 +524,15 @@ async def _continuation(
             generation.sampling, max_tokens=generation.sampling.max_tokens - len(emitted)
         ),
         session_id=generation.session_id,
-        cancel=generation.cancel,
     )
     if target == "speculative" and body.temperature == 0:
-        rest.verifier = _speculative_verifier(request, state, ctx)
+        rest.verifier = _speculative_verifier(request, state, ctx, rest.sampling)
         rest.fallback_to_edge = state.policy.fallbacks.cloud_unavailable == "edge"
     return await _prime(request, state.engine.generate(rest))
 
 
 def _speculative_verifier(
-    request: Request, state: EdgeState, ctx: AnswerContext
+    request: Request, state: EdgeState, ctx: AnswerContext, sampling: SamplingParams
 ) -> Verifier | None:
     """The cloud verifier for the speculative route, or None to serve on the edge alone."""
     cloud = state.registration.cloud if state.registration else None
@@ -539,6 +544,7 @@ def _speculative_verifier(
     ctx.route = "speculative"
     return cloud.verifier(
         asyncio.get_running_loop(),
+        sampling=sampling,
         session_id=request.headers.get(SESSION_HEADER),
         deadline=deadline_in(state.settings.cloud_timeout_s),
     )
@@ -606,15 +612,14 @@ def _install_routes(app: FastAPI) -> None:
             on_done=_observer(state, request, complexity),
         )
         route = decision.route
-        if route == "speculative" and body.temperature != 0:
-            # Verification on the wire is greedy only so far; sampling goes to the cloud.
-            route, ctx.rule = "cloud", "speculative-needs-temperature-0"
         events = await _try_cloud(request, state, body, ctx) if route == "cloud" else None
         if events is None:
             generation = _generation(request, prompt, state.prompts.completion_budget(
                 len(prompt), body.requested_max_tokens()), body)  # fmt: skip
             if route == "speculative":
-                generation.verifier = _speculative_verifier(request, state, ctx)
+                generation.verifier = _speculative_verifier(
+                    request, state, ctx, generation.sampling
+                )
                 generation.fallback_to_edge = state.policy.fallbacks.cloud_unavailable == "edge"
                 generation.max_draft_tokens = decision.max_draft_tokens
             escalation = state.policy.escalation

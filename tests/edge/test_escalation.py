@@ -1,0 +1,104 @@
+"""Mid-answer escalation: the confidence rule, and an escalated answer continuing as one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge.escalation import ConfidenceWatch, token_logprob
+from tests.edge_process import EdgeProcess
+
+
+def test_token_logprob_is_log_softmax() -> None:
+    logits = np.array([2.0, 1.0, -1.0, 1000.0 - 1000.0], dtype=np.float32)
+    expected = logits - math.log(float(np.exp(logits).sum()))
+    for token in range(4):
+        assert token_logprob(logits, token) == pytest.approx(expected[token], abs=1e-5)
+    huge = np.array([1000.0, 999.0], dtype=np.float32)  # no overflow
+    assert token_logprob(huge, 1) == pytest.approx(-1.3133, abs=1e-3)
+
+
+def test_watch_fires_on_a_low_window_mean_only_after_the_warmup() -> None:
+    watch = ConfidenceWatch(window=3, min_mean_logprob=-2.0, after_tokens=4)
+    confident = [watch.observe(-0.1, produced=i) for i in range(4)]
+    assert confident == [False] * 4
+    # Two unsure tokens: the mean of the last 3 is (-0.1 - 3 - 3) / 3 = -2.03 < -2.0.
+    assert watch.observe(-3.0, produced=4) is False  # mean (-0.1-0.1-3)/3 = -1.07
+    assert watch.observe(-3.0, produced=5) is True
+    assert watch.triggered_mean == pytest.approx(-6.1 / 3)
+    early = ConfidenceWatch(window=1, min_mean_logprob=-1.0, after_tokens=10)
+    assert early.observe(-9.0, produced=3) is False  # before after_tokens, never
+
+
+ALWAYS_ESCALATE = """
+escalation:
+  enabled: true
+  window_tokens: 1
+  min_mean_logprob: 0     # any token's logprob is below 0: escalate at after_tokens
+  after_tokens: 5
+  route: speculative
+"""
+
+
+@pytest.fixture(scope="module")
+def escalating_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeProcess]:
+    policy = tmp_path_factory.mktemp("policy") / "escalate.yaml"
+    policy.write_text(ALWAYS_ESCALATE)
+    with EdgeProcess(policy_file=Path(policy)) as edge:
+        yield edge
+
+
+def _chat(edge: EdgeProcess, stream: bool, **extra: Any) -> tuple[str, dict[str, Any], int]:
+    client = edge.client()
+    kwargs: dict[str, Any] = dict(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Describe the sea in two sentences."}],
+        max_tokens=24,
+        temperature=0,
+        **extra,
+    )
+    if not stream:
+        answer = client.chat.completions.create(**kwargs)
+        assert answer.usage is not None
+        usage = answer.usage.model_extra or {}
+        return (
+            answer.choices[0].message.content or "",
+            usage["tandem"],
+            answer.usage.completion_tokens,
+        )
+    text, tandem, completion = "", {}, 0
+    for chunk in client.chat.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            tandem = (chunk.usage.model_extra or {})["tandem"]
+            completion = chunk.usage.completion_tokens
+    return text, tandem, completion
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_escalated_answer_continues_the_same_answer(
+    escalating_edge: EdgeProcess, stream: bool
+) -> None:
+    # Asked for the edge explicitly: no escalation (the client chose the route).
+    plain, plain_usage, plain_tokens = _chat(
+        escalating_edge, stream, extra_headers={"x-tandem-route": "edge"}
+    )
+    assert plain_usage.get("escalation") is None
+    # Routed by the policy: escalates after 5 tokens. No cloud here, so the speculative
+    # route falls back to the edge, which continues from the 5 tokens already sent:
+    # at temperature 0 the whole answer must equal the uninterrupted one.
+    text, usage, tokens = _chat(escalating_edge, stream)
+    assert usage["escalation"]["at_token"] == 5
+    assert usage["escalation"]["to"] == "edge-fallback"
+    assert usage["escalation"]["mean_logprob"] < 0
+    assert text == plain and tokens == plain_tokens
+    metrics = escalating_edge.metrics()
+    assert metrics['tandem_edge_escalations_total{to="edge-fallback"}'] >= 1
