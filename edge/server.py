@@ -205,7 +205,19 @@ def build_state(settings: EdgeSettings) -> EdgeState:
         created=unix_now(),
         live=live,
         observations=Observations(),
+        classifier=_load_classifier(),
     )
+
+
+def _load_classifier() -> ComplexityScorer | None:
+    """The shipped complexity classifier; without it, complexity conditions never match."""
+    try:
+        from router.classifier import ClassifierError, ComplexityClassifier
+
+        return ComplexityClassifier.load()
+    except (ImportError, ClassifierError) as exc:
+        logger.warning("no complexity classifier (%s); complexity rules will not match", exc)
+        return None
 
 
 def create_app(settings: EdgeSettings) -> FastAPI:
@@ -423,9 +435,12 @@ def _route(
     policy = state.policy  # read once: a reload mid-request does not split the decision
     complexity = None
     if policy.uses_complexity and state.classifier is not None:
-        complexity = state.classifier.score(
-            prompt, has_tools=bool(body.active_tools()), n_messages=len(body.messages)
-        )
+        try:
+            complexity = state.classifier.score(
+                prompt, has_tools=bool(body.active_tools()), n_messages=len(body.messages)
+            )
+        except ValueError as exc:  # e.g. a classifier trained for another model's vocabulary
+            logger.warning("complexity not scored: %s", exc)
     features = chat_features(
         body,
         len(prompt),
@@ -578,6 +593,7 @@ def _install_routes(app: FastAPI) -> None:
             "waiting": state.engine.waiting,
             "mesh": None if reg is None else ("connected" if reg.connected else "disconnected"),
             "policy": state.live.status(),
+            "classifier": state.classifier is not None,
         }
 
     @app.get("/metrics")

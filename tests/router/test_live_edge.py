@@ -194,3 +194,21 @@ async def main():
     await nc.close()
 asyncio.run(main())
 """
+
+
+def test_complexity_rules_use_the_shipped_classifier(
+    mesh: EmbeddedNats, edge: EdgeProcess, tmp_path: Path
+) -> None:
+    assert health(edge)["classifier"] is True
+    path = tmp_path / "complexity.yaml"
+    # Any score is >= 0 and < 1.01: the first rule fires iff the classifier scored it.
+    path.write_text(
+        "rules:\n"
+        "  - {name: scored, when: {complexity_at_least: 0.0, complexity_below: 1.0}, route: edge}\n"
+    )
+    policy_cli(mesh, "set", "-f", str(path))
+    assert ask(edge).usage.tandem["rule"] == "scored"
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}))
+    out = policy_cli(mesh, "explain", str(request)).stdout
+    assert "complexity=0." in out and "MATCH scored" in out
