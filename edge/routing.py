@@ -67,13 +67,24 @@ class Observations:
     cloud_ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=64))
     acceptance: dict[str, float] = field(default_factory=dict)  # per category, decayed
     ledger: CloudTokenLedger = field(default_factory=CloudTokenLedger)
+    edge_service_s: float | None = None  # decayed mean time an edge answer holds a slot
+
+    def edge_wait_ms(self, queue: int, slots: int) -> float | None:
+        """Estimated wait of a request joining this edge's queue now."""
+        if self.edge_service_s is None:
+            return None
+        return queue * self.edge_service_s * 1000 / max(1, slots)
 
     def cloud_latency_ms(self) -> float | None:
         return statistics.median(self.cloud_ttft_ms) if self.cloud_ttft_ms else None
 
     def record(self, *, route: str, tenant: str, category: str, stats: GenerationStats,
-               ttft_s: float | None) -> None:  # fmt: skip
-        """Learn from one finished answer."""
+               ttft_s: float | None, elapsed_s: float = 0.0) -> None:  # fmt: skip
+        """Learn from one finished answer (``elapsed_s``: arrival to last token)."""
+        if route in ("edge", "edge-fallback"):
+            service = max(0.0, elapsed_s - stats.queue_s)
+            before = self.edge_service_s
+            self.edge_service_s = service if before is None else 0.8 * before + 0.2 * service
         if route in ("cloud", "speculative"):
             self.ledger.add(tenant, stats.prompt_tokens + stats.completion_tokens)
         if route == "cloud" and ttft_s is not None:
@@ -113,6 +124,7 @@ def chat_features(
     *,
     edge_queue: int,
     cloud_workers: int | None,
+    edge_slots: int = 1,
     observations: Observations,
     complexity: float | None = None,
 ) -> RequestFeatures:
@@ -131,6 +143,7 @@ def chat_features(
         temperature=1.0 if body.temperature is None else body.temperature,
         complexity=complexity,
         edge_queue=edge_queue,
+        edge_wait_ms=observations.edge_wait_ms(edge_queue, edge_slots),
         cloud_workers=cloud_workers,
         cloud_latency_ms=observations.cloud_latency_ms(),
         speculative_acceptance=observations.acceptance.get(category(complexity)),

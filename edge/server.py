@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -446,6 +447,7 @@ def _route(
         len(prompt),
         request.headers,
         edge_queue=state.engine.waiting,
+        edge_slots=state.engine.config.slots,
         cloud_workers=state.cloud_workers(),
         observations=state.observations,
         complexity=complexity,
@@ -467,7 +469,7 @@ def _observer(
         route = ctx.escalation.to if ctx.escalation else ctx.route
         state.observations.record(
             route=route, tenant=tenant, category=category(complexity), stats=stats,
-            ttft_s=ctx.ttft_s,
+            ttft_s=ctx.ttft_s, elapsed_s=time.perf_counter() - ctx.started,
         )  # fmt: skip
 
     return done

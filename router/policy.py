@@ -110,7 +110,8 @@ class Default(_Strict):
 
 
 class EdgeOverloaded(_Strict):
-    """Send edge-bound requests elsewhere while this edge's queue is long."""
+    """Send edge-bound requests elsewhere while this edge's queue is long, or while the
+    estimated wait in it would break the TTFT target (``slo.ttft_p95_ms``)."""
 
     queue_at_least: Annotated[int, Field(ge=1)] = 8
     route: Literal["cloud", "speculative"] = "cloud"
@@ -141,10 +142,12 @@ class Escalation(_Strict):
 
 
 class Slo(_Strict):
-    """Service-level targets; reported against in /metrics and by `tandem bench`."""
+    """Service-level targets the router steers by."""
 
-    ttft_p95_ms: Annotated[float, Field(gt=0)] | None = None
-    turn_p95_ms: Annotated[float, Field(gt=0)] | None = None
+    ttft_p95_ms: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="an edge whose estimated queue wait exceeds this counts as overloaded",
+    )
 
 
 class Budget(_Strict):
@@ -268,6 +271,7 @@ class RequestFeatures:
     # Computed only when the policy reads it (it costs a classifier call).
     complexity: float | None = None
     edge_queue: int = 0
+    edge_wait_ms: float | None = None  # estimated queue wait on this edge
     cloud_workers: int | None = None  # None: not on a mesh
     cloud_latency_ms: float | None = None
     speculative_acceptance: float | None = None
@@ -405,17 +409,19 @@ def _after_rules(policy: RoutingPolicy, f: RequestFeatures, d: RouteDecision) ->
             return RouteDecision("edge", "budget", reason)
     overloaded = policy.fallbacks.edge_overloaded
     if (
-        d.route == "edge"
-        and d.rule != "header"
-        and overloaded is not None
-        and f.edge_queue >= overloaded.queue_at_least
-        and (f.cloud_workers or 0) > 0
+        d.route != "edge"
+        or d.rule in ("header", "model-alias")  # the client asked for the edge: it waits
+        or overloaded is None
+        or not f.cloud_workers
     ):
-        return RouteDecision(
-            overloaded.route,
-            "edge-overloaded",
-            f"{f.edge_queue} requests wait on this edge (>= {overloaded.queue_at_least})",
-        )
+        return d
+    if f.edge_queue >= overloaded.queue_at_least:
+        reason = f"{f.edge_queue} requests wait on this edge (>= {overloaded.queue_at_least})"
+        return RouteDecision(overloaded.route, "edge-overloaded", reason)
+    target = policy.slo.ttft_p95_ms
+    if target is not None and f.edge_wait_ms is not None and f.edge_wait_ms > target:
+        reason = f"estimated edge wait {f.edge_wait_ms:.0f} ms > slo.ttft_p95_ms {target:.0f}"
+        return RouteDecision(overloaded.route, "edge-overloaded", reason)
     return d
 
 

@@ -87,3 +87,13 @@ def test_category_buckets_the_complexity_score() -> None:
         "complexity-3",
         "complexity-9",
     )
+
+
+def test_edge_wait_estimate_from_observed_service_times() -> None:
+    seen = Observations()
+    assert seen.edge_wait_ms(queue=3, slots=1) is None  # nothing observed yet
+    answer = GenerationStats(queue_s=0.5)
+    seen.record(route="edge", tenant="t", category="all", stats=answer, ttft_s=0.6, elapsed_s=2.5)
+    assert seen.edge_service_s == pytest.approx(2.0)  # queueing is not service
+    assert seen.edge_wait_ms(queue=3, slots=2) == pytest.approx(3000)
+    assert features(body(), observations=seen, edge_queue=4).edge_wait_ms == pytest.approx(8000)

@@ -185,3 +185,15 @@ def test_base_model_strips_route_suffix() -> None:
     assert base_model("smollm2-135m@cloud") == "smollm2-135m"
     assert base_model("smollm2-135m@speculative") == "smollm2-135m"
     assert base_model("smollm2-135m") == "smollm2-135m"
+
+
+def test_an_edge_whose_queue_wait_breaks_the_ttft_slo_counts_as_overloaded() -> None:
+    p = policy("slo: {ttft_p95_ms: 850}\n")
+    slow = RequestFeatures(model="m", edge_queue=2, edge_wait_ms=1200, cloud_workers=1)
+    d = decide(p, slow)
+    assert (d.route, d.rule) == ("cloud", "edge-overloaded") and "1200 ms" in d.reason
+    fine = RequestFeatures(model="m", edge_queue=2, edge_wait_ms=400, cloud_workers=1)
+    assert decide(p, fine).route == "edge"
+    assert decide(RoutingPolicy(), slow).route == "edge"  # no SLO, short queue: stays
+    asked = RequestFeatures(model="m@edge", edge_queue=9, edge_wait_ms=9e9, cloud_workers=1)
+    assert decide(p, asked).route == "edge"
