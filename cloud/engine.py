@@ -13,12 +13,15 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
+
+import numpy as np
 
 from cloud.errors import BadGenerateRequestError, EngineFailedError
 from cloud.settings import CloudSettings
-from cloud.speculative import Verdict, verify_greedy
+from cloud.speculative import Verdict, verify_greedy, verify_sampled
+from mesh.protocol import SPECULATIVE_TOP_K, DraftDistribution, top_k_distribution
 from mesh.protocol import SamplingParams as WireSampling
 from models.catalog import Catalog, ModelPair
 from models.chat_template import load_template
@@ -92,6 +95,20 @@ class Delta:
 def _rank1(position: dict[int, Any]) -> int:
     """The token vLLM ranks first among a position's prompt logprobs."""
     return next(token for token, logprob in position.items() if logprob.rank == 1)
+
+
+def _margin(position: dict[int, Any]) -> float:
+    """Top-1 minus top-2 logprob at a position (vLLM's dict holds at least the top 2)."""
+    first, second = sorted((lp.logprob for lp in position.values()), reverse=True)[:2]
+    return float(first - second)
+
+
+def _target_row(position: dict[int, Any], wire: WireSampling) -> tuple[np.ndarray, np.ndarray]:
+    """The target's truncated sampling distribution at a draft position (ids, probs)."""
+    ids = np.fromiter(position.keys(), dtype=np.int64)
+    logprobs = np.fromiter((lp.logprob for lp in position.values()), dtype=np.float64)
+    temperature = wire.temperature or 1.0
+    return top_k_distribution(ids, logprobs, temperature, wire.top_p or 1.0, SPECULATIVE_TOP_K)
 
 
 def _stat_logger_factory(load: EngineLoad) -> Any:
@@ -249,25 +266,65 @@ class VllmEngine:
             raise EngineFailedError(f"vLLM failed: {exc}") from exc
 
     async def verify(
-        self, request_id: str, context: list[int], draft: list[int]
+        self,
+        request_id: str,
+        context: list[int],
+        draft: list[int],
+        sampling: WireSampling | None = None,
+        draft_distributions: list[DraftDistribution] | None = None,
     ) -> tuple[Verdict, int]:
-        """Score ``draft`` after ``context`` in one forward pass; the greedy verdict and
-        how many prompt tokens came from the prefix cache.
+        """Score ``draft`` after ``context`` in one forward pass; the verdict and how many
+        prompt tokens came from the prefix cache.
 
-        ``prompt_logprobs`` gives, at each draft position, the target's top-1 token;
-        the one generated token is the bonus after the last draft. vLLM skips the
-        prefix cache for such requests by default (a full prefill); reading it is
-        safe as long as every draft position lies at or past ``num_cached_tokens``
-        (positions below it hold garbage), which the check below enforces.
+        ``prompt_logprobs`` gives the target's top tokens at each draft position; the
+        one generated token is the bonus after the last draft. vLLM skips the prefix
+        cache for such requests by default (a full prefill); reading it is safe as
+        long as every draft position lies at or past ``num_cached_tokens`` (positions
+        below it hold garbage), which the check below enforces.
+
+        Greedy: the top-2 at each position give the verdict and the near-tie margins.
+        Sampled (``sampling.temperature > 0``, with q per draft): the target's
+        truncated distributions (``top_k_distribution`` of its top-k logprobs) and the
+        draft's enter the rejection-sampling rule; the bonus row is vLLM's own sample
+        from the full distribution, so an all-accepted round adds an exact sample.
         """
-        final = await self._score(request_id, context + draft, read_cache=True)
+        sampled = sampling is not None and (sampling.temperature or 0.0) > 0
+        tokens = context + draft
+        final = await self._score(request_id, tokens, read_cache=True, sampling=sampling)
         if final.num_cached_tokens > len(context):
-            final = await self._score(f"{request_id}-nocache", context + draft, read_cache=False)
-        top1 = [_rank1(final.prompt_logprobs[len(context) + i]) for i in range(len(draft))]
+            final = await self._score(
+                f"{request_id}-nocache", tokens, read_cache=False, sampling=sampling
+            )
+        positions = [final.prompt_logprobs[len(context) + i] for i in range(len(draft))]
         bonus = final.outputs[0].token_ids[0]
-        return verify_greedy(draft, [*top1, bonus]), final.num_cached_tokens or 0
+        cached = final.num_cached_tokens or 0
+        if not sampled:
+            verdict = verify_greedy(draft, [*map(_rank1, positions), bonus])
+            margins = [*map(_margin, positions), _margin(final.outputs[0].logprobs[0])]
+            return replace(verdict, margins=tuple(margins)), cached
+        assert sampling is not None and draft_distributions is not None
+        vocab = self.vocab_size
+        target = np.zeros((len(draft) + 1, vocab))
+        for i, position in enumerate(positions):
+            ids, probs = _target_row(position, sampling)
+            target[i, ids] = probs
+        target[len(draft), bonus] = 1.0
+        drafted = np.stack([d.dense(vocab) for d in draft_distributions])
+        # Seeded: one stream per (seed, absolute position), apart from the edge's
+        # (seed, position, 0), so a position's draws do not depend on the round it is in.
+        rngs = (
+            np.random.default_rng()
+            if sampling.seed is None
+            else [
+                np.random.default_rng([sampling.seed, len(context) + i, 1])
+                for i in range(len(draft) + 1)
+            ]
+        )
+        return verify_sampled(draft, drafted, target, rngs), cached
 
-    async def _score(self, request_id: str, tokens: list[int], *, read_cache: bool) -> Any:
+    async def _score(
+        self, request_id: str, tokens: list[int], *, read_cache: bool, sampling: WireSampling | None
+    ) -> Any:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -277,13 +334,28 @@ class VllmEngine:
                 f"context plus draft ({len(tokens)} tokens) leaves no room in "
                 f"{self.settings.max_model_len}"
             )
-        params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            prompt_logprobs=1,
-            detokenize=False,
-            skip_reading_prefix_cache=not read_cache,
-        )
+        sampled = sampling is not None and (sampling.temperature or 0.0) > 0
+        if sampled:
+            assert sampling is not None
+            seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + len(tokens))
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=sampling.temperature or 1.0,
+                top_p=sampling.top_p or 1.0,
+                seed=None if seed is None else seed % 2**31,
+                prompt_logprobs=SPECULATIVE_TOP_K,
+                detokenize=False,
+                skip_reading_prefix_cache=not read_cache,
+            )
+        else:
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                prompt_logprobs=2,
+                logprobs=2,
+                detokenize=False,
+                skip_reading_prefix_cache=not read_cache,
+            )
         final = None
         with self.busy.occupied():
             async for out in self._llm.generate(
@@ -358,7 +430,12 @@ class CloudEngine(Protocol):
         self, request_id: str, prompt_ids: list[int], sampling: WireSampling, resume_ids: list[int]
     ) -> AsyncIterator[Delta]: ...
     async def verify(
-        self, request_id: str, context: list[int], draft: list[int]
+        self,
+        request_id: str,
+        context: list[int],
+        draft: list[int],
+        sampling: WireSampling | None = None,
+        draft_distributions: list[DraftDistribution] | None = None,
     ) -> tuple[Verdict, int]: ...
     async def abort(self, request_id: str) -> None: ...
     def parse_tool_calls(

@@ -20,6 +20,7 @@ exactly as a sample from p: P(emit y) = q(y) min(1, p(y)/q(y)) + P(reject) r(y)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +28,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Verdict:
-    """How many drafts the target keeps, and the token it adds after them."""
+    """How many drafts the target keeps, and the token it adds after them.
+
+    ``margins`` (greedy, when the scorer knows them): the target's top-1 minus top-2
+    logprob at each draft position and at the next token's; a near-tie is a small one.
+    """
 
     accepted: int
     next_token: int
+    margins: tuple[float, ...] = ()
 
 
 def verify_greedy(draft: list[int], target_argmax: list[int]) -> Verdict:
@@ -46,25 +52,29 @@ def verify_sampled(
     draft: list[int],
     draft_probs: np.ndarray,
     target_probs: np.ndarray,
-    rng: np.random.Generator,
+    rng: np.random.Generator | Sequence[np.random.Generator],
 ) -> Verdict:
     """Rejection-sampling rule.
 
     ``draft_probs`` is k x V (q at each drafted position); ``target_probs`` is
     (k+1) x V (p at each drafted position and at the bonus position). Rows must
-    be probability distributions (temperature and top-p already applied).
+    be probability distributions (temperature and top-p already applied). ``rng``
+    is one generator, or one per position (k+1), so that a seeded answer draws the
+    same numbers at a position however its drafts were grouped into rounds.
     """
     k = len(draft)
     assert draft_probs.shape[0] == k and target_probs.shape[0] == k + 1
+    rngs = [rng] * (k + 1) if isinstance(rng, np.random.Generator) else list(rng)
+    assert len(rngs) == k + 1, "need one generator per draft plus one"
     for i, token in enumerate(draft):
         p, q = target_probs[i, token], draft_probs[i, token]
         # Accept with probability min(1, p/q); q > 0 because the draft sampled it.
-        if rng.random() * q < p:
+        if rngs[i].random() * q < p:
             continue
         residual = np.maximum(target_probs[i] - draft_probs[i], 0.0)
         total = residual.sum()
         # total == 0 only if p == q everywhere, where rejection has probability 0.
         dist = residual / total if total > 0 else target_probs[i]
-        return Verdict(accepted=i, next_token=int(rng.choice(len(dist), p=dist)))
+        return Verdict(accepted=i, next_token=int(rngs[i].choice(len(dist), p=dist)))
     bonus = target_probs[k]
-    return Verdict(accepted=k, next_token=int(rng.choice(len(bonus), p=bonus)))
+    return Verdict(accepted=k, next_token=int(rngs[k].choice(len(bonus), p=bonus)))

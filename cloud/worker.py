@@ -194,7 +194,9 @@ class CloudWorker:
 
     async def _verify(self, msg: Request, request: VerifyRequest) -> None:
         vocab = self.engine.vocab_size
-        bad = [t for t in request.context_token_ids + request.draft_token_ids if not 0 <= t < vocab]
+        q_ids = [t for d in request.draft_distributions or [] for t in d.token_ids]
+        ids = request.context_token_ids + request.draft_token_ids + q_ids
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             await msg.respond_error("400", f"token id {bad[0]} is outside the vocabulary")
             return
@@ -202,7 +204,11 @@ class CloudWorker:
         try:
             async with asyncio.timeout(budget):
                 verdict, cached = await self.engine.verify(
-                    request.request_id, request.context_token_ids, request.draft_token_ids
+                    request.request_id,
+                    request.context_token_ids,
+                    request.draft_token_ids,
+                    request.sampling if request.sampled else None,
+                    request.draft_distributions,
                 )
         except TimeoutError:
             await self.engine.abort(request.request_id)
@@ -219,6 +225,7 @@ class CloudWorker:
                 accepted=verdict.accepted,
                 next_token=verdict.next_token,
                 cached_tokens=cached,
+                margins=list(verdict.margins),
             ).to_bytes()
         )
 

@@ -27,9 +27,10 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from edge.drafter import Verifier
+from edge.drafter import Draft, Verifier
 from edge.engine import FinishEvent, GenerationStats, TokenEvent
 from edge.errors import EdgeError, ServiceUnavailableError
+from edge.sampling import SamplingParams as EdgeSampling
 from mesh import subjects
 from mesh.connection import MeshLink
 from mesh.errors import ProtocolError
@@ -186,8 +187,9 @@ class CloudRoute:
     async def verify(
         self,
         context: list[int],
-        draft: list[int],
+        draft: Draft,
         *,
+        sampling: SamplingParams | None,
         session_id: str | None,
         deadline: float | None,
     ) -> VerifyReply:
@@ -197,7 +199,9 @@ class CloudRoute:
             session_id=session_id,
             model=self._model,
             context_token_ids=context,
-            draft_token_ids=draft,
+            draft_token_ids=draft.tokens,
+            sampling=sampling,
+            draft_distributions=draft.distributions,
             deadline=deadline,
         )
         reply = await self._request_any(
@@ -240,16 +244,31 @@ class CloudRoute:
             await asyncio.sleep(self._half_rtt_s)
 
     def verifier(
-        self, loop: asyncio.AbstractEventLoop, *, session_id: str | None, deadline: float | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        sampling: EdgeSampling,
+        session_id: str | None,
+        deadline: float | None,
     ) -> Verifier:
         """A verify for an engine slot's thread: it returns a future at once and the round
-        trip runs on ``loop``, so the slot drafts ahead meanwhile."""
+        trip runs on ``loop``, so the slot drafts ahead meanwhile. A temperature above 0
+        selects the rejection-sampling rule (the drafts carry q)."""
+        wire = (
+            None
+            if sampling.greedy
+            else SamplingParams(
+                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed
+            )
+        )
 
-        async def verdict(context: list[int], draft: list[int]) -> tuple[int, int]:
-            reply = await self.verify(context, draft, session_id=session_id, deadline=deadline)
+        async def verdict(context: list[int], draft: Draft) -> tuple[int, int]:
+            reply = await self.verify(
+                context, draft, sampling=wire, session_id=session_id, deadline=deadline
+            )
             return reply.accepted, reply.next_token
 
-        def verify(context: list[int], draft: list[int]) -> Future[tuple[int, int]]:
+        def verify(context: list[int], draft: Draft) -> Future[tuple[int, int]]:
             return asyncio.run_coroutine_threadsafe(verdict(context, draft), loop)
 
         return verify

@@ -17,6 +17,12 @@ Runs in an engine slot's thread (it owns the llama.cpp context):
    evaluate the target's token, so the next draft continues from the target's
    sequence. Either way the output is the cloud model's greedy output.
 
+Sampling (temperature > 0): each draft token is sampled from the draft model's
+``top_k_distribution`` (temperature, top-20, top-p), and that distribution q travels
+with the draft; the worker applies the rejection-sampling rule against the target's
+distribution and returns how many it keeps plus a token sampled from the right
+distribution, so the edge goes on exactly as in the greedy case.
+
 The draft length adapts: it grows while whole drafts are accepted and shrinks
 to just past the accepted run when they are not, between ``min_k`` and ``max_k``;
 while drafts are accepted it never drops below the tokens the edge can draft in
@@ -29,18 +35,72 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec
 
 import numpy as np
 
 from edge.sessions import common_prefix_len
+from mesh.protocol import SPECULATIVE_TOP_K, DraftDistribution, top_k_distribution
 
 P = ParamSpec("P")
 
-# (context token ids, draft token ids) -> a future of (accepted drafts, the target's next
-# token). It returns at once: the round trip runs elsewhere while the slot drafts ahead.
-Verifier = Callable[[list[int], list[int]], "Future[tuple[int, int]]"]
+# How a drafter picks the token at an absolute position from the logits there: the
+# token, and for sampled drafting the distribution it was sampled from.
+Pick = Callable[[np.ndarray, int], tuple[int, DraftDistribution | None]]
+
+
+@dataclass
+class Draft:
+    """Drafted tokens and, when sampling, the distribution each was sampled from."""
+
+    tokens: list[int] = field(default_factory=list)
+    distributions: list[DraftDistribution] | None = None
+
+    def add(self, token: int, distribution: DraftDistribution | None) -> None:
+        """Append one drafted token."""
+        self.tokens.append(token)
+        if distribution is not None:
+            self.distributions = [*(self.distributions or []), distribution]
+
+    def after(self, n: int) -> Draft:
+        """The drafts past the first ``n``."""
+        rest = None if self.distributions is None else self.distributions[n:]
+        return Draft(self.tokens[n:], rest)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+# (context token ids, draft) -> a future of (accepted drafts, the target's next token).
+# It returns at once: the round trip runs elsewhere while the slot drafts ahead.
+Verifier = Callable[[list[int], Draft], "Future[tuple[int, int]]"]
+
+
+def greedy_pick(logits: np.ndarray, position: int) -> tuple[int, DraftDistribution | None]:
+    """The argmax token (greedy drafting sends no distribution)."""
+    return int(logits.argmax()), None
+
+
+def sampled_pick(temperature: float, top_p: float, seed: int | None) -> Pick:
+    """Sample from the draft's ``top_k_distribution`` and keep that distribution as q.
+
+    With a seed, the draw at each position comes from its own stream (seed, position):
+    how many tokens a pipelined block drafts depends on timing, and must not shift
+    which random numbers later positions see (replay is still best effort: timing
+    also decides which positions the cloud samples as bonus tokens).
+    """
+    shared = np.random.default_rng()
+
+    def pick(logits: np.ndarray, position: int) -> tuple[int, DraftDistribution | None]:
+        rng = shared if seed is None else np.random.default_rng([seed, position, 0])
+        ids, probs = top_k_distribution(
+            np.arange(len(logits)), logits, temperature, top_p, SPECULATIVE_TOP_K
+        )
+        token = int(ids[rng.choice(len(ids), p=probs)])
+        return token, DraftDistribution(token_ids=ids.tolist(), probs=probs.tolist())
+
+    return pick
 
 
 @dataclass
@@ -50,6 +110,9 @@ class DraftLength:
     k: int = 4
     min_k: int = 1
     max_k: int = 16
+
+    def __post_init__(self) -> None:
+        self.k = max(self.min_k, min(self.k, self.max_k))
 
     def update(
         self, drafted: int, accepted: int, round_trip_s: float = 0.0, token_s: float = 0.0
@@ -77,13 +140,14 @@ def prefill(llama: Any, prompt: list[int]) -> int:
     return keep
 
 
-def draft_greedy(
+def draft_block(
     llama: Any,
     k: int,
     is_eog: Callable[[int], bool],
-    stop: Callable[[list[int]], bool] | None = None,
-) -> list[int]:
-    """Up to ``k`` argmax tokens from the current logits on.
+    pick: Pick = greedy_pick,
+    stop: Callable[[Draft], bool] | None = None,
+) -> Draft:
+    """Up to ``k`` tokens from the current logits on, each chosen by ``pick``.
 
     Every token is evaluated except an end token, after which nothing is drafted;
     ``stop(draft)``, asked after each token, ends the block early.
@@ -91,13 +155,13 @@ def draft_greedy(
     import llama_cpp
 
     n_vocab = llama.n_vocab()
-    draft: list[int] = []
+    draft = Draft()
     for _ in range(k):
         logits = np.ctypeslib.as_array(
             llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1), shape=(n_vocab,)
         )
-        token = int(logits.argmax())
-        draft.append(token)
+        draft.add(*pick(logits, llama.n_tokens))
+        token = draft.tokens[-1]
         if is_eog(token):
             break  # nothing follows an end token; it is not evaluated
         llama.eval([token])
@@ -108,11 +172,12 @@ def draft_greedy(
 
 def draft_ahead(
     llama: Any,
-    draft: list[int],
+    draft: Draft,
     limit: int,
     is_eog: Callable[[int], bool],
+    pick: Pick,
     pending: Future[tuple[int, int]],
-) -> list[int]:
+) -> Draft:
     """Draft the block after ``draft`` while its verification is ``pending``.
 
     The block assumes every draft is accepted; its first token is the guess of the
@@ -120,23 +185,23 @@ def draft_ahead(
     (at most one token is wasted after the verdict arrives), and not before
     ``limit`` otherwise: a block whose guess holds becomes the next draft.
     """
-    if limit < 2 or not draft or is_eog(draft[-1]):
-        return []  # no room for a next draft, or the draft model ended the answer
+    if limit < 2 or not draft.tokens or is_eog(draft.tokens[-1]):
+        return Draft()  # no room for a next draft, or the draft model ended the answer
 
-    def disproved(ahead: list[int]) -> bool:
+    def disproved(ahead: Draft) -> bool:
         if not pending.done():
             return False
         if pending.exception() is not None:
             return True
         accepted, next_token = pending.result()
-        return accepted < len(draft) or next_token != ahead[0]
+        return accepted < len(draft) or next_token != ahead.tokens[0]
 
-    return draft_greedy(llama, limit, is_eog, stop=disproved)
+    return draft_block(llama, limit, is_eog, pick, stop=disproved)
 
 
-def continues(draft: list[int], ahead: list[int], accepted: int, next_token: int) -> bool:
+def continues(draft: Draft, ahead: Draft, accepted: int, next_token: int) -> bool:
     """Whether the block drafted ahead is still valid after the verdict."""
-    return accepted == len(draft) and ahead[:1] == [next_token]
+    return accepted == len(draft) and ahead.tokens[:1] == [next_token]
 
 
 def rollback(llama: Any, context_len: int, accepted: int) -> None:
@@ -151,7 +216,7 @@ class DraftTimer:
         self._weight = weight
         self.token_s = 0.0
 
-    def draft(self, work: Callable[P, list[int]], *args: P.args, **kwargs: P.kwargs) -> list[int]:
+    def draft(self, work: Callable[P, Draft], *args: P.args, **kwargs: P.kwargs) -> Draft:
         """Run a drafting call and fold its per-token time into the average."""
         started = time.perf_counter()
         tokens = work(*args, **kwargs)

@@ -31,14 +31,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge.drafter import (
+    Draft,
     DraftLength,
     DraftTimer,
     Verifier,
     continues,
     draft_ahead,
-    draft_greedy,
+    draft_block,
+    greedy_pick,
     prefill,
     rollback,
+    sampled_pick,
 )
 from edge.errors import EngineError, QueueFullError, ServiceUnavailableError
 from edge.escalation import ConfidenceWatch, last_logits, token_logprob
@@ -75,7 +78,7 @@ class GenerationRequest:
     sampling: SamplingParams
     session_id: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    # Set for the speculative route: the cloud verifies drafts (greedy sampling only).
+    # Set for the speculative route: the cloud verifies drafts (greedy or sampled).
     verifier: Verifier | None = None
     fallback_to_edge: bool = True  # when verification fails mid-answer
     max_draft_tokens: int | None = None  # the policy's cap on the draft length
@@ -382,11 +385,15 @@ class LlamaEngine:
         budget = min(params.max_tokens, self.n_ctx - len(request.prompt_tokens))
         context = list(request.prompt_tokens)
         prefill(llama, context)
-        length, timer = DraftLength(), DraftTimer()
-        if request.max_draft_tokens is not None:  # the routing rule's cap
-            length.max_k = request.max_draft_tokens
-            length.k = min(length.k, length.max_k)
-        draft = timer.draft(draft_greedy, llama, max(1, min(length.k, budget - 1)), self._is_eog)
+        pick = (
+            greedy_pick
+            if params.greedy
+            else sampled_pick(params.temperature, params.top_p, params.seed)
+        )
+        length, timer = DraftLength(max_k=request.max_draft_tokens or 16), DraftTimer()
+        draft = timer.draft(
+            draft_block, llama, max(1, min(length.k, budget - 1)), self._is_eog, pick
+        )
         while True:
             if request.cancel.is_set():
                 stats.finish_reason = "cancelled"
@@ -395,7 +402,7 @@ class LlamaEngine:
             room = budget - stats.completion_tokens  # >= 1: the target adds one token
             pending, round_trip = self._send_for_verification(request.verifier, context, draft)
             limit = min(length.k + 1, room - len(draft) - 1)
-            ahead = timer.draft(draft_ahead, llama, draft, limit, self._is_eog, pending)
+            ahead = timer.draft(draft_ahead, llama, draft, limit, self._is_eog, pick, pending)
             try:
                 accepted, next_token = pending.result()
             except Exception as exc:
@@ -415,29 +422,29 @@ class LlamaEngine:
             kept = continues(draft, ahead, accepted, next_token)
             if not kept:
                 rollback(llama, len(context), accepted)  # drops the block ahead too
-            for token in [*draft[:accepted], next_token]:
+            for token in [*draft.tokens[:accepted], next_token]:
                 reason = self._accept_token(slot, token, assembler, stats, emit, budget)
                 if reason is not None:
                     stats.finish_reason = reason
                     return assembler.finish()
                 context.append(token)
             if kept and len(ahead) > 1:
-                draft = ahead[1:]  # drafted during the round trip; already evaluated
+                draft = ahead.after(1)  # drafted during the round trip; already evaluated
                 stats.pipelined_rounds += 1
                 continue
             if not kept:
                 llama.eval([next_token])  # the next draft continues from the target's token
-            room = budget - stats.completion_tokens
-            draft = timer.draft(draft_greedy, llama, max(1, min(length.k, room - 1)), self._is_eog)
+            k = max(1, min(length.k, budget - stats.completion_tokens - 1))
+            draft = timer.draft(draft_block, llama, k, self._is_eog, pick)
 
     @staticmethod
     def _send_for_verification(
-        verifier: Verifier, context: list[int], draft: list[int]
+        verifier: Verifier, context: list[int], draft: Draft
     ) -> tuple[Future[tuple[int, int]], Callable[[], float]]:
         """Start a verification; also a function giving its round trip once it is done."""
         sent = time.perf_counter()
         arrived: list[float] = []
-        pending = verifier(list(context), list(draft))
+        pending = verifier(list(context), draft)
         pending.add_done_callback(lambda _: arrived.append(time.perf_counter()))
         return pending, lambda: (arrived[0] if arrived else time.perf_counter()) - sent
 

@@ -20,7 +20,8 @@ import logging
 import time
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from mesh.errors import ProtocolError
 
@@ -152,11 +153,76 @@ class TokenChunk(WireMessage):
     error: ErrorInfo | None = None
 
 
+# Sampled speculation truncates both distributions to their most probable tokens: vLLM
+# returns at most ``max_logprobs`` (default 20) prompt logprobs per position.
+SPECULATIVE_TOP_K = 20
+
+
+def top_k_distribution(
+    token_ids: np.ndarray, scores: np.ndarray, temperature: float, top_p: float, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sampling distribution of speculative decoding at one position, on both sides.
+
+    ``scores`` are logits or logprobs of ``token_ids`` (any additive constant cancels).
+    Temperature divides them, as in softmax(logits / T); only the ``k`` highest-scoring
+    tokens keep probability (top-k after temperature equals top-k before: the order
+    does not change), renormalized; then top-p keeps the fewest most probable tokens
+    whose mass reaches ``top_p``, as vLLM does. The edge drafts from exactly this
+    distribution of its own logits; the worker builds the target's from vLLM's top-k
+    logprobs, so the tail beyond ``k`` is the one approximation (see docs/architecture.md).
+    """
+    assert temperature > 0 and 0 < top_p <= 1
+    k = min(k, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    top = top[np.argsort(-scores[top], kind="stable")]
+    scaled = scores[top].astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if top_p < 1:
+        # Keep a token while the mass before it is below top_p (the first always stays).
+        keep = (np.cumsum(probs) - probs) < top_p
+        probs = probs[keep] / probs[keep].sum()
+        top = top[keep]
+    # Tokens that underflowed to probability 0 cannot be sampled: leave them out.
+    positive = probs > 0
+    return token_ids[top[positive]], probs[positive]
+
+
+class DraftDistribution(WireMessage):
+    """The draft model's distribution at one drafted position (``top_k_distribution``).
+
+    The edge samples its draft token from exactly this distribution, so q on the
+    wire is exact; the drafted token is always in it.
+    """
+
+    kind: Literal["draft_distribution"] = "draft_distribution"
+    token_ids: list[int] = Field(min_length=1, max_length=SPECULATIVE_TOP_K)
+    probs: list[float] = Field(min_length=1, max_length=SPECULATIVE_TOP_K)
+
+    @model_validator(mode="after")
+    def _is_a_distribution(self) -> Self:
+        if len(self.token_ids) != len(self.probs):
+            raise ValueError("token_ids and probs differ in length")
+        if min(self.probs) <= 0 or abs(sum(self.probs) - 1) > 1e-4:
+            raise ValueError("probs must be positive and sum to 1")
+        if len(set(self.token_ids)) != len(self.token_ids):
+            raise ValueError("token_ids repeat")
+        return self
+
+    def dense(self, vocab_size: int) -> np.ndarray:
+        """The distribution as a vocabulary-sized probability vector."""
+        row = np.zeros(vocab_size)
+        row[self.token_ids] = self.probs
+        return row
+
+
 class VerifyRequest(WireMessage):
-    """Ask a worker to score an edge's draft tokens after a context (greedy rule).
+    """Ask a worker to score an edge's draft tokens after a context.
 
     ``context_token_ids`` is the whole prompt plus every token confirmed so far;
-    the worker's prefix cache makes re-sending it cheap.
+    the worker's prefix cache makes re-sending it cheap. Greedy unless ``sampling``
+    has a temperature above 0; then ``draft_distributions`` carries q at each
+    drafted position and the worker applies the rejection-sampling rule.
     """
 
     kind: Literal["verify_request"] = "verify_request"
@@ -165,14 +231,37 @@ class VerifyRequest(WireMessage):
     model: str = Field(min_length=1)
     context_token_ids: list[int] = Field(min_length=1)
     draft_token_ids: list[int] = Field(min_length=1, max_length=64)
+    sampling: SamplingParams | None = None
+    draft_distributions: list[DraftDistribution] | None = None
     deadline: float | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the rejection-sampling rule applies (temperature above 0)."""
+        return self.sampling is not None and (self.sampling.temperature or 0.0) > 0
+
+    @model_validator(mode="after")
+    def _distributions_match_the_draft(self) -> Self:
+        if not self.sampled:
+            if self.draft_distributions is not None:
+                raise ValueError("draft_distributions are for sampled verification only")
+            return self
+        dists = self.draft_distributions
+        if dists is None or len(dists) != len(self.draft_token_ids):
+            raise ValueError("sampled verification needs one draft distribution per draft token")
+        for i, (token, dist) in enumerate(zip(self.draft_token_ids, dists, strict=True)):
+            if token not in dist.token_ids:
+                raise ValueError(f"draft token {i} is not in its draft distribution")
+        return self
 
 
 class VerifyReply(WireMessage):
     """How many drafts the target accepts and the token it emits after them.
 
-    ``context_len`` echoes the request so a requester can reject a reply that
-    does not match its state instead of splicing it in.
+    ``context_len`` (and ``request_id``) echo the request so a requester can reject
+    a reply that does not match its state instead of splicing it in. ``margins``
+    (greedy only) is the target's top-1 minus top-2 logprob at each draft position
+    and at the next token's position: a small margin marks a numerical near-tie.
     """
 
     kind: Literal["verify_reply"] = "verify_reply"
@@ -182,6 +271,7 @@ class VerifyReply(WireMessage):
     accepted: int = Field(ge=0)
     next_token: int = Field(ge=0)
     cached_tokens: int = Field(ge=0)
+    margins: list[float] = Field(default_factory=list)
 
 
 class CancelRequest(WireMessage):

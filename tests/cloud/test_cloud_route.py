@@ -20,6 +20,7 @@ import pytest
 
 from mesh import subjects
 from mesh.protocol import (
+    DraftDistribution,
     GenerateAccepted,
     GenerateRequest,
     SamplingParams,
@@ -293,6 +294,22 @@ async def test_deadline_propagates_to_the_worker(
     assert time.monotonic() - started < 10  # 1500 tokens would take ~40 s
 
 
+async def _engine_busy_s(nc: nats.NATS) -> float:
+    """Summed ``engine_busy_s`` of the workers, from their micro-service STATS."""
+    inbox = nc.new_inbox()
+    replies: list[float] = []
+
+    async def collect(msg) -> None:  # type: ignore[no-untyped-def]
+        replies.append(float(json.loads(msg.data)["endpoints"][0]["data"]["engine_busy_s"]))
+
+    sub = await nc.subscribe(inbox, cb=collect)
+    await nc.publish(f"$SRV.STATS.{subjects.cloud_service_name(MODEL)}", b"", reply=inbox)
+    await asyncio.sleep(1.0)  # both workers answer well within this
+    await sub.unsubscribe()
+    assert replies, "no worker answered $SRV.STATS"
+    return sum(replies)
+
+
 async def _direct_generate(nc: nats.NATS, **overrides: object) -> list[TokenChunk]:
     inbox = nc.new_inbox()
     got: asyncio.Queue[TokenChunk] = asyncio.Queue()
@@ -354,9 +371,30 @@ async def test_verify_scores_drafts_against_the_greedy_target(
             assert not (reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers
             return VerifyReply.from_bytes(reply.data)
 
+        busy_before = await _engine_busy_s(nc)
         all_good = await verify(prompt, target[:6])
         assert (all_good.accepted, all_good.next_token) == (6, target[6])
         assert all_good.context_len == len(prompt)
+        # One margin per draft and one for the next token; greedy picks have margin >= 0.
+        assert len(all_good.margins) == 7 and min(all_good.margins) >= 0
+        assert await _engine_busy_s(nc) > busy_before  # the verification kept vLLM busy
+        # Sampled: a draft sure of the greedy tokens, a nearly-greedy target (T = 0.05):
+        # the rejection rule keeps them all.
+        sure = [DraftDistribution(token_ids=[t], probs=[1.0]) for t in target[:6]]
+        cold = SamplingParams(temperature=0.05, seed=3)
+        sampled = await nc.request(
+            subjects.cloud_verify(MODEL),
+            VerifyRequest(
+                request_id=uuid.uuid4().hex,
+                model=MODEL,
+                context_token_ids=prompt,
+                draft_token_ids=target[:6],
+                sampling=cold,
+                draft_distributions=sure,
+            ).to_bytes(),
+            timeout=30,
+        )
+        assert VerifyReply.from_bytes(sampled.data).accepted == 6
         wrong = (target[2] + 1) % 49152
         corrected = await verify(prompt, [*target[:2], wrong, *target[3:5]])
         assert (corrected.accepted, corrected.next_token) == (2, target[2])
@@ -379,43 +417,194 @@ SPEC_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
     "Write a short poem about the sea.",
     "Explain what a CPU does in two sentences.",
+    "Give three tips for staying focused while studying.",
+    "Describe a sunrise to someone who has never seen one.",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a haiku about winter.",
 ]
 
+# Where speculative and cloud-only greedy answers differ, the first differing position
+# must be a numerical near-tie of the target: its top-1 and top-2 logprobs closer than
+# this. Verification scores k positions in one batched pass while cloud-only decodes
+# one token per step; in fp32 the two round differently by ~1e-5 nats, so a flip needs
+# an almost exact tie. 0.01 nats is far above that noise and far below the margin of
+# any token a wrong rule (or a wrongly spliced reply) would produce.
+NEAR_TIE_NATS = 0.01
 
-def test_speculative_route_gives_the_cloud_models_greedy_answer(mesh_edge: EdgeProcess) -> None:
-    client = mesh_edge.client()
-    identical, rounds = 0, 0
-    for prompt in SPEC_PROMPTS:
-        messages = [{"role": "user", "content": prompt}]
-        cloud = client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=40, temperature=0, extra_headers=CLOUD
-        )
-        raw = client.chat.completions.with_raw_response.create(
-            model=f"{MODEL}@speculative", messages=messages, max_tokens=40, temperature=0
-        )
-        spec = raw.parse()
-        assert raw.headers["x-tandem-route"] == "speculative"
-        stats = _usage_extra(spec.usage)["speculative"]
-        assert stats["verify_rounds"] >= 1 and not stats["fell_back_to_edge"]
-        assert stats["accepted"] <= stats["drafted"]
-        rounds += stats["verify_rounds"]
-        identical += spec.choices[0].message.content == cloud.choices[0].message.content
-        assert spec.usage.completion_tokens <= 40  # type: ignore[union-attr]
-    # Greedy verification makes the answer the target's; a prompt may still differ at a
-    # numerical near-tie (batched verification vs token-by-token decoding).
-    print(f"speculative == cloud-only on {identical}/{len(SPEC_PROMPTS)} prompts")
-    assert identical >= len(SPEC_PROMPTS) - 1
+
+def _prompt_ids(messages: list[dict[str, str]]) -> list[int]:
+    from llama_cpp import Llama
+
+    from models.bundled import locate_bundled_gguf
+    from models.chat_template import load_template, render_chat
+
+    vocab = Llama(str(locate_bundled_gguf()), vocab_only=True, verbose=False)
+    text = render_chat(load_template("chatml_tools"), messages)
+    ids = list(vocab.tokenize(text.encode(), add_bos=False, special=True))
+    vocab.close()
+    return ids
+
+
+def _divergence(target_ids: list[int], text: str) -> int:
+    """How many of the target's tokens the other answer's text starts with."""
+    from llama_cpp import Llama
+
+    from models.bundled import locate_bundled_gguf
+    from models.vocab import llama_token_bytes
+
+    vocab = Llama(str(locate_bundled_gguf()), vocab_only=True, verbose=False)
+    piece = llama_token_bytes(vocab)
+    other, done, j = text.encode(), b"", 0
+    while j < len(target_ids) and other.startswith(done + piece(target_ids[j])):
+        done += piece(target_ids[j])
+        j += 1
+    vocab.close()
+    return j
+
+
+async def _verify(nc: nats.NATS, request: VerifyRequest) -> VerifyReply:
+    reply = await nc.request(subjects.cloud_verify(MODEL), request.to_bytes(), timeout=30)
+    assert not (reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers
+    return VerifyReply.from_bytes(reply.data)
+
+
+async def test_speculative_route_gives_the_cloud_models_greedy_answer(
+    mesh_edge: EdgeProcess, nats_server: EmbeddedNats
+) -> None:
+    """Token for token, except at a documented near-tie; reports how many were identical."""
+    client = mesh_edge.async_client()
+    nc = await nats.connect(nats_server.url)
+    identical, near_ties, rounds, pipelined = 0, [], 0, 0
+    try:
+        for prompt in SPEC_PROMPTS:
+            messages = [{"role": "user", "content": prompt}]
+            raw = await client.chat.completions.with_raw_response.create(
+                model=f"{MODEL}@speculative", messages=messages, max_tokens=40, temperature=0
+            )  # type: ignore[call-overload]
+            spec = raw.parse()
+            assert raw.headers["x-tandem-route"] == "speculative"
+            stats = _usage_extra(spec.usage)["speculative"]
+            assert stats["verify_rounds"] >= 1 and not stats["fell_back_to_edge"]
+            assert stats["accepted"] <= stats["drafted"]
+            rounds += stats["verify_rounds"]
+            pipelined += stats["pipelined_rounds"]
+            assert spec.usage.completion_tokens <= 40
+            chunks = await _direct_generate(
+                nc, messages=messages, sampling=SamplingParams(max_tokens=40, temperature=0)
+            )
+            target = [t for c in chunks for t in c.token_ids]
+            text = spec.choices[0].message.content or ""
+            if text == "".join(c.text for c in chunks):
+                identical += 1
+                continue
+            j = _divergence(target, text)
+            assert j < len(target), f"{prompt!r}: speculative ran past the cloud's answer"
+            context = _prompt_ids(messages) + target[:j]
+            scored = await _verify(
+                nc,
+                VerifyRequest(
+                    request_id=uuid.uuid4().hex,
+                    model=MODEL,
+                    context_token_ids=context,
+                    draft_token_ids=[target[j]],
+                ),
+            )
+            margin = scored.margins[0]
+            assert margin < NEAR_TIE_NATS, (
+                f"{prompt!r}: speculative differs from cloud-only at token {j}, where the "
+                f"target's top-2 margin is {margin:.4f} nats (not a near-tie):\n"
+                f"speculative: {text!r}\ncloud-only: {''.join(c.text for c in chunks)!r}"
+            )
+            near_ties.append((prompt, j, margin))
+    finally:
+        await nc.close()
+        await client.close()
+    print(
+        f"speculative == cloud-only on {identical}/{len(SPEC_PROMPTS)} prompts; "
+        f"near-tie divergences (prompt, token, margin): {near_ties}; "
+        f"{pipelined}/{rounds} rounds pipelined"
+    )
     metrics = mesh_edge.metrics()
     assert metrics["tandem_edge_speculative_verify_rounds_total"] >= rounds
     assert metrics["tandem_edge_speculative_accepted_tokens_total"] > 0
 
 
-def test_speculative_with_sampling_goes_to_the_cloud(mesh_edge: EdgeProcess) -> None:
-    raw = mesh_edge.client().chat.completions.with_raw_response.create(
-        model=f"{MODEL}@speculative", messages=COUNT, max_tokens=4, temperature=0.7
-    )
-    assert raw.headers["x-tandem-route"] == "cloud"
-    assert _usage_extra(raw.parse().usage)["rule"] == "speculative-needs-temperature-0"
+FRUIT = [{"role": "user", "content": "Name one fruit. Answer with a single word."}]
+
+
+async def test_sampled_speculation_runs_on_the_speculative_route(mesh_edge: EdgeProcess) -> None:
+    client = mesh_edge.async_client()
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=f"{MODEL}@speculative", messages=COUNT, max_tokens=24, temperature=0.8, seed=7
+        )  # type: ignore[call-overload]
+    finally:
+        await client.close()
+    assert raw.headers["x-tandem-route"] == "speculative"
+    answer = raw.parse()
+    stats = _usage_extra(answer.usage)["speculative"]
+    assert stats["verify_rounds"] >= 1 and not stats["fell_back_to_edge"]
+    # A quantized draft of the same model at T = 0.8 agrees with the target often.
+    assert 0.3 < stats["accepted"] / stats["drafted"] <= 1
+    assert answer.choices[0].message.content
+    assert 1 <= answer.usage.completion_tokens <= 24
+
+
+async def test_sampled_speculation_follows_the_cloud_models_distribution(
+    mesh_edge: EdgeProcess,
+) -> None:
+    """The first token of a sampled answer, speculative vs cloud-only, over 120 seeds each:
+    a two-sample chi-square test cannot tell them apart. (The target's distribution at
+    draft positions is truncated to its top 20 tokens: this checks that the effect is
+    not visible at this sample size, on a prompt with a spread-out first token.)"""
+    client = mesh_edge.async_client()
+    gate = asyncio.Semaphore(4)
+
+    async def first_token(route: str, seed: int) -> str:
+        async with gate:
+            answer = await client.chat.completions.create(
+                model=f"{MODEL}@{route}",
+                messages=FRUIT,
+                max_tokens=1,
+                temperature=1.0,
+                seed=seed,
+            )  # type: ignore[call-overload]
+        return answer.choices[0].message.content or ""
+
+    try:
+        seeds = range(120)
+        spec = await asyncio.gather(*(first_token("speculative", s) for s in seeds))
+        cloud = await asyncio.gather(*(first_token("cloud", 1000 + s) for s in seeds))
+    finally:
+        await client.close()
+    statistic, dof = _two_sample_chi_square(spec, cloud)
+    print(f"first-token chi-square {statistic:.1f} on {dof} dof; spec {sorted(set(spec))[:8]}")
+    assert dof >= 1, "the prompt's first token is not spread out enough to test"
+    assert statistic < _CHI2_999[dof], (statistic, dof)
+
+
+# 99.9% quantiles of the chi-square distribution by degrees of freedom.
+_CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12}
+
+
+def _two_sample_chi_square(a: list[str], b: list[str]) -> tuple[float, int]:
+    """Pearson's test of homogeneity; categories with fewer than 10 pooled go to 'other'."""
+    from collections import Counter
+
+    ca, cb = Counter(a), Counter(b)
+    keys = [k for k in ca.keys() | cb.keys() if ca[k] + cb[k] >= 10][:8]
+    rows = [(ca[k], cb[k]) for k in keys]
+    rest = (len(a) - sum(r[0] for r in rows), len(b) - sum(r[1] for r in rows))
+    if sum(rest):
+        rows.append(rest)
+    n_a, n_b = len(a), len(b)
+    statistic = 0.0
+    for x, y in rows:
+        total = x + y
+        for observed, n in ((x, n_a), (y, n_b)):
+            expected = total * n / (n_a + n_b)
+            statistic += (observed - expected) ** 2 / expected
+    return statistic, len(rows) - 1
 
 
 def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:  # type: ignore[no-untyped-def]

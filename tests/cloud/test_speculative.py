@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 
 from cloud.speculative import Verdict, verify_greedy, verify_sampled
+from mesh.errors import ProtocolError
+from mesh.protocol import DraftDistribution, SamplingParams, VerifyRequest, top_k_distribution
 
 
 def test_greedy_accepts_matching_prefix_and_corrects_the_first_mismatch() -> None:
@@ -62,3 +67,60 @@ def test_acceptance_rate_matches_theory() -> None:
     )
     expected = np.minimum(p, q).sum()
     assert abs(accepted / trials - expected) < 4 * np.sqrt(expected * (1 - expected) / trials)
+
+
+def test_top_k_distribution_is_tempered_truncated_and_nucleus_cut() -> None:
+    logits = np.array([2.0, 1.0, 0.0, -1.0, 3.0])
+    ids, probs = top_k_distribution(np.arange(5) + 100, logits, 0.5, 1.0, 3)
+    assert ids.tolist() == [104, 100, 101]  # the top 3, most probable first
+    expected = np.exp(np.array([3.0, 2.0, 1.0]) / 0.5)
+    assert np.allclose(probs, expected / expected.sum())
+    # Top-p keeps tokens while the mass before them is below p: 0.867 < 0.95 keeps two.
+    ids, probs = top_k_distribution(np.arange(5), logits, 0.5, 0.95, 3)
+    assert ids.tolist() == [4, 0] and np.isclose(probs.sum(), 1.0)
+    # Temperature divides logprobs as it divides logits: the normalizer cancels.
+    logprobs = logits - np.log(np.exp(logits).sum())
+    same = top_k_distribution(np.arange(5), logprobs, 0.7, 0.9, 4)
+    assert np.allclose(same[1], top_k_distribution(np.arange(5), logits, 0.7, 0.9, 4)[1])
+
+
+def test_sampled_verification_wants_one_draft_distribution_per_draft_token() -> None:
+    q = DraftDistribution(token_ids=[5, 9], probs=[0.75, 0.25])
+    fields = {"request_id": "r", "model": "m", "context_token_ids": [1, 2]}
+    hot = SamplingParams(temperature=0.8)
+    ok = VerifyRequest(**fields, draft_token_ids=[9], sampling=hot, draft_distributions=[q])
+    assert ok.sampled and ok.draft_distributions == [q]
+    greedy = VerifyRequest(**fields, draft_token_ids=[9], sampling=SamplingParams(temperature=0))
+    assert not greedy.sampled
+    hot_wire, q_wire = hot.model_dump(), [q.model_dump()]
+    for bad in (
+        {"draft_token_ids": [9], "sampling": hot_wire},  # no q
+        {"draft_token_ids": [7], "sampling": hot_wire, "draft_distributions": q_wire},  # 7 not in q
+        {"draft_token_ids": [9, 5], "sampling": hot_wire, "draft_distributions": q_wire},  # short
+        {"draft_token_ids": [9], "draft_distributions": q_wire},  # q without sampling
+    ):
+        with pytest.raises(ProtocolError):
+            VerifyRequest.from_bytes(json.dumps({**fields, **bad}))
+    with pytest.raises(ValueError):
+        DraftDistribution(token_ids=[1, 2], probs=[0.5, 0.4])  # not a distribution
+
+
+def test_per_position_generators_make_the_verdict_independent_of_round_grouping() -> None:
+    """A seeded answer replays whatever rounds its drafts came in: position i draws from
+    its own generator, so verifying [a, b] at once or [a] then [b] decides alike."""
+    rng = np.random.default_rng(5)
+    vocab = 7
+    p = np.stack([_random_dist(rng, vocab, 1.0) for _ in range(3)])
+    q = np.stack([_random_dist(rng, vocab, 1.0) for _ in range(2)])
+
+    def streams(start: int, n: int) -> list[np.random.Generator]:
+        return [np.random.default_rng([42, start + i, 1]) for i in range(n)]
+
+    for a in range(vocab):
+        for b in range(vocab):
+            both = verify_sampled([a, b], q, p, streams(0, 3))
+            first = verify_sampled([a], q[:1], np.stack([p[0], q[1]]), streams(0, 2))
+            if first.accepted == 1:  # the same uniform decided position 0 both times
+                assert both.accepted >= 1
+            else:
+                assert (both.accepted, both.next_token) == (0, first.next_token)

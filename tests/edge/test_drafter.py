@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 
 from cloud.speculative import verify_greedy
-from edge.drafter import DraftLength, Verifier
+from edge.drafter import Draft, DraftLength, Verifier
 from edge.engine import EngineConfig, FinishEvent, GenerationRequest, LlamaEngine, TokenEvent
 from edge.sampling import SamplingParams
 from models.bundled import locate_bundled_gguf
@@ -43,8 +43,9 @@ class ScriptedTarget:
         self.pool = ThreadPoolExecutor(4)
         self.calls = 0
 
-    def verify(self, context: list[int], draft: list[int]) -> Future[tuple[int, int]]:
+    def verify(self, context: list[int], block: Draft) -> Future[tuple[int, int]]:
         self.calls += 1
+        draft = block.tokens
         start = len(context) - self.prompt_len
         assert context[self.prompt_len :] == self.target[:start], "context left the target"
         wanted = self.target[start : start + len(draft) + 1]
