@@ -1,36 +1,52 @@
-"""Speculative route versus cloud-only, at emulated edge-cloud round-trip times, same run.
+"""Speculative route versus cloud-only: cloud engine-seconds per token and end-to-end speed.
 
-The edge (llama.cpp, core 0) and one vLLM worker (core 1) run as real processes
-on one NATS; the edge adds an emulated WAN round trip to every cloud request
-(``TANDEM_EDGE_EMULATED_RTT_MS``). For each RTT and concurrency, the same greedy
-requests go through the cloud-only route and the speculative route.
+The edge (llama.cpp) and one vLLM worker run as real processes on one NATS, the
+edge and this script's HTTP client pinned to core 0, the worker and its engine
+to core 1. The edge adds an emulated WAN round trip to every cloud request
+(``TANDEM_EDGE_EMULATED_RTT_MS``: half before the request, half after the reply).
+For each RTT and number of concurrent sessions, the same greedy requests go
+through the cloud-only route and the speculative route, one after the other.
 
-Reported per mode: end-to-end output tokens/s, acceptance rate, tokens per
-verification, and cloud forward passes per output token. The last is a proxy
-for cloud engine-seconds per token: cloud-only runs one decode step per output
-token; speculative runs one verification pass per round (each pass scores
-several positions, so it costs somewhat more than one decode step).
+Reported per cell:
 
-    python bench/speculative_bench.py --requests 8 --max-tokens 64
+- cloud engine-seconds per output token: the worker's ``engine_busy_s`` (wall
+  seconds during which vLLM had at least one request in it, read from its
+  ``$SRV.STATS``) over the cell, divided by the output tokens;
+- end-to-end output tokens/s (all sessions together);
+- acceptance rate, tokens per verification, and the share of rounds whose
+  draft was drafted during the previous round trip (pipelining).
+
+All edges of the run share core 0: 32 concurrent sessions on one edge core is
+32 devices' drafting on one core, so speculative tokens/s at high concurrency
+is bounded by that core, not by the cloud.
+
+    python bench/speculative_bench.py --quick      # RTT 20 ms, 1 and 8 sessions
+    python bench/speculative_bench.py              # RTT 0/20/50 ms x 1/8/32 sessions
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import nats
+
+from mesh import subjects
 from mesh.server import EmbeddedNats
 from tests.edge_process import EdgeProcess
 from tests.worker_process import WorkerProcess
 
 MODEL = "smollm2-135m"
 TOPICS = ["the sea", "trains", "coffee", "winter", "bees", "a library", "bread", "the moon"]
+EDGE_CORE, CLOUD_CORE = 0, 1
 
 
 def prompts(n: int) -> list[list[dict[str, str]]]:
@@ -38,81 +54,151 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": f"Write about {TOPICS[i % 8]} ({i})."}] for i in range(n)]
 
 
+@dataclass
+class Cell:
+    """One route at one RTT and concurrency: what it produced and what it cost."""
+
+    rtt_ms: float
+    sessions: int
+    route: str
+    requests: int = 0
+    tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    pipelined: int = 0
+    wall_s: float = 0.0
+    cloud_busy_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, float]:
+        """The reported figures."""
+        nan = float("nan")
+        return {
+            "tokens_per_s": self.tokens / self.wall_s,
+            "cloud_ms_per_token": 1000 * self.cloud_busy_s / max(1, self.tokens),
+            "acceptance": self.accepted / self.drafted if self.drafted else nan,
+            "tokens_per_verify": self.tokens / self.rounds if self.rounds else nan,
+            "pipelined_share": self.pipelined / self.rounds if self.rounds else nan,
+        }
+
+
+async def cloud_busy_s(nats_url: str) -> float:
+    """The worker's cumulative engine busy seconds, from its micro-service STATS."""
+    nc = await nats.connect(nats_url)
+    try:
+        reply = await nc.request(f"$SRV.STATS.{subjects.cloud_service_name(MODEL)}", b"", timeout=5)
+    finally:
+        await nc.close()
+    endpoints = json.loads(reply.data)["endpoints"]
+    return float(endpoints[0]["data"]["engine_busy_s"])
+
+
 async def run(
-    edge: EdgeProcess,
-    route: str,
-    chats: list[list[dict[str, str]]],
-    max_tokens: int,
-    concurrency: int,
-) -> dict[str, float]:
-    """Send every chat on ``route``; totals of tokens, verification stats and wall time."""
-    gate = asyncio.Semaphore(concurrency)
-    totals = {"tokens": 0.0, "drafted": 0.0, "accepted": 0.0, "rounds": 0.0}
-    async with edge.async_client(timeout=600) as client:
+    edge: EdgeProcess, nats_url: str, cell: Cell, chats: list[list[dict[str, str]]], max_tokens: int
+) -> None:
+    """Send every chat on the cell's route, ``cell.sessions`` at a time; fill in the cell."""
+    gate = asyncio.Semaphore(cell.sessions)
+    async with edge.async_client(timeout=900) as client:
 
         async def one(chat: list[dict[str, str]]) -> None:
             async with gate:
                 answer = await client.chat.completions.create(
                     model=MODEL,
-                    messages=chat,
+                    messages=chat,  # type: ignore[arg-type]
                     max_tokens=max_tokens,
-                    temperature=0,  # type: ignore[arg-type]
-                    extra_headers={"x-tandem-route": route},
+                    temperature=0,
+                    extra_headers={"x-tandem-route": cell.route},
                 )
-                assert answer.usage is not None
-                totals["tokens"] += answer.usage.completion_tokens
-                spec = (answer.usage.model_extra or {})["tandem"].get("speculative") or {}
-                totals["drafted"] += spec.get("drafted", 0)
-                totals["accepted"] += spec.get("accepted", 0)
-                totals["rounds"] += spec.get("verify_rounds", 0)
+            assert answer.usage is not None
+            tandem = (answer.usage.model_extra or {})["tandem"]
+            assert tandem["route"] == cell.route, tandem  # never silently served elsewhere
+            cell.tokens += answer.usage.completion_tokens
+            spec = tandem.get("speculative") or {}
+            cell.drafted += spec.get("drafted", 0)
+            cell.accepted += spec.get("accepted", 0)
+            cell.rounds += spec.get("verify_rounds", 0)
+            cell.pipelined += spec.get("pipelined_rounds", 0)
 
+        busy_before = await cloud_busy_s(nats_url)
         started = time.perf_counter()
         await asyncio.gather(*(one(c) for c in chats))
-        totals["wall_s"] = time.perf_counter() - started
-    return totals
+        cell.wall_s = time.perf_counter() - started
+        cell.cloud_busy_s = await cloud_busy_s(nats_url) - busy_before
+        cell.requests = len(chats)
+
+
+def grid(args: argparse.Namespace) -> tuple[list[float], list[int]]:
+    """The RTTs and session counts to run."""
+    if args.quick:
+        return [20.0], [1, 8]
+    return [float(r) for r in args.rtts.split(",")], [int(c) for c in args.sessions.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="RTT 20 ms, 1 and 8 sessions")
     parser.add_argument("--rtts", default="0,20,50", help="emulated RTTs in ms")
-    parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--sessions", default="1,8,32", help="concurrent sessions")
+    parser.add_argument("--min-requests", type=int, default=4, help="requests per cell, at least")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the cells here")
     args = parser.parse_args()
-    chats = prompts(args.requests)
-    rows = []
-    with EmbeddedNats() as nats:
-        worker = WorkerProcess(nats, "spec-bench", cpu_cores="1")
+    rtts, sessions = grid(args)
+    cells: list[Cell] = []
+    with EmbeddedNats() as mesh:
+        os.sched_setaffinity(0, {CLOUD_CORE})  # the worker and its engine inherit core 1
+        os.environ["TANDEM_CLOUD_CPU_CORES"] = str(CLOUD_CORE)  # vLLM's OMP threads too
+        worker = WorkerProcess(mesh, "spec-bench")
         worker.start()
+        os.sched_setaffinity(0, {EDGE_CORE})  # edges and this client: core 0
         worker.wait_ready()
-        for rtt in [float(r) for r in args.rtts.split(",")]:
-            os.sched_setaffinity(0, {0})  # the edge inherits core 0
-            with EdgeProcess(nats_url=nats.url, emulated_rtt_ms=rtt, n_threads=1) as edge:
-                os.sched_setaffinity(0, {0, 1})
+        for rtt in rtts:
+            edge_options = {"slots": max(sessions), "n_ctx": 512, "n_threads": 1}
+            with EdgeProcess(nats_url=mesh.url, emulated_rtt_ms=rtt, **edge_options) as edge:
                 time.sleep(2.5)  # heartbeats: the edge sees the worker
-                asyncio.run(run(edge, "speculative", chats[:1], 8, 1))  # warm-up
-                for c in [int(x) for x in args.concurrency.split(",")]:
+                warm = Cell(rtt, 1, "speculative")
+                asyncio.run(run(edge, mesh.url, warm, prompts(1), 8))
+                for n in sessions:
+                    chats = prompts(max(n, args.min_requests))
                     for route in ("cloud", "speculative"):
-                        t = asyncio.run(run(edge, route, chats, args.max_tokens, c))
-                        rows.append((rtt, c, route, t))
+                        cell = Cell(rtt, n, route)
+                        asyncio.run(run(edge, mesh.url, cell, chats, args.max_tokens))
+                        cells.append(cell)
+                        print(f"done: rtt {rtt:.0f} ms, {n} sessions, {route}", flush=True)
         worker.terminate()
+    report(cells, args)
+
+
+def report(cells: list[Cell], args: argparse.Namespace) -> None:
+    """A table (speculative next to cloud-only, with the ratios) and optional JSON."""
     print(
-        f"requests={args.requests} max_tokens={args.max_tokens} greedy; edge core 0, "
-        "vLLM worker core 1; emulated RTT added per cloud request"
+        f"\nmax_tokens={args.max_tokens}, greedy, fp32 cloud; edge+client core {EDGE_CORE}, "
+        f"vLLM worker core {CLOUD_CORE}; load {os.getloadavg()[0]:.2f} at the end"
     )
-    print(
-        f"{'RTT ms':>7}{'conc':>6}  {'route':<12}{'tok/s':>8}{'accept':>8}{'tok/verify':>11}"
-        f"{'cloud passes/token':>20}"
+    head = (
+        f"{'RTT':>4}{'sess':>5}  {'route':<12}{'tok/s':>7}{'cloud ms/tok':>13}"
+        f"{'accept':>8}{'tok/verify':>11}{'pipelined':>10}{'cost ratio':>11}{'speed ratio':>12}"
     )
-    for rtt, c, route, t in rows:
-        speculative = route == "speculative"
-        accept = t["accepted"] / t["drafted"] if speculative and t["drafted"] else float("nan")
-        per_verify = t["tokens"] / t["rounds"] if speculative and t["rounds"] else float("nan")
-        passes = t["rounds"] / t["tokens"] if speculative else 1.0
+    print(head)
+    base: dict[tuple[float, int], dict[str, float]] = {}
+    for cell in cells:
+        r = cell.row()
+        ratios = ""
+        if cell.route == "cloud":
+            base[(cell.rtt_ms, cell.sessions)] = r
+            ratios = f"{'':>11}{'':>12}"
+        else:
+            b = base[(cell.rtt_ms, cell.sessions)]
+            cost = r["cloud_ms_per_token"] / b["cloud_ms_per_token"]
+            ratios = f"{cost:>10.2f}x{r['tokens_per_s'] / b['tokens_per_s']:>11.2f}x"
         print(
-            f"{rtt:>7.0f}{c:>6}  {route:<12}{t['tokens'] / t['wall_s']:>8.1f}{accept:>8.2f}"
-            f"{per_verify:>11.2f}{passes:>20.3f}"
+            f"{cell.rtt_ms:>4.0f}{cell.sessions:>5}  {cell.route:<12}{r['tokens_per_s']:>7.1f}"
+            f"{r['cloud_ms_per_token']:>13.2f}{r['acceptance']:>8.2f}"
+            f"{r['tokens_per_verify']:>11.2f}{r['pipelined_share']:>10.2f}{ratios}"
         )
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(c), **c.row()} for c in cells], indent=1))
 
 
 if __name__ == "__main__":
