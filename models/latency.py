@@ -93,6 +93,9 @@ class EngineProfile(BaseModel):
     ttft: LinearFit = Field(description="seconds to first token vs uncached prompt tokens")
     tpot: LinearFit = Field(description="seconds per output token vs running batch size")
     max_batch: int = Field(ge=1, description="largest batch the sim may run at once")
+    max_step_tokens: int = Field(
+        ge=1, description="tokens one engine step may process (vLLM's max_num_batched_tokens)"
+    )
     kv_bytes_per_token: int = Field(ge=1, description="KV cache bytes one token occupies")
     ttft_samples: list[tuple[int, float]] = Field(default_factory=list)
     tpot_samples: list[tuple[int, float]] = Field(default_factory=list)
@@ -105,14 +108,19 @@ class EngineProfile(BaseModel):
         """Modelled duration of one decode step with ``batch`` running sequences."""
         return max(_MIN_STEP_S, self.tpot(max(1, batch)))
 
-    def prefill_extra_s(self, uncached_prompt_tokens: int) -> float:
-        """What admitting a prompt adds to a decode step: its TTFT beyond one step at batch 1.
+    @property
+    def prefill_s_per_token(self) -> float:
+        """What each prompt token evaluated adds to an engine step (the TTFT slope)."""
+        return max(0.0, self.ttft.slope)
 
-        At batch 1 this makes a prompt's first step take exactly ``ttft_s``; in a
-        busy batch the prompt's prefill is added to the shared step, as continuous
-        batching does.
+    @property
+    def prefill_fixed_s(self) -> float:
+        """What starting a prompt adds to its first step beyond a decode step at batch 1.
+
+        With it, a lone prompt that fits one step takes ``tpot_s(1) + this + slope·L``,
+        which is ``ttft_s(L)`` whenever the TTFT intercept is at least one decode step.
         """
-        return max(0.0, self.ttft_s(uncached_prompt_tokens) - self.tpot_s(1))
+        return max(0.0, self.ttft.intercept - self.tpot_s(1))
 
     @classmethod
     def fitted(
@@ -122,6 +130,7 @@ class EngineProfile(BaseModel):
         tpot_samples: Sequence[tuple[int, float]],
         *,
         max_batch: int,
+        max_step_tokens: int,
         kv_bytes_per_token: int,
     ) -> EngineProfile:
         """Fit both lines to (x, seconds) samples of the real engine."""
@@ -130,6 +139,7 @@ class EngineProfile(BaseModel):
             ttft=fit_line([x for x, _ in ttft_samples], [y for _, y in ttft_samples]),
             tpot=fit_line([x for x, _ in tpot_samples], [y for _, y in tpot_samples]),
             max_batch=max_batch,
+            max_step_tokens=max_step_tokens,
             kv_bytes_per_token=kv_bytes_per_token,
             ttft_samples=list(ttft_samples),
             tpot_samples=list(tpot_samples),

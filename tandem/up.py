@@ -74,7 +74,7 @@ def tandem_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tandem.cli", *args]
 
 
-def edge_role(host: str, port: int, nats_url: str, model: str) -> Role:
+def edge_role(host: str, port: int, nats_url: str, model: str, *, simulated: bool = False) -> Role:
     """The edge daemon, joined to the mesh; ready when ``/health`` answers."""
     argv = tandem_argv(
         "edge",
@@ -87,15 +87,18 @@ def edge_role(host: str, port: int, nats_url: str, model: str) -> Role:
         nats_url,
         "--model",
         model,
+        *(["--engine", "sim"] if simulated else []),
     )
     return Role("edge", argv, lambda: _answers(f"http://{host}:{port}/health"))
 
 
-def cloud_role(nats: EmbeddedNats, model: str, worker_id: str) -> Role:
+def cloud_role(nats: EmbeddedNats, model: str, worker_id: str, *, simulated: bool = False) -> Role:
     """A cloud worker; ready once it subscribes to its generate subject (~1-2 min on CPU)."""
     argv = tandem_argv(
         "cloud", "serve", "--nats-url", nats.url, "--model", model, "--worker-id", worker_id
     )
+    if simulated:
+        argv += ["--engine", "sim"]
     subject = subjects.worker(worker_id, "generate")
     return Role("cloud", argv, lambda: nats.subscribers(subject) > 0, ready_timeout_s=600.0)
 

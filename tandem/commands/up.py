@@ -15,6 +15,10 @@ def up(
     nats_port: Annotated[int, typer.Option(help="NATS client port (0: any free port).")] = 4222,
     model: Annotated[str, typer.Option(help="Catalog model pair.")] = "smollm2-135m",
     cloud: Annotated[bool, typer.Option(help="Also run a vLLM cloud worker.")] = True,
+    engine: Annotated[
+        str,
+        typer.Option(help="'real' (llama.cpp + vLLM), or 'sim': SIMULATED engines for scale runs."),
+    ] = "real",
 ) -> None:
     """Run NATS, a cloud worker (vLLM) and an edge daemon on this machine until Ctrl-C.
 
@@ -27,18 +31,23 @@ def up(
     from tandem.up import Role, StartupError, cloud_role, edge_role, run_mesh
 
     configure_logging("info")
+    if engine not in ("real", "sim"):
+        fail(f"--engine must be 'real' or 'sim', not {engine!r}")
+    simulated = engine == "sim"
 
     def ready(nats_url: str) -> None:
         typer.secho(
             f"\nTandem is up: OpenAI API at http://{host}:{port}/v1 (model {model!r}), "
-            f"NATS at {nats_url}{', cloud worker ready' if cloud else ''}. "
+            f"NATS at {nats_url}{', cloud worker ready' if cloud else ''}"
+            f"{' (SIMULATED engines: no model runs)' if simulated else ''}. "
             "Ctrl-C stops everything.\n",
             fg=typer.colors.GREEN,
         )
 
     def roles(nats: EmbeddedNats) -> list[Role]:
-        edge = edge_role(host, port, nats.url, model)
-        return [cloud_role(nats, model, "cloud-local-1"), edge] if cloud else [edge]
+        edge = edge_role(host, port, nats.url, model, simulated=simulated)
+        worker = cloud_role(nats, model, "cloud-local-1", simulated=simulated)
+        return [worker, edge] if cloud else [edge]
 
     try:
         run_mesh(

@@ -42,7 +42,8 @@ def test_a_negative_intercept_is_refitted_through_the_origin() -> None:
     xs, ys = [10, 100, 500, 1000], [0.05, 0.6, 4.0, 10.0]
     fit = fit_line(xs, ys)
     assert fit.intercept == 0.0
-    assert fit.slope == pytest.approx(sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs))
+    through_origin = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+    assert fit.slope == pytest.approx(through_origin)
     assert fit.r2 > 0.9
 
 
@@ -69,21 +70,23 @@ def test_shipped_profile_is_labelled_and_its_fits_come_from_its_samples() -> Non
     assert cloud.max_batch >= 32
 
 
-def _profile(max_batch: int = 64) -> EngineProfile:
+def _profile(max_batch: int = 64, max_step_tokens: int = 2048) -> EngineProfile:
     # ttft = 50 ms + 1 ms/token; tpot = 10 ms + 2 ms x batch.
     return EngineProfile(
         engine="test line",
         ttft=LinearFit(intercept=0.050, slope=0.001, r2=1.0, n=2),
         tpot=LinearFit(intercept=0.010, slope=0.002, r2=1.0, n=2),
         max_batch=max_batch,
+        max_step_tokens=max_step_tokens,
         kv_bytes_per_token=1024,
     )
 
 
 def test_prefill_adds_to_a_step_so_a_lone_prompt_takes_its_ttft() -> None:
     p = _profile()
-    assert p.tpot_s(1) + p.prefill_extra_s(200) == pytest.approx(p.ttft_s(200))
-    assert p.prefill_extra_s(0) == pytest.approx(0.050 + 0 - 0.012)
+    one_step = p.tpot_s(1) + p.prefill_fixed_s + 200 * p.prefill_s_per_token
+    assert one_step == pytest.approx(p.ttft_s(200))
+    assert p.prefill_fixed_s == pytest.approx(0.050 - 0.012)
 
 
 def test_prefix_cache_counts_whole_leading_blocks() -> None:
@@ -100,7 +103,9 @@ def test_prefix_cache_counts_whole_leading_blocks() -> None:
 
 @pytest.fixture
 async def sim_engine() -> AsyncIterator[SimVllmEngine]:
-    engine = SimVllmEngine(CloudSettings.model_validate({"engine": "sim", "kv_cache_gb": 1}), _profile())
+    engine = SimVllmEngine(
+        CloudSettings.model_validate({"engine": "sim", "kv_cache_gb": 1}), _profile()
+    )
     await engine.start()
     yield engine
     engine.shutdown()
@@ -134,7 +139,9 @@ async def test_concurrent_requests_batch_and_each_step_grows_with_the_batch(
     prompts = [sim_engine.vocab.tokenize(f"{i} question about batching") for i in range(8)]
     results = await asyncio.gather(*(_run(sim_engine, p, max_tokens=10) for p in prompts))
     p = sim_engine.profile
-    first_step = p.tpot_s(8) + sum(p.prefill_extra_s(len(t)) for t in prompts)
+    first_step = p.tpot_s(8) + sum(
+        p.prefill_fixed_s + p.prefill_s_per_token * len(t) for t in prompts
+    )
     for _, engine_s in results:
         # All 8 were admitted in one step; then 9 decode steps at batch 8.
         assert engine_s == pytest.approx(first_step + 9 * p.tpot_s(8), abs=1e-3)
@@ -142,7 +149,9 @@ async def test_concurrent_requests_batch_and_each_step_grows_with_the_batch(
 
 
 async def test_requests_past_the_batch_limit_wait_for_a_free_place() -> None:
-    engine = SimVllmEngine(CloudSettings.model_validate({"engine": "sim", "kv_cache_gb": 1}), _profile(max_batch=2))
+    engine = SimVllmEngine(
+        CloudSettings.model_validate({"engine": "sim", "kv_cache_gb": 1}), _profile(max_batch=2)
+    )
     await engine.start()
     try:
         prompts = [engine.vocab.tokenize(f"{i} waiting") for i in range(3)]
@@ -152,6 +161,24 @@ async def test_requests_past_the_batch_limit_wait_for_a_free_place() -> None:
     first_two, third = [s for _, s in results[:2]], results[2][1]
     assert first_two[0] == pytest.approx(first_two[1], abs=1e-3)
     assert third > first_two[0]  # it queued until one of the first two finished
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_of_the_step_budget() -> None:
+    engine = SimVllmEngine(
+        CloudSettings.model_validate({"engine": "sim", "kv_cache_gb": 1}),
+        _profile(max_step_tokens=100),
+    )
+    await engine.start()
+    try:
+        prompt = [engine.vocab.filler_token(i) for i in range(450)]
+        _, engine_s = await _run(engine, prompt, max_tokens=1)
+    finally:
+        engine.shutdown()
+    p = engine.profile
+    # 5 steps of at most 100 prompt tokens; the fifth emits the only token.
+    assert engine_s == pytest.approx(
+        5 * p.tpot_s(1) + p.prefill_fixed_s + 450 * p.prefill_s_per_token, abs=1e-3
+    )
 
 
 async def test_stop_sequences_end_a_simulated_answer(sim_engine: SimVllmEngine) -> None:

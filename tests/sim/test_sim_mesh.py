@@ -26,7 +26,7 @@ from mesh.connection import connect
 from mesh.protocol import NodeHeartbeat
 from mesh.server import EmbeddedNats, stop_process
 from models.sim_vocab import FILLER_TEXT
-from tests.edge_process import EdgeProcess
+from tests.edge_process import EdgeProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -171,3 +171,33 @@ def test_sim_nodes_say_so_in_their_heartbeats(
     assert beats["cloud"].simulated is True
     assert beats["cloud"].node_id == WORKER_ID
     assert beats["edge"].simulated is True
+
+
+def test_tandem_up_with_the_sim_engine_serves_labelled_answers(tmp_path: Path) -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "tandem.cli", "up", "--engine", "sim", "--nats-port", "0"]
+    argv += ["--port", str(port)]
+    env = {**os.environ, "TANDEM_HOME": str(tmp_path)}
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "Tandem is up" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        assert "SIMULATED" in log.read_text()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        with client:
+            time.sleep(2.5)  # the edge hears the worker's heartbeats
+            answer = client.chat.completions.create(
+                model=f"{MODEL}@cloud", messages=HELLO, max_tokens=6
+            )
+        assert answer.usage is not None
+        assert _tandem(answer.usage)["simulated"] is True
+        assert _tandem(answer.usage)["route"] == "cloud"
+    finally:
+        stop_process(proc, grace_s=20, name="tandem up", kill_group=True)
