@@ -20,6 +20,7 @@ from edge.openai_protocol import ChatCompletionRequest, NamedToolChoice
 from router.policy import RequestFeatures, ResponseFormat, ToolChoice
 
 ROUTE_HEADER = "x-tandem-route"
+RULE_HEADER = "x-tandem-rule"  # on responses: the policy rule that routed the answer
 TENANT_HEADER = "x-tandem-tenant"
 DEFAULT_TENANT = "default"
 _LEDGER_BUCKET_S = 60

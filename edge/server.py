@@ -63,6 +63,7 @@ from edge.registration import MeshRegistration
 from edge.routing import (
     DEFAULT_TENANT,
     ROUTE_HEADER,
+    RULE_HEADER,
     TENANT_HEADER,
     ComplexityScorer,
     Observations,
@@ -571,11 +572,16 @@ def _dump(value: Any) -> Any:
     return value.model_dump() if isinstance(value, BaseModel) else value
 
 
-def _streaming(body_iter: AsyncIterator[bytes], route: str) -> StreamingResponse:
+def _route_headers(ctx: AnswerContext) -> dict[str, str]:
+    """Where the answer runs and the policy rule that sent it there."""
+    return {ROUTE_HEADER: ctx.route, RULE_HEADER: ctx.rule or ""}
+
+
+def _streaming(body_iter: AsyncIterator[bytes], ctx: AnswerContext) -> StreamingResponse:
     return StreamingResponse(
         body_iter,
         media_type="text/event-stream",
-        headers={ROUTE_HEADER: route, "cache-control": "no-cache"},
+        headers={**_route_headers(ctx), "cache-control": "no-cache"},
     )
 
 
@@ -649,9 +655,9 @@ def _install_routes(app: FastAPI) -> None:
             if generation.escalation is not None:
                 events = _escalating(request, state, body, ctx, generation, events)
         if body.stream:
-            return _streaming(answers.stream_chat(events, ctx), ctx.route)
+            return _streaming(answers.stream_chat(events, ctx), ctx)
         answer = await _unless_disconnected(request, answers.collect_chat(events, ctx))
-        return JSONResponse(answer.model_dump(), headers={ROUTE_HEADER: ctx.route})
+        return JSONResponse(answer.model_dump(), headers=_route_headers(ctx))
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
@@ -668,14 +674,15 @@ def _install_routes(app: FastAPI) -> None:
             endpoint="completions",
             include_usage=body.include_usage(),
             id=new_id("cmpl"),
+            rule="text-completions",  # served on the edge only; the policy routes chat
         )
         events = await _prime(
             request, state.engine.generate(_generation(request, prompt, max_tokens, body))
         )
         if body.stream:
-            return _streaming(answers.stream_completion(events, ctx), ctx.route)
+            return _streaming(answers.stream_completion(events, ctx), ctx)
         answer = await _unless_disconnected(request, answers.collect_completion(events, ctx))
-        return JSONResponse(answer.model_dump(), headers={ROUTE_HEADER: ctx.route})
+        return JSONResponse(answer.model_dump(), headers=_route_headers(ctx))
 
 
 def serve(settings: EdgeSettings) -> None:

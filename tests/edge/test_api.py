@@ -39,6 +39,7 @@ def test_chat_non_streaming_usage_matches_the_tokenizer(edge: EdgeProcess, vocab
     )
     answer = raw.parse()
     assert raw.headers["x-tandem-route"] == "edge"
+    assert raw.headers["x-tandem-rule"] == "default"
     assert answer.object == "chat.completion"
     assert answer.choices[0].message.role == "assistant"
     assert answer.choices[0].message.content
