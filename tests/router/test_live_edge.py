@@ -212,3 +212,31 @@ def test_complexity_rules_use_the_shipped_classifier(
     request.write_text(json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}))
     out = policy_cli(mesh, "explain", str(request)).stdout
     assert "complexity=0." in out and "MATCH scored" in out
+
+
+def test_edit_reopens_on_errors_then_saves(mesh: EmbeddedNats, tmp_path: Path) -> None:
+    # A scripted $EDITOR: the first save is invalid, the second (seeing the errors on
+    # top, as a person would) is valid.
+    script = tmp_path / "editor.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        f"count = pathlib.Path({str(tmp_path / 'count')!r})\n"
+        "n = int(count.read_text()) if count.exists() else 0\n"
+        "count.write_text(str(n + 1))\n"
+        "path = pathlib.Path(sys.argv[1])\n"
+        "text = path.read_text()\n"
+        "if n == 0:\n"
+        "    path.write_text('rules: [{name: edited, route: nowhere}]\\n')\n"
+        "else:\n"
+        "    assert '#! invalid policy' in text and 'rules.0.route' in text, text\n"
+        "    path.write_text('# edited\\nrules: [{name: edited, route: edge}]\\n')\n"
+    )
+    env = {**os.environ, "TANDEM_NATS_URL": mesh.url, "EDITOR": f"{sys.executable} {script}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "policy", "edit"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "rules.0.route" in done.stderr  # the first attempt's error was shown
+    assert (tmp_path / "count").read_text() == "2"
+    assert policy_cli(mesh, "get").stdout == "# edited\nrules: [{name: edited, route: edge}]\n"
