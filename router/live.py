@@ -7,8 +7,8 @@ does not validate is never applied: the edge keeps the last good policy and
 reports the refusal (``rejected``, /health, /metrics and the ``applied`` subject).
 
 ``PolicyFollower`` watches the KV key (new revisions arrive within milliseconds)
-and also re-reads it every ``resync_s``, which covers a watch lost to a NATS
-restart without any special casing.
+and also re-reads it every ``resync_s``; after a reconnect (a NATS restart) it
+re-creates the watch, since a JetStream watch does not reliably survive one.
 """
 
 from __future__ import annotations
@@ -94,25 +94,24 @@ class PolicyFollower:
         live: LivePolicy,
         node_id: str,
         *,
-        resync_s: float = 5.0,
+        resync_s: float = 2.0,
     ) -> None:
         self._nc = nc
         self._live = live
         self._node_id = node_id
         self._resync_s = resync_s
-        self._tasks: list[asyncio.Task[None]] = []
+        self._watcher: asyncio.Task[None]
+        self._resyncer: asyncio.Task[None]
         self._reported: int | None = None
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._watch(), name="policy-watch"),
-            asyncio.create_task(self._resync(), name="policy-resync"),
-        ]
+        self._watcher = asyncio.create_task(self._watch(), name="policy-watch")
+        self._resyncer = asyncio.create_task(self._resync(), name="policy-resync")
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in (self._watcher, self._resyncer):
             task.cancel()
-        for task in self._tasks:
+        for task in (self._watcher, self._resyncer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -143,8 +142,13 @@ class PolicyFollower:
             await asyncio.sleep(1.0)
 
     async def _resync(self) -> None:
+        reconnects = self._nc.stats["reconnects"]
         while True:
             await asyncio.sleep(self._resync_s)
+            if self._nc.stats["reconnects"] != reconnects:
+                reconnects = self._nc.stats["reconnects"]
+                self._watcher.cancel()
+                self._watcher = asyncio.create_task(self._watch(), name="policy-watch")
             try:
                 store = await PolicyStore.open(self._nc)
                 stored = await store.current()
