@@ -6,6 +6,7 @@ Example::
     tandem edge serve --port 8080
     tandem cloud serve --nats-url nats://127.0.0.1:4222
     tandem status
+    tandem policy show        # the live routing policy (edit, set, history, explain)
     tandem models list
     tandem bench run --start-mesh
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import typer
 
 from mesh.version import __version__
-from tandem.commands import bench, cloud, edge, models, router, status, up
+from tandem.commands import bench, cloud, edge, models, policy, router, status, up
 
 app = typer.Typer(
     help="Tandem: a hybrid edge-cloud LLM inference mesh.",
@@ -26,6 +27,7 @@ app.add_typer(edge.app, name="edge")
 app.add_typer(cloud.app, name="cloud")
 app.add_typer(models.app, name="models")
 app.add_typer(router.app, name="router")
+app.add_typer(policy.app, name="policy")
 app.add_typer(bench.app, name="bench")
 app.command(name="up")(up.up)
 app.command(name="status")(status.status)
