@@ -68,6 +68,7 @@ class _Envelope(BaseModel):
     yaml: str
     author: str = ""
     message: str = ""
+    written_at: datetime | None = None  # KV reads by key do not return the message time
 
 
 def who() -> str:
@@ -81,15 +82,12 @@ def who() -> str:
 
 def _decode(entry: KeyValue.Entry) -> StoredPolicy:
     assert entry.revision is not None
-    written = (
-        datetime.fromtimestamp(entry.created / 1e9, UTC) if isinstance(entry.created, int) else None
-    )
     raw = (entry.value or b"").decode("utf-8", errors="replace")
     try:
         envelope = _Envelope.model_validate(json.loads(raw))
     except (ValueError, TypeError) as exc:
         return StoredPolicy(
-            entry.revision, raw, "", "", written, None, f"not a policy envelope: {exc}"
+            entry.revision, raw, "", "", None, None, f"not a policy envelope: {exc}"
         )
     try:
         policy = RoutingPolicy.from_yaml(envelope.yaml)
@@ -97,7 +95,13 @@ def _decode(entry: KeyValue.Entry) -> StoredPolicy:
     except PolicyError as exc:
         policy, error = None, str(exc)
     return StoredPolicy(
-        entry.revision, envelope.yaml, envelope.author, envelope.message, written, policy, error
+        entry.revision,
+        envelope.yaml,
+        envelope.author,
+        envelope.message,
+        envelope.written_at,
+        policy,
+        error,
     )
 
 
@@ -159,7 +163,9 @@ class PolicyStore:
         (0: nothing stored yet); returns the new revision. Raises PolicyError on an
         invalid policy, PolicyConflict when someone else wrote first."""
         RoutingPolicy.from_yaml(yaml_text)  # never store what edges would refuse
-        value = _Envelope(yaml=yaml_text, author=author or who(), message=message)
+        value = _Envelope(
+            yaml=yaml_text, author=author or who(), message=message, written_at=datetime.now(UTC)
+        )
         data = value.model_dump_json().encode()
         try:
             if expect_revision == 0:
