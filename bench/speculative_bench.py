@@ -149,6 +149,9 @@ def main() -> None:
     with EmbeddedNats() as mesh:
         os.sched_setaffinity(0, {CLOUD_CORE})  # the worker and its engine inherit core 1
         os.environ["TANDEM_CLOUD_CPU_CORES"] = str(CLOUD_CORE)  # vLLM's OMP threads too
+        # Verification re-sends the context each round; vLLM-CPU's default 128-token
+        # blocks would leave up to 127 of its tokens to recompute every time.
+        os.environ.setdefault("TANDEM_CLOUD_BLOCK_SIZE", "32")
         worker = WorkerProcess(mesh, "spec-bench")
         worker.start()
         os.sched_setaffinity(0, {EDGE_CORE})  # edges and this client: core 0
@@ -173,7 +176,8 @@ def main() -> None:
 def report(cells: list[Cell], args: argparse.Namespace) -> None:
     """A table (speculative next to cloud-only, with the ratios) and optional JSON."""
     print(
-        f"\nmax_tokens={args.max_tokens}, greedy, fp32 cloud; edge+client core {EDGE_CORE}, "
+        f"\nmax_tokens={args.max_tokens}, greedy, fp32 cloud, KV block "
+        f"{os.environ['TANDEM_CLOUD_BLOCK_SIZE']}; edge+client core {EDGE_CORE}, "
         f"vLLM worker core {CLOUD_CORE}; load {os.getloadavg()[0]:.2f} at the end"
     )
     head = (

@@ -21,7 +21,7 @@ import numpy as np
 from cloud.errors import BadGenerateRequestError, EngineFailedError
 from cloud.settings import CloudSettings
 from cloud.speculative import Verdict, verify_greedy, verify_sampled
-from mesh.protocol import SPECULATIVE_TOP_K, DraftDistribution, top_k_distribution
+from mesh.protocol import TARGET_TOP_K, DraftDistribution, top_k_distribution
 from mesh.protocol import SamplingParams as WireSampling
 from models.catalog import Catalog, ModelPair
 from models.chat_template import load_template
@@ -108,7 +108,7 @@ def _target_row(position: dict[int, Any], wire: WireSampling) -> tuple[np.ndarra
     ids = np.fromiter(position.keys(), dtype=np.int64)
     logprobs = np.fromiter((lp.logprob for lp in position.values()), dtype=np.float64)
     temperature = wire.temperature or 1.0
-    return top_k_distribution(ids, logprobs, temperature, wire.top_p or 1.0, SPECULATIVE_TOP_K)
+    return top_k_distribution(ids, logprobs, temperature, wire.top_p or 1.0, TARGET_TOP_K)
 
 
 def _stat_logger_factory(load: EngineLoad) -> Any:
@@ -170,6 +170,8 @@ class VllmEngine:
             max_model_len=self.settings.max_model_len,
             enable_prefix_caching=True,
             gpu_memory_utilization=self.settings.gpu_memory_utilization,
+            block_size=self.settings.block_size,
+            max_logprobs=TARGET_TOP_K,  # sampled verification reads this many per position
             disable_log_stats=False,
         )
         started = time.perf_counter()
@@ -284,7 +286,8 @@ class VllmEngine:
 
         Greedy: the top-2 at each position give the verdict and the near-tie margins.
         Sampled (``sampling.temperature > 0``, with q per draft): the target's
-        truncated distributions (``top_k_distribution`` of its top-k logprobs) and the
+        truncated distributions (``top_k_distribution`` of its top ``TARGET_TOP_K``
+        logprobs) and the
         draft's enter the rejection-sampling rule; the bonus row is vLLM's own sample
         from the full distribution, so an all-accepted round adds an exact sample.
         """
@@ -343,7 +346,7 @@ class VllmEngine:
                 temperature=sampling.temperature or 1.0,
                 top_p=sampling.top_p or 1.0,
                 seed=None if seed is None else seed % 2**31,
-                prompt_logprobs=SPECULATIVE_TOP_K,
+                prompt_logprobs=TARGET_TOP_K,
                 detokenize=False,
                 skip_reading_prefix_cache=not read_cache,
             )

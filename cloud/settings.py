@@ -34,6 +34,13 @@ class CloudSettings(BaseSettings):
         "(VLLM_CPU_OMP_THREADS_BIND); default lets vLLM pick",
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache block in tokens; prefix caching reuses whole blocks, so smaller "
+        "blocks leave less of a re-sent context to recompute (speculative verification "
+        "re-sends it every round). Default: vLLM's (128 on CPU, 16 on GPU)",
+    )
     tool_parser: str | None = Field(None, description="vLLM tool parser; the catalog's by default")
     heartbeat_s: float = Field(1.0, gt=0)
     keepalive_s: float = Field(0.5, gt=0, description="idle gap before a keepalive chunk")

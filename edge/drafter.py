@@ -18,7 +18,7 @@ Runs in an engine slot's thread (it owns the llama.cpp context):
    sequence. Either way the output is the cloud model's greedy output.
 
 Sampling (temperature > 0): each draft token is sampled from the draft model's
-``top_k_distribution`` (temperature, top-20, top-p), and that distribution q travels
+``top_k_distribution`` (temperature, top-``DRAFT_TOP_K``, top-p), and that distribution q travels
 with the draft; the worker applies the rejection-sampling rule against the target's
 distribution and returns how many it keeps plus a token sampled from the right
 distribution, so the edge goes on exactly as in the greedy case.
@@ -41,7 +41,7 @@ from typing import Any, ParamSpec
 import numpy as np
 
 from edge.sessions import common_prefix_len
-from mesh.protocol import SPECULATIVE_TOP_K, DraftDistribution, top_k_distribution
+from mesh.protocol import DRAFT_TOP_K, DraftDistribution, top_k_distribution
 
 P = ParamSpec("P")
 
@@ -95,7 +95,7 @@ def sampled_pick(temperature: float, top_p: float, seed: int | None) -> Pick:
     def pick(logits: np.ndarray, position: int) -> tuple[int, DraftDistribution | None]:
         rng = shared if seed is None else np.random.default_rng([seed, position, 0])
         ids, probs = top_k_distribution(
-            np.arange(len(logits)), logits, temperature, top_p, SPECULATIVE_TOP_K
+            np.arange(len(logits)), logits, temperature, top_p, DRAFT_TOP_K
         )
         token = int(ids[rng.choice(len(ids), p=probs)])
         return token, DraftDistribution(token_ids=ids.tolist(), probs=probs.tolist())

@@ -153,9 +153,14 @@ class TokenChunk(WireMessage):
     error: ErrorInfo | None = None
 
 
-# Sampled speculation truncates both distributions to their most probable tokens: vLLM
-# returns at most ``max_logprobs`` (default 20) prompt logprobs per position.
-SPECULATIVE_TOP_K = 20
+# Sampled speculation truncates both distributions to their most probable tokens. The
+# draft's q is exact whatever its width (the edge samples from the truncated q it
+# sends), so a narrow one only costs acceptance and bytes. The target's is the
+# approximation: vLLM gives at most ``max_logprobs`` prompt logprobs per position,
+# and every one is a Python object, so it is wide but finite (see docs/architecture.md
+# for the probability mass this leaves out).
+DRAFT_TOP_K = 20
+TARGET_TOP_K = 128
 
 
 def top_k_distribution(
@@ -168,8 +173,8 @@ def top_k_distribution(
     tokens keep probability (top-k after temperature equals top-k before: the order
     does not change), renormalized; then top-p keeps the fewest most probable tokens
     whose mass reaches ``top_p``, as vLLM does. The edge drafts from exactly this
-    distribution of its own logits; the worker builds the target's from vLLM's top-k
-    logprobs, so the tail beyond ``k`` is the one approximation (see docs/architecture.md).
+    distribution of its own logits (``DRAFT_TOP_K``); the worker builds the target's from
+    vLLM's top ``TARGET_TOP_K`` logprobs: the tail beyond them is the one approximation.
     """
     assert temperature > 0 and 0 < top_p <= 1
     k = min(k, len(scores))
@@ -196,8 +201,8 @@ class DraftDistribution(WireMessage):
     """
 
     kind: Literal["draft_distribution"] = "draft_distribution"
-    token_ids: list[int] = Field(min_length=1, max_length=SPECULATIVE_TOP_K)
-    probs: list[float] = Field(min_length=1, max_length=SPECULATIVE_TOP_K)
+    token_ids: list[int] = Field(min_length=1, max_length=DRAFT_TOP_K)
+    probs: list[float] = Field(min_length=1, max_length=DRAFT_TOP_K)
 
     @model_validator(mode="after")
     def _is_a_distribution(self) -> Self:
