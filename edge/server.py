@@ -532,7 +532,7 @@ async def _continuation(
 ) -> AsyncIterator[TokenEvent | FinishEvent]:
     """The rest of an escalated answer, on ``target``; the edge finishes it itself if the
     cloud is not there (per the policy's cloud_unavailable fallback)."""
-    if target == "cloud" or body.temperature != 0:
+    if target == "cloud":
         events = await _try_cloud(request, state, body, ctx, resume_token_ids=emitted)
         if events is not None:
             return events
@@ -543,7 +543,7 @@ async def _continuation(
         ),
         session_id=generation.session_id,
     )
-    if target == "speculative" and body.temperature == 0:
+    if target == "speculative":
         rest.verifier = _speculative_verifier(request, state, ctx, rest.sampling)
         rest.fallback_to_edge = state.policy.fallbacks.cloud_unavailable == "edge"
     return await _prime(request, state.engine.generate(rest))
