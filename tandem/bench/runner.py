@@ -268,6 +268,7 @@ class EngineMeter:
             return
         self._fleet = FleetView(self._nc)
         await self._fleet.start()
+        await self.settle()  # hear every worker once before the first reading
 
     async def close(self) -> None:
         """Stop listening."""
@@ -309,10 +310,16 @@ def engine_seconds(
     before: tuple[float | None, Mapping[str, float | None] | None],
     after: tuple[float | None, Mapping[str, float | None] | None],
 ) -> EngineSeconds:
-    """Busy seconds spent between two readings (workers heard in both)."""
+    """Busy seconds spent between two readings; None where a tier's time is unknown.
+
+    A worker first heard in the second reading makes the cloud's time unknown: its
+    counter started before the mode, so its share of the mode cannot be told.
+    """
     edge = None if before[0] is None or after[0] is None else after[0] - before[0]
     cloud: float | None = None
     if before[1] is not None and after[1] is not None:
+        if after[1].keys() - before[1].keys():
+            return EngineSeconds(edge=edge, cloud=None)
         total = 0.0
         for node in before[1].keys() & after[1].keys():
             was, now = before[1][node], after[1][node]

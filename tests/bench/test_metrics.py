@@ -137,9 +137,11 @@ def test_agreement_counts_equal_answers() -> None:
 
 
 def test_engine_seconds_are_deltas_over_workers_heard_twice() -> None:
-    before = (10.0, {"w1": 5.0, "w2": 1.0})
-    after = (12.5, {"w1": 7.0, "w2": 4.0, "w3": 100.0})  # w3 joined mid-way: not counted
+    before = (10.0, {"w1": 5.0, "w2": 1.0, "gone": 3.0})
+    after = (12.5, {"w1": 7.0, "w2": 4.0})  # a worker that left takes its time with it
     assert engine_seconds(before, after) == EngineSeconds(edge=2.5, cloud=5.0)
+    joined = (12.5, {"w1": 7.0, "w2": 4.0, "w3": 100.0})  # w3's share of the mode is unknown
+    assert engine_seconds(before, joined) == EngineSeconds(edge=2.5, cloud=None)
     assert engine_seconds((None, {}), (1.0, {})) == EngineSeconds(edge=None, cloud=0.0)
     assert engine_seconds((1.0, None), (2.0, None)).cloud is None  # no mesh heard
     assert engine_seconds((1.0, {"w": None}), (2.0, {"w": None})).cloud is None
