@@ -105,6 +105,7 @@ class CallRecord:
     stream: bool = False
     ttft_s: float | None = None
     simulated: bool = False
+    failure: str | None = None  # the exception type of a lost call
 
 
 @dataclass
@@ -188,8 +189,9 @@ async def one_call(http: Any, session: Session, t0: float) -> tuple[CallRecord, 
         record.e2e_s = time.perf_counter() - start
     except asyncio.CancelledError:
         raise
-    except Exception:  # a transport failure: the call is lost, counted, never retried
+    except Exception as exc:  # a transport failure: the call is lost, counted, never retried
         record.outcome = "lost"
+        record.failure = type(exc).__name__
     return record, text
 
 
@@ -279,7 +281,13 @@ async def client_main(spec: dict[str, Any]) -> None:
         )
         session.midway()
         sessions.append(session)
-    limits = httpx.Limits(max_connections=spec["max_connections"], max_keepalive_connections=None)
+    # Idle pooled connections expire well before uvicorn's 5 s keep-alive timeout: otherwise
+    # the client may send on a connection the server is closing (a race, not a mesh loss).
+    limits = httpx.Limits(
+        max_connections=spec["max_connections"],
+        max_keepalive_connections=None,
+        keepalive_expiry=2.0,
+    )
     timeout = httpx.Timeout(spec["call_timeout_s"], pool=spec["call_timeout_s"])
     records: list[CallRecord] = []
     in_call: set[str] = set()
@@ -429,13 +437,17 @@ def _edges_ready(urls: list[str]) -> bool:
         return False
 
 
-def _edge_request_counts(urls: list[str]) -> dict[str, float]:
+def _edge_request_counts(urls: list[str]) -> dict[str, float] | str:
     """Each edge's own ``tandem_edge_requests_total`` by status, summed over edges."""
     import httpx
 
     totals: dict[str, float] = {}
     for url in urls:
-        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        try:  # a saturated edge may still be working through abandoned requests
+            text = httpx.get(f"{url}/metrics", timeout=120).text
+        except httpx.HTTPError as exc:
+            return f"unavailable: {type(exc).__name__} from {url}"
+        for line in text.splitlines():
             if line.startswith("tandem_edge_requests_total{"):
                 labels, _, value = line.rpartition(" ")
                 status = labels.split('status="')[1].split('"')[0]
@@ -450,12 +462,13 @@ def _machine_busy() -> tuple[float, float]:
     return float(sum(values) - idle), float(sum(values))
 
 
-def run_level(args: argparse.Namespace, sessions: int, log_dir: Path) -> dict[str, Any]:
+def run_level(args: argparse.Namespace, sessions: int) -> dict[str, Any]:
     """One run on a fresh mesh with ``sessions`` concurrent sessions."""
     from mesh.server import EmbeddedNats, stop_process
 
     procs: list[Proc] = []
-    work = Path(tempfile.mkdtemp(prefix="tandem-scale-", dir=log_dir))
+    work = Path(tempfile.mkdtemp(prefix="tandem-scale-"))  # every process's log, kept
+    print(f"  logs: {work}", flush=True)
     with EmbeddedNats(store_dir=work / "nats") as nats:
         try:
             return _run_on_mesh(args, sessions, nats, procs, work)
@@ -589,7 +602,7 @@ def summarize(
     args: argparse.Namespace,
     sessions: int,
     results: list[dict[str, Any]],
-    edge_counts: dict[str, float],
+    edge_counts: dict[str, float] | str,
     *,
     baseline: dict[str, int],
     peak: dict[str, int],
@@ -611,7 +624,8 @@ def summarize(
     outcomes = {k: sum(1 for r in records if r["outcome"] == k) for k in ("ok", "error", "lost")}
     statuses: dict[str, int] = {}
     for r in records:
-        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        key = str(r["status"]) if r["status"] else f"no response ({r['failure']})"
+        statuses[key] = statuses.get(key, 0) + 1
     mem = {role: peak.get(role, 0) - baseline.get(role, 0) for role in baseline}
     edge_client = mem.get("edge", 0) + mem.get("client", 0)
     window = args.duration_s - args.warmup_s
@@ -709,6 +723,9 @@ def main() -> None:
     parser.add_argument("--max-connections", type=int, default=4096)
     parser.add_argument("--slo-p95-ms", type=float, default=250.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--keep-going", action="store_true", help="run every level, even past saturation"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale"))
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--host-workers", help=argparse.SUPPRESS)
@@ -726,13 +743,14 @@ def main() -> None:
     levels = []
     for sessions in args.sessions:
         print(f"[{LABEL}] {sessions} sessions ...", flush=True)
-        level = run_level(args, sessions, args.out)
+        level = run_level(args, sessions)
         level["verdict"] = breaks_slo(level, args.slo_p95_ms)
         levels.append(level)
         print(json.dumps(level, indent=1), flush=True)
         if level["verdict"]:
             print(f"saturated at {sessions} sessions: {level['verdict']}", flush=True)
-            break
+            if not args.keep_going:
+                break
     report = {"label": LABEL, "command": " ".join(sys.argv), "args": vars(args), "levels": levels}
     (args.out / "scale.json").write_text(json.dumps(report, indent=1, default=str))
     table = markdown(levels, args)
