@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
 import pytest
 
@@ -92,6 +93,6 @@ async def test_the_slot_queue_is_fifo_bounded_and_counted_in_engine_time(
 
 async def test_the_speculative_route_is_refused(engine: SimEngine) -> None:
     request = _request(engine.tokenize("Hi"), None)
-    request.verifier = lambda context, draft: (0, 0)
+    request.verifier = lambda context, draft: Future()  # never called: refused up front
     with pytest.raises(InvalidRequestError):
         await _generate(engine, request)
