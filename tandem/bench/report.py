@@ -118,6 +118,7 @@ def plot(report: BenchReport, curves: dict[str, list[float]], out_dir: Path) -> 
     for mode, values in curves.items():
         ordered = sorted(values)
         ax.step(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=mode)
+    ax.set_xscale("log")  # latencies span queueing (tens of s) down to cached edge turns
     ax.set(xlabel="turn latency (ms)", ylabel="share of calls", title="Turn latency CDF")
     ax.legend()
     fig.tight_layout()

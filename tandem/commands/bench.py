@@ -7,6 +7,7 @@ tandem bench run --start-mesh --concurrency 1,4   # its own mesh, engines pinned
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -48,6 +49,10 @@ class _RichProgress:
         self._failed[label] += failed
         note = f"{label} ({self._failed[label]} failed)" if self._failed[label] else label
         self._progress.update(self._tasks[label], advance=1, description=note)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _ints(text: str) -> list[int]:
@@ -175,6 +180,8 @@ def run(
         command="tandem bench run "
         + shlex.join(sys.argv[3:] if sys.argv[1:3] == ["bench", "run"] else []),
     )
+    # SIGTERM unwinds like Ctrl-C, so a --start-mesh run stops its NATS, worker and edge.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         options.cost = CostModel(
             edge_usd_per_engine_hour=edge_usd_per_hour, cloud_usd_per_engine_hour=cloud_usd_per_hour
@@ -198,6 +205,10 @@ def run(
         fail(f"invalid {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
     except BenchError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing written", code=130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(headline_table(report))
     console.print(latency_table(report.results))
     typer.echo("\n".join(str(p) for p in paths))
