@@ -153,7 +153,7 @@ def grid_run(
                     cell = Cell(rtt, n, route)
                     asyncio.run(run(edge, mesh.url, cell, chats, args.max_tokens))
                     cells.append(cell)
-                    print(f"done: rtt {rtt:.0f} ms, {n} sessions, {route}", flush=True)
+                    print(f"done: {asdict(cell)} {cell.row()}", flush=True)
     return cells
 
 

@@ -93,8 +93,8 @@ class Delta:
 
 
 def _rank1(position: dict[int, Any]) -> int:
-    """The token vLLM ranks first among a position's prompt logprobs."""
-    return next(token for token, logprob in position.items() if logprob.rank == 1)
+    """The most probable token among a position's prompt logprobs."""
+    return max(position.items(), key=lambda item: item[1].logprob)[0]
 
 
 def _margin(position: dict[int, Any]) -> float:
@@ -281,20 +281,23 @@ class VllmEngine:
         ``prompt_logprobs`` gives the target's top tokens at each draft position; the
         one generated token is the bonus after the last draft. vLLM skips the prefix
         cache for such requests by default (a full prefill); reading it is safe as
-        long as every draft position lies at or past ``num_cached_tokens`` (positions
-        below it hold garbage), which the check below enforces.
+        long as the model computes the hidden state that predicts the first draft, at
+        position ``len(context) - 1``: vLLM computes positions from ``num_cached_tokens``
+        on, and logprobs read from cached positions are garbage. So a pass that found
+        the whole context cached (a context ending on a block boundary) runs again
+        without the cache.
 
         Greedy: the top-2 at each position give the verdict and the near-tie margins.
         Sampled (``sampling.temperature > 0``, with q per draft): the target's
         truncated distributions (``top_k_distribution`` of its top ``TARGET_TOP_K``
-        logprobs) and the
-        draft's enter the rejection-sampling rule; the bonus row is vLLM's own sample
-        from the full distribution, so an all-accepted round adds an exact sample.
+        logprobs) and the draft's enter the rejection-sampling rule; the bonus row is
+        vLLM's own sample from the full distribution, so an all-accepted round adds an
+        exact sample.
         """
         sampled = sampling is not None and (sampling.temperature or 0.0) > 0
         tokens = context + draft
         final = await self._score(request_id, tokens, read_cache=True, sampling=sampling)
-        if final.num_cached_tokens > len(context):
+        if final.num_cached_tokens >= len(context):
             final = await self._score(
                 f"{request_id}-nocache", tokens, read_cache=False, sampling=sampling
             )

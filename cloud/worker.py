@@ -217,6 +217,10 @@ class CloudWorker:
         except CloudError as exc:
             await msg.respond_error(str(exc.status), str(exc))
             return
+        except Exception as exc:  # never leave the edge waiting for a reply that won't come
+            logger.exception("verification %s failed", request.request_id)
+            await msg.respond_error("500", str(EngineFailedError(f"verification failed: {exc}")))
+            return
         await msg.respond(
             VerifyReply(
                 request_id=request.request_id,

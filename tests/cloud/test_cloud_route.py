@@ -296,6 +296,35 @@ async def test_deadline_propagates_to_the_worker(
     assert time.monotonic() - started < 10  # 1500 tokens would take ~40 s
 
 
+async def _verify_on_a_block_boundary(nc: nats.NATS, prompt: list[int]) -> None:
+    """A context that ends where a cached KV block ends: vLLM then computes nothing
+    before the first draft, and its logprobs there would be garbage; the worker must
+    notice and score without the cache."""
+    block = 128  # vLLM-CPU's default KV block (the test workers keep it)
+    chunks = await _direct_generate(
+        nc, messages=COUNT, sampling=SamplingParams(max_tokens=block, temperature=0)
+    )
+    full = prompt + [t for c in chunks for t in c.token_ids]
+    assert len(full) >= block + 4, len(full)
+    worker = subjects.worker("worker-a", "verify")  # one worker, so its cache is the one
+
+    async def verify(context: list[int], draft: list[int]) -> VerifyReply:
+        request = VerifyRequest(
+            request_id=uuid.uuid4().hex,
+            model=MODEL,
+            context_token_ids=context,
+            draft_token_ids=draft,
+        )
+        reply = await nc.request(worker, request.to_bytes(), timeout=60)
+        assert not (reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers
+        return VerifyReply.from_bytes(reply.data)
+
+    warm = await verify(full[: block + 1], full[block + 1 : block + 3])  # caches block 0
+    assert warm.accepted == 2
+    edge = await verify(full[:block], full[block : block + 3])
+    assert (edge.accepted, edge.next_token) == (3, full[block + 3])
+
+
 async def _engine_busy_s(nc: nats.NATS) -> float:
     """Summed ``engine_busy_s`` of the workers, from their micro-service STATS."""
     inbox = nc.new_inbox()
@@ -402,6 +431,7 @@ async def test_verify_scores_drafts_against_the_greedy_target(
         assert (corrected.accepted, corrected.next_token) == (2, target[2])
         later = await verify(prompt + target[:6], target[6:9])
         assert (later.accepted, later.next_token) == (3, target[9])
+        await _verify_on_a_block_boundary(nc, prompt)
         bad = await nc.request(
             subjects.cloud_verify(MODEL),
             VerifyRequest(
