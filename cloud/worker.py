@@ -221,6 +221,9 @@ class CloudWorker:
             logger.exception("verification %s failed", request.request_id)
             await msg.respond_error("500", str(EngineFailedError(f"verification failed: {exc}")))
             return
+        if not 0 <= verdict.next_token < vocab:  # never hand an edge a token it cannot hold
+            await msg.respond_error("500", f"the target produced token {verdict.next_token}")
+            return
         await msg.respond(
             VerifyReply(
                 request_id=request.request_id,

@@ -205,8 +205,14 @@ def continues(draft: Draft, ahead: Draft, accepted: int, next_token: int) -> boo
 
 
 def rollback(llama: Any, context_len: int, accepted: int) -> None:
-    """Keep the KV of the context and the accepted drafts; the next eval overwrites the rest."""
+    """Keep the KV of the context and the accepted drafts; the next eval overwrites the rest.
+
+    The logits now belong to a dropped token: flag them stale, or llama-cpp-python's
+    ``generate`` (the edge fallback) would sample from them when the context it is
+    given is exactly the kept one.
+    """
     llama.n_tokens = context_len + accepted
+    llama._requires_eval = True
 
 
 class DraftTimer:

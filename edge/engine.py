@@ -404,7 +404,7 @@ class LlamaEngine:
             limit = min(length.k + 1, room - len(draft) - 1)
             ahead = timer.draft(draft_ahead, llama, draft, limit, self._is_eog, pick, pending)
             try:
-                accepted, next_token = pending.result()
+                accepted, next_token = self._checked(pending.result(), draft)
             except Exception as exc:
                 if not request.fallback_to_edge:
                     raise
@@ -436,6 +436,14 @@ class LlamaEngine:
                 llama.eval([next_token])  # the next draft continues from the target's token
             k = max(1, min(length.k, budget - stats.completion_tokens - 1))
             draft = timer.draft(draft_block, llama, k, self._is_eog, pick)
+
+    def _checked(self, verdict: tuple[int, int], draft: Draft) -> tuple[int, int]:
+        """The verdict, if it can belong to this draft: a token outside the vocabulary
+        would crash llama.cpp, so such a reply counts as a failed verification."""
+        accepted, next_token = verdict
+        if not (0 <= accepted <= len(draft) and 0 <= next_token < self.n_vocab):
+            raise EngineError(f"verify reply out of range: {accepted} accepted, {next_token}")
+        return accepted, next_token
 
     @staticmethod
     def _send_for_verification(

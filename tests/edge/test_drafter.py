@@ -107,3 +107,26 @@ def test_draft_length_follows_acceptance_and_covers_the_round_trip() -> None:
     assert length.k == 16
     length.update(drafted=16, accepted=0, round_trip_s=1.0, token_s=0.005)
     assert length.k == 1
+
+
+@pytest.mark.timeout(120)
+async def test_a_verdict_outside_the_vocabulary_is_a_failed_verification(
+    engine: LlamaEngine,
+) -> None:
+    """Such a token would crash llama.cpp: the edge finishes the answer itself instead."""
+    prompt = engine.tokenize(PROMPT)
+    own, _ = await _run(engine, prompt, 12, None)
+    pool = ThreadPoolExecutor(1)
+
+    def corrupt(context: list[int], draft: Draft) -> Future[tuple[int, int]]:
+        return pool.submit(lambda: (0, engine.n_vocab + 5))
+
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=12, temperature=0.0))
+    request.verifier, request.fallback_to_edge = corrupt, True
+    tokens: list[int] = []
+    async for event in engine.generate(request):
+        if isinstance(event, TokenEvent):
+            tokens.extend(event.token_ids)
+        else:
+            finish = event
+    assert finish.stats.fell_back and tokens == own
