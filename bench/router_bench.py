@@ -5,7 +5,9 @@ llama.cpp edge answers compared with real fp32 cloud answers):
 
 - the classifier's cost/quality curve (threshold sweep) against the rules-only
   family (tools -> cloud, prompt >= L tokens -> cloud, every L; and the same
-  without the tools rule), and against routing at random;
+  without the tools rule), against routing at random, and against
+  `prompt < L -> cloud` (short prompts first: a sanity check, since agreement
+  counts requests while cost counts tokens);
 - at equal agreement with cloud-only answers, the share of cloud tokens the
   classifier saves against the cheapest rule reaching that agreement.
 
@@ -36,12 +38,14 @@ from models import Catalog
 from models.settings import tandem_home
 from router.classifier import ComplexityClassifier
 from router.training.evaluation import (
+    cheapest_at,
     classifier_curve,
     operating_point,
     roc_auc,
     rules_curve,
     rules_frontier,
     savings_at,
+    short_first_curve,
 )
 from router.training.fit import FitSettings
 from router.training.labels import read_labels
@@ -99,6 +103,7 @@ def quality(classifier: ComplexityClassifier, test: list) -> dict:
     examples = to_examples(test)
     ours = classifier_curve(examples, scores)
     rules = rules_frontier(examples)
+    short_first = short_first_curve(examples)
     lengths = np.array([e.prompt_tokens for e in examples])
     tools = np.array([e.has_tools for e in examples])
     default = operating_point(examples, tools | (lengths >= DEFAULT_RULES_LONG_CONTEXT))
@@ -106,10 +111,15 @@ def quality(classifier: ComplexityClassifier, test: list) -> dict:
     rows = []
     for level in sorted({*REPORTED_AGREEMENTS, round(default.agreement, 4)}):
         saved = savings_at(ours, rules, level)
-        if saved is None:
+        ours_req, rules_req = cheapest_at(ours, level, True), cheapest_at(rules, level, True)
+        short = cheapest_at(short_first, level)
+        if saved is None or ours_req is None or rules_req is None or short is None:
             continue
         rows.append(
             {
+                "classifier_requests": ours_req.cloud_request_share,
+                "rules_requests": rules_req.cloud_request_share,
+                "short_first": short.cloud_token_share,
                 "agreement": level,
                 "classifier": saved.classifier.cloud_token_share,
                 "threshold": saved.classifier.threshold,
@@ -173,15 +183,17 @@ def print_result(result: dict) -> None:
         f"{DEFAULT_RULES_LONG_CONTEXT} tokens): agreement {d['agreement']:.3f} at "
         f"{d['cloud_token_share']:.3f} of cloud tokens"
     )
+    print("cloud token share to reach each agreement (then request share, RouteLLM's axis):")
     print(
         f"{'agreement':>9} {'classifier':>10} {'(thresh)':>9} {'rules':>6} {'(L)':>6} "
-        f"{'random':>6} {'saved vs rules':>14}"
+        f"{'random':>6} {'short-first':>11} {'saved vs rules':>14} {'req: cls':>8} {'rules':>6}"
     )
     for row in q["at_equal_agreement"]:
         print(
             f"{row['agreement']:>9.3f} {row['classifier']:>10.3f} {row['threshold']:>9.3f} "
             f"{row['rules']:>6.3f} {row['rule_cut_tokens']:>6.0f} {row['random']:>6.3f} "
-            f"{row['saved_vs_rules']:>+14.1%}"
+            f"{row['short_first']:>11.3f} {row['saved_vs_rules']:>+14.1%} "
+            f"{row['classifier_requests']:>8.3f} {row['rules_requests']:>6.3f}"
         )
     print(
         f"scoring latency (features + ONNX, core {lat['core']}, {lat['calls']} calls, prompts "

@@ -101,15 +101,33 @@ def rules_curve(examples: Sequence[Example], tools_to_cloud: bool = True) -> lis
     return [operating_point(examples, tools | (lengths >= cut), float(cut)) for cut in cuts]
 
 
+def short_first_curve(examples: Sequence[Example]) -> list[CurvePoint]:
+    """Every operating point of `prompt < L -> cloud`: a sanity check, not a policy.
+
+    Agreement counts requests while cost counts tokens, so sending the shortest
+    prompts to the cloud buys agreement at the lowest token price. A router
+    that beats the rules only by preferring short prompts would show it here.
+    """
+    lengths = np.array([e.prompt_tokens for e in examples])
+    cuts = sorted({*lengths.tolist(), int(lengths.max()) + 1})
+    return [operating_point(examples, lengths < cut, float(cut)) for cut in cuts]
+
+
 def rules_frontier(examples: Sequence[Example]) -> list[CurvePoint]:
     """The rules-only family: length cut-offs with and without `tools -> cloud`."""
     return rules_curve(examples, True) + rules_curve(examples, False)
 
 
-def cheapest_at(curve: Sequence[CurvePoint], agreement: float) -> CurvePoint | None:
-    """The lowest-cost point reaching `agreement`, or None if none does."""
+def cheapest_at(
+    curve: Sequence[CurvePoint], agreement: float, by_requests: bool = False
+) -> CurvePoint | None:
+    """The lowest-cost point reaching `agreement` (cost in tokens, or in requests)."""
     reaching = [p for p in curve if p.agreement >= agreement - 1e-12]
-    return min(reaching, key=lambda p: p.cloud_token_share) if reaching else None
+    if not reaching:
+        return None
+    if by_requests:
+        return min(reaching, key=lambda p: p.cloud_request_share)
+    return min(reaching, key=lambda p: p.cloud_token_share)
 
 
 @dataclass(frozen=True)

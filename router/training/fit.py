@@ -41,19 +41,21 @@ class FitSettings:
     """Everything that decides the fitted model besides the labels."""
 
     seed: int = 0
-    pca_dims: int = 32
     test_share: float = 0.25
     val_share: float = 0.2
     epochs: int = 300
     learning_rate: float = 0.01
+    # The validation grid. pca_dims: width of the pooled embedding (0: structural only).
+    pca_dims: tuple[int, ...] = (8, 16, 32)
     hidden_sizes: tuple[int, ...] = (0, 16)  # 0: logistic regression
-    weight_decays: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    weight_decays: tuple[float, ...] = (1e-2, 1e-1)
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One hyperparameter configuration and its validation ROC-AUC."""
 
+    pca_dims: int
     hidden: int
     weight_decay: float
     val_auc: float
@@ -143,9 +145,11 @@ def build_net(projected: np.ndarray, structural: np.ndarray, hidden: int) -> Any
 def fit(
     labels: Sequence[Label],
     table: np.ndarray,
+    settings: FitSettings,
+    *,
+    pca_dims: int,
     hidden: int,
     weight_decay: float,
-    settings: FitSettings,
 ) -> Any:
     """Fit a ComplexityNet on `labels` (full-batch Adam, seeded, one thread)."""
     import torch
@@ -154,7 +158,7 @@ def fit(
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
     structural = structural_matrix(labels)
-    net = build_net(project_table(table, labels, settings.pca_dims), structural, hidden)
+    net = build_net(project_table(table, labels, pca_dims), structural, hidden)
     x = feature_matrix(net, labels, structural)
     y = torch.tensor([0.0 if label.agrees else 1.0 for label in labels])
     optimizer = torch.optim.Adam(
@@ -197,15 +201,14 @@ def select(
 ) -> list[Candidate]:
     """Every grid configuration fitted on `train`, scored on `val`, best first."""
     disagrees = [not label.agrees for label in val]
-    candidates = [
-        Candidate(
-            hidden,
-            decay,
-            roc_auc(disagrees, predict(fit(train, table, hidden, decay, settings), val)),
-        )
-        for hidden, decay in itertools.product(settings.hidden_sizes, settings.weight_decays)
-    ]
-    return sorted(candidates, key=lambda c: (-c.val_auc, c.hidden, -c.weight_decay))
+    candidates = []
+    for dims, hidden, decay in itertools.product(
+        settings.pca_dims, settings.hidden_sizes, settings.weight_decays
+    ):
+        net = fit(train, table, settings, pca_dims=dims, hidden=hidden, weight_decay=decay)
+        candidates.append(Candidate(dims, hidden, decay, roc_auc(disagrees, predict(net, val))))
+    # Ties go to the simpler model: fewer dimensions, no hidden layer, more decay.
+    return sorted(candidates, key=lambda c: (-c.val_auc, c.pca_dims, c.hidden, -c.weight_decay))
 
 
 def export_onnx(net: Any, path: Path, metadata: dict[str, str]) -> None:

@@ -28,11 +28,13 @@ from router.features import FEATURE_SPEC_VERSION, STRUCTURAL_FEATURES
 from router.training.evaluation import (
     CurvePoint,
     Example,
+    cheapest_at,
     classifier_curve,
     operating_point,
     roc_auc,
     rules_frontier,
     savings_at,
+    short_first_curve,
 )
 from router.training.fit import FitSettings, embedding_table, export_onnx, fit, predict, select
 from router.training.fit import split_of as fit_split_of
@@ -142,7 +144,14 @@ def fit_and_report(
     candidates = select(split["train"], split["val"], table, fs)
     best = candidates[0]
     final_train = split["train"] + split["val"]
-    net = fit(final_train, table, best.hidden, best.weight_decay, fs)
+    net = fit(
+        final_train,
+        table,
+        fs,
+        pca_dims=best.pca_dims,
+        hidden=best.hidden,
+        weight_decay=best.weight_decay,
+    )
     model_path = settings.out_dir / MODEL_FILE
     export_onnx(
         net,
@@ -164,7 +173,7 @@ def fit_and_report(
     ]
     torch_gap = float(np.abs(np.asarray(scores) - predict(net, test)).max())
     structural_only = fit(
-        final_train, table, best.hidden, best.weight_decay, dataclasses.replace(fs, pca_dims=0)
+        final_train, table, fs, pca_dims=0, hidden=best.hidden, weight_decay=best.weight_decay
     )
     disagrees = [not lb.agrees for lb in test]
     return {
@@ -182,7 +191,7 @@ def fit_and_report(
             "file": MODEL_FILE,
             "sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
             "bytes": model_path.stat().st_size,
-            "pca_dims": fs.pca_dims,
+            "pca_dims": best.pca_dims,
             "hidden": best.hidden,
             "weight_decay": best.weight_decay,
             "epochs": fs.epochs,
@@ -203,6 +212,7 @@ def held_out_report(
     """ROC-AUC and the cost/quality comparison on the held-out split."""
     examples = to_examples(test)
     ours, rules = classifier_curve(examples, scores), rules_frontier(examples)
+    short_first = short_first_curve(examples)
     lengths = np.array([e.prompt_tokens for e in examples])
     tools = np.array([e.has_tools for e in examples])
     default = operating_point(
@@ -224,6 +234,8 @@ def held_out_report(
                 "rules_cloud_token_share": s.rules.cloud_token_share,
                 "cloud_tokens_saved": s.saved_share,
                 "random_cloud_token_share": random_share_at(ours[0].agreement, level),
+                **_request_shares(ours, rules, level),
+                "short_first_cloud_token_share": _share(cheapest_at(short_first, level)),
             }
             for level in levels
             if (s := savings_at(ours, rules, level)) is not None
@@ -231,6 +243,24 @@ def held_out_report(
         "classifier_curve": [dataclasses.asdict(p) for p in thin(pareto(ours))],
         "rules_curve": [dataclasses.asdict(p) for p in thin(pareto(rules))],
     }
+
+
+def _request_shares(
+    ours: Sequence[CurvePoint], rules: Sequence[CurvePoint], level: float
+) -> dict[str, float | None]:
+    # RouteLLM's cost axis: the share of requests (calls) sent to the strong model.
+    return {
+        "classifier_cloud_request_share": _requests(cheapest_at(ours, level, by_requests=True)),
+        "rules_cloud_request_share": _requests(cheapest_at(rules, level, by_requests=True)),
+    }
+
+
+def _share(point: CurvePoint | None) -> float | None:
+    return None if point is None else point.cloud_token_share
+
+
+def _requests(point: CurvePoint | None) -> float | None:
+    return None if point is None else point.cloud_request_share
 
 
 def random_share_at(all_edge_agreement: float, agreement: float) -> float:
