@@ -55,8 +55,6 @@ async def test_duration_stops_starting_new_sessions() -> None:
 @pytest.mark.timeout(30)
 async def test_poisson_arrivals_cap_in_flight_sessions() -> None:
     tracker = _Tracker(0.05)
-    records = await _drive(
-        list(range(6)), tracker.play, 2, "poisson", 1000.0, None, random.Random(0)
-    )
+    records = await _drive(_sessions(6), tracker.play, 2, "poisson", 1000.0, None, random.Random(0))
     assert len(records) == 6
     assert tracker.peak <= 2
