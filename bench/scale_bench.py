@@ -33,7 +33,8 @@ several levels: each runs on a fresh mesh, and the sweep stops at the first leve
 that breaks the SLO (P95 mesh-added latency over ``--slo-p95-ms``, or any lost
 request, or errors over 0.1%).
 
-    python bench/scale_bench.py --sessions 12000 16000 24000 32000 --duration-s 90
+    python bench/scale_bench.py --sessions 1000 2000 3000          # stops at saturation
+    python bench/scale_bench.py --sessions 12000 16000 --keep-going
 """
 
 from __future__ import annotations
@@ -706,19 +707,19 @@ def markdown(levels: list[dict[str, Any]], args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[12000])
-    parser.add_argument("--duration-s", type=float, default=90.0)
+    parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--warmup-s", type=float, default=15.0)
     parser.add_argument("--drain-s", type=float, default=60.0)
     parser.add_argument("--edges", type=int, default=2)
-    parser.add_argument("--hosts", type=int, default=2)
-    parser.add_argument("--workers-per-host", type=int, default=8)
+    parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--workers-per-host", type=int, default=60)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--edge-slots", type=int, default=64)
     parser.add_argument("--edge-session-cache-mb", type=int, default=65536)
     parser.add_argument("--worker-kv-gb", type=float, default=64.0)
     parser.add_argument("--gap-median-s", type=float, default=60.0)
     parser.add_argument("--gap-sigma", type=float, default=1.0)
-    parser.add_argument("--tool-share", type=float, default=0.8)
+    parser.add_argument("--tool-share", type=float, default=0.9)
     parser.add_argument("--stream-share", type=float, default=0.3)
     parser.add_argument("--max-connections", type=int, default=4096)
     parser.add_argument("--slo-p95-ms", type=float, default=250.0)
