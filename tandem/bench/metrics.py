@@ -146,6 +146,10 @@ def summarize(
         prompt_tokens=prompt,
         completion_tokens=completion,
         route_mix=dict(sorted(Counter(c.route for c in calls).items())),
+        tokens_by_route={
+            route: sum(c.prompt_tokens + c.completion_tokens for c in rc)
+            for route, rc in sorted(by_route.items())
+        },
         speculative_acceptance=(
             sum(c.accepted for c in calls) / drafted
             if "speculative" in by_route and drafted

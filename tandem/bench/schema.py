@@ -79,6 +79,9 @@ class ModeResult(_Model):
     prompt_tokens: int
     completion_tokens: int
     route_mix: dict[str, int] = Field(description="calls per route that served them")
+    tokens_by_route: dict[str, int] = Field(
+        default_factory=dict, description="prompt + completion tokens per route"
+    )
     speculative_acceptance: float | None = Field(
         description="accepted / drafted tokens; null when no call took the speculative route"
     )

@@ -97,6 +97,7 @@ def test_summary_of_known_sessions() -> None:
     assert (r.sessions, r.failed_sessions, r.requests, r.errors) == (2, 1, 4, 1)
     assert r.error_samples == ["HTTP 400: too long"]
     assert r.route_mix == {"cloud": 2, "edge": 1, "speculative": 1}
+    assert r.tokens_by_route == {"cloud": 220, "edge": 110, "speculative": 110}
     assert r.prompt_tokens == 400 and r.completion_tokens == 40
     assert r.requests_per_s == 1.0
     assert r.output_tokens_per_s == 10.0 and r.total_tokens_per_s == 110.0
