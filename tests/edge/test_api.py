@@ -312,3 +312,16 @@ def test_client_disconnect_cancels_generation(edge: EdgeProcess) -> None:
         model=MODEL, messages=HELLO, max_tokens=2, temperature=0
     )
     assert answer.choices[0].message.content is not None
+
+
+def test_client_leaving_a_non_streaming_request_cancels_it(edge: EdgeProcess) -> None:
+    before = edge.metrics()["tandem_edge_cancelled_generations_total"]
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "temperature": 0,
+            "stop": ["@@@never@@@"]}  # fmt: skip
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{edge.base_url}/v1/chat/completions", json=body, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while edge.metrics()["tandem_edge_cancelled_generations_total"] == before:
+        assert time.monotonic() < deadline, "the abandoned generation was not cancelled"
+        time.sleep(0.05)
+    assert edge.metrics()["tandem_edge_running_requests"] == 0
