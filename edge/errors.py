@@ -8,6 +8,7 @@ EdgeError                      base; ``status``, ``type`` and ``code`` shape the
 ├── PayloadTooLargeError       413: request body over the configured limit
 ├── QueueFullError             429: the engine queue is full; carries ``retry_after_s``
 ├── CloudBudgetExceededError   429: the tenant's cloud-token budget is spent (policy: fail)
+├── ClientClosedRequest        499: the client left before the answer (nobody reads the body)
 ├── ServiceUnavailableError    503: the engine is shutting down or not loaded
 └── EngineError                500: llama.cpp failed; the request is lost, the daemon is not
 """
@@ -94,6 +95,13 @@ class CloudBudgetExceededError(EdgeError):
     status = 429
     type = "insufficient_quota"
     code = "cloud_budget_exceeded"
+
+
+class ClientClosedRequest(EdgeError):
+    """The client disconnected while its answer was being generated; the work was cancelled."""
+
+    status = 499  # nginx's "client closed request": logged as what happened, not as a crash
+    type = "client_closed_request"
 
 
 class ServiceUnavailableError(EdgeError):

@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -40,6 +41,7 @@ from edge.engine import (
 )
 from edge.errors import (
     AuthenticationError,
+    ClientClosedRequest,
     CloudBudgetExceededError,
     EdgeError,
     InvalidRequestError,
@@ -360,7 +362,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         gone.cancel()
     if not task.done():
         task.cancel()
-    return await task
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientClosedRequest("the client disconnected; its generation was cancelled")
+    return task.result()
 
 
 async def _client_gone(request: Request) -> None:
