@@ -116,6 +116,7 @@ def test_numbers_are_consistent(report: tuple[BenchReport, Path]) -> None:
         assert set(r.session_latency_ms_by_workload) == {"bfcl", "mtbench", "synthetic"}
         assert r.completion_tokens > 0 and r.output_tokens_per_s > 0
         assert r.edge_engine_s is not None and r.edge_engine_s > 0
+        assert r.edge_engine_s <= r.wall_s  # one llama.cpp slot: busy at most the whole time
         assert r.cloud_engine_s == 0.0  # the mesh has no cloud worker
         assert r.cost_usd_per_mtok is not None and r.cost_usd_per_mtok > 0
         assert r.quality.bfcl_steps > 0
