@@ -23,6 +23,13 @@ COMMANDS = [
     ["models", "list"],
     ["models", "prepare"],
     ["models", "check"],
+    ["bench"],
+    ["bench", "run"],
+    ["router"],
+    ["router", "train"],
+    ["policy"],
+    *[["policy", c] for c in ("show", "get", "set", "edit", "validate", "diff", "history")],
+    *[["policy", c] for c in ("rollback", "explain")],
 ]
 
 
