@@ -126,7 +126,7 @@ def train(
     report = fit_and_report(labels, embedding_table(hf_dir), pair, settings)
     report["data"]["prompts_sampled"] = len(prompts)
     report["data"]["skipped_too_long"] = len(prompts) - len(labels)
-    report["data"]["label_cache"] = str(cache)
+    report["data"]["label_cache"] = f"$TANDEM_HOME/router/{cache.name}"
     write_report(report, settings.out_dir / REPORT_FILE)
     progress("fitting", 1, 1)
     return report
