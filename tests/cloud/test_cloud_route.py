@@ -644,6 +644,39 @@ def _two_sample_chi_square(a: list[str], b: list[str]) -> tuple[float, int]:
     return statistic, len(rows) - 1
 
 
+def test_an_unsure_edge_answer_continues_on_the_cloud(
+    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess], tmp_path: Any
+) -> None:
+    policy = tmp_path / "escalate.yaml"
+    # Any token's logprob is < 0: the edge hands over after exactly 4 tokens.
+    policy.write_text(
+        "escalation: {enabled: true, window_tokens: 1, min_mean_logprob: 0,"
+        " after_tokens: 4, route: cloud}\n"
+    )
+    with EdgeProcess(nats_url=nats_server.url, policy_file=policy) as edge:
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{edge.base_url}/health").json()["mesh"] != "connected":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(2.5)  # a couple of heartbeats: the workers are known
+        question = [{"role": "user", "content": "Write a short poem about the sea."}]
+        client = edge.client()
+        edge_only = client.chat.completions.create(
+            model=MODEL, messages=question, max_tokens=4, temperature=0,
+            extra_headers={"x-tandem-route": "edge"},
+        )  # fmt: skip
+        answer = client.chat.completions.create(
+            model=MODEL, messages=question, max_tokens=32, temperature=0
+        )
+        tandem: Any = _usage_extra(answer.usage)
+        assert tandem["escalation"]["to"] == "cloud" and tandem["escalation"]["at_token"] == 4
+        assert tandem["worker_id"] in workers  # the cloud finished it
+        text = answer.choices[0].message.content or ""
+        assert text.startswith(edge_only.choices[0].message.content or "")  # nothing restarted
+        assert answer.usage is not None and 4 < answer.usage.completion_tokens <= 32
+        assert edge.metrics()['tandem_edge_escalations_total{to="cloud"}'] == 1
+
+
 def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with EmbeddedNats() as empty_mesh:
         with EdgeProcess(nats_url=empty_mesh.url) as edge:
@@ -741,36 +774,3 @@ def test_sigterm_drains_in_flight_requests(
     assert len(str(result["text"])) > 20
     assert code == 0
     assert "draining" in survivor.log()
-
-
-def test_an_unsure_edge_answer_continues_on_the_cloud(
-    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess], tmp_path: Any
-) -> None:
-    policy = tmp_path / "escalate.yaml"
-    # Any token's logprob is < 0: the edge hands over after exactly 4 tokens.
-    policy.write_text(
-        "escalation: {enabled: true, window_tokens: 1, min_mean_logprob: 0,"
-        " after_tokens: 4, route: cloud}\n"
-    )
-    with EdgeProcess(nats_url=nats_server.url, policy_file=policy) as edge:
-        deadline = time.monotonic() + 20
-        while httpx.get(f"{edge.base_url}/health").json()["mesh"] != "connected":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        time.sleep(2.5)  # a couple of heartbeats: the workers are known
-        question = [{"role": "user", "content": "Write a short poem about the sea."}]
-        client = edge.client()
-        edge_only = client.chat.completions.create(
-            model=MODEL, messages=question, max_tokens=4, temperature=0,
-            extra_headers={"x-tandem-route": "edge"},
-        )  # fmt: skip
-        answer = client.chat.completions.create(
-            model=MODEL, messages=question, max_tokens=32, temperature=0
-        )
-        tandem: Any = _usage_extra(answer.usage)
-        assert tandem["escalation"]["to"] == "cloud" and tandem["escalation"]["at_token"] == 4
-        assert tandem["worker_id"] in workers  # the cloud finished it
-        text = answer.choices[0].message.content or ""
-        assert text.startswith(edge_only.choices[0].message.content or "")  # nothing restarted
-        assert answer.usage is not None and 4 < answer.usage.completion_tokens <= 32
-        assert edge.metrics()['tandem_edge_escalations_total{to="cloud"}'] == 1
