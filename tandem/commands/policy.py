@@ -231,6 +231,7 @@ def diff(
         old, new, old_name, new_name = _run(nats_url, work)
     except KeyError as exc:
         fail(str(exc.args[0]))
+
     def as_lines(text: str) -> list[str]:
         return (text if text.endswith("\n") or not text else text + "\n").splitlines(True)
 
