@@ -316,8 +316,9 @@ def test_client_disconnect_cancels_generation(edge: EdgeProcess) -> None:
 
 def test_client_leaving_a_non_streaming_request_cancels_it(edge: EdgeProcess) -> None:
     before = edge.metrics()["tandem_edge_cancelled_generations_total"]
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "temperature": 0,
-            "stop": ["@@@never@@@"]}  # fmt: skip
+    count = [{"role": "user", "content": "List the numbers from 1 to 1000, separated by commas."}]
+    # About 20 s of generation (it runs to max_tokens); the client leaves after 1 s.
+    body = {"model": MODEL, "messages": count, "max_tokens": 1500, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(f"{edge.base_url}/v1/chat/completions", json=body, timeout=1.0)
     deadline = time.monotonic() + 10
