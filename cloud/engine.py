@@ -136,6 +136,14 @@ def _stat_logger_factory(load: EngineLoad) -> Any:
     return _LoadRecorder
 
 
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    """Refuse a message with neither content nor tool calls: vLLM's request model lets it
+    through, and the template would render it as an empty turn."""
+    for i, message in enumerate(messages):
+        if message.get("content") is None and not message.get("tool_calls"):
+            raise BadGenerateRequestError(f"messages.{i}: a message needs content or tool_calls")
+
+
 class VllmEngine:
     """One vLLM ``AsyncLLM`` serving the target model of a catalog pair."""
 
@@ -382,12 +390,7 @@ class VllmEngine:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        for i, message in enumerate(messages):
-            # vLLM's model lets these through; the template would render them as empty turns.
-            if message.get("content") is None and not message.get("tool_calls"):
-                raise BadGenerateRequestError(
-                    f"messages.{i}: a message needs content or tool_calls"
-                )
+        check_messages(messages)
         body: dict[str, Any] = {"model": self.pair.name, "messages": messages, "tools": tools}
         if tool_choice is not None:
             body["tool_choice"] = tool_choice

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud.engine import BusyClock, Delta, EngineLoad
+from cloud.engine import BusyClock, Delta, EngineLoad, check_messages
 from cloud.errors import BadGenerateRequestError
 from cloud.settings import CloudSettings
 from cloud.speculative import Verdict
@@ -166,11 +166,7 @@ class SimVllmEngine:
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any
     ) -> SimChatRequest:
         """The checks ``VllmEngine.validate`` makes that matter without vLLM's request model."""
-        for i, message in enumerate(messages):
-            if message.get("content") is None and not message.get("tool_calls"):
-                raise BadGenerateRequestError(
-                    f"messages.{i}: a message needs content or tool_calls"
-                )
+        check_messages(messages)
         return SimChatRequest(tools=tools)
 
     def parse_tool_calls(

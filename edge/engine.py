@@ -21,7 +21,6 @@ import random
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -43,10 +42,11 @@ from edge.drafter import (
     rollback,
     sampled_pick,
 )
-from edge.errors import EngineError, QueueFullError, ServiceUnavailableError
+from edge.errors import EngineError
 from edge.escalation import ConfidenceWatch, last_logits, token_logprob
 from edge.sampling import SamplingParams
 from edge.sessions import SavedState, SessionCache, common_prefix_len
+from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
 from models.vocab import llama_token_bytes
 
@@ -175,11 +175,8 @@ class LlamaEngine:
         self.config = config
         self._slots = [_Slot(i, self._load(config)) for i in range(config.slots)]
         self._vocab = self._load(config, vocab_only=True)
-        self._idle: list[_Slot] = list(self._slots)
-        self._waiters: deque[asyncio.Future[_Slot]] = deque()
+        self._queue = SlotQueue(list(self._slots), config.max_queue)
         self._sessions = SessionCache(config.session_cache_bytes)
-        self._running = 0
-        self._closed = False
         # Monotonic counters, written by slot threads, read by metrics and heartbeats.
         self.generated_tokens = 0
         self.cancelled_generations = 0
@@ -241,12 +238,12 @@ class LlamaEngine:
     @property
     def running(self) -> int:
         """Requests holding a slot now."""
-        return self._running
+        return self._queue.running
 
     @property
     def waiting(self) -> int:
         """Requests queued for a slot."""
-        return sum(1 for f in self._waiters if not f.done())
+        return self._queue.waiting
 
     @property
     def session_cache_bytes(self) -> int:
@@ -265,9 +262,8 @@ class LlamaEngine:
         """
         stats = GenerationStats(prompt_tokens=len(request.prompt_tokens))
         queued_at = time.perf_counter()
-        slot = await self._acquire()
+        slot = await self._queue.acquire()
         stats.queue_s = time.perf_counter() - queued_at
-        self._running += 1
         events: asyncio.Queue[TokenEvent | FinishEvent | _ErrorEvent] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -292,8 +288,7 @@ class LlamaEngine:
         try:
             await work
         finally:
-            self._running -= 1
-            self._release(slot)
+            self._queue.release(slot)
 
     def _run(
         self,
@@ -495,41 +490,9 @@ class LlamaEngine:
             key = key or saved_key
         slot.session_key = key or f"anon-{uuid.uuid4().hex}"
 
-    # -- slot queue ----------------------------------------------------------
-
-    async def _acquire(self) -> _Slot:
-        if self._closed:
-            raise ServiceUnavailableError("the edge engine is shutting down")
-        if self._idle and not self.waiting:
-            return self._idle.pop()
-        if self.waiting >= self.config.max_queue:
-            raise QueueFullError(
-                f"the edge queue is full ({self.config.max_queue} requests waiting); retry shortly",
-                retry_after_s=1,
-            )
-        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release(waiter.result())
-            raise
-
-    def _release(self, slot: _Slot) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(slot)
-                return
-        self._idle.append(slot)
-
     async def close(self) -> None:
         """Stop taking work, wait for running generations, free llama.cpp."""
-        self._closed = True
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(ServiceUnavailableError("the edge engine is shutting down"))
+        self._queue.close()
         for slot in self._slots:
             slot.thread.shutdown(wait=True)
             slot.llama.close()

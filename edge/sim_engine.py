@@ -23,8 +23,9 @@ import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.engine import EngineConfig, FinishEvent, GenerationRequest, GenerationStats, TokenEvent
-from edge.errors import InvalidRequestError, QueueFullError, ServiceUnavailableError
+from edge.errors import InvalidRequestError
 from edge.sessions import common_prefix_len
+from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
 from models.latency import EngineProfile
 from models.sim_vocab import SimVocab
@@ -39,15 +40,12 @@ class SimEngine:
         self.config = config
         self.profile = profile
         self._vocab = SimVocab(config.model_path)
-        self._free_slots = config.slots
-        self._waiters: list[asyncio.Future[None]] = []
+        self._queue = SlotQueue(list(range(config.slots)), config.max_queue)
         # Each conversation's tokens, as if its KV were kept: bounded by the KV bytes the
         # real engine's session cache would hold (``session_cache_bytes``).
         self._sessions: OrderedDict[str, np.ndarray] = OrderedDict()
         self._session_tokens = 0
         self._session_token_budget = config.session_cache_bytes // profile.kv_bytes_per_token
-        self._running = 0
-        self._closed = False
         self.generated_tokens = 0
         self.cancelled_generations = 0
         self._prompt_tokens_evaluated = 0
@@ -78,12 +76,12 @@ class SimEngine:
     @property
     def running(self) -> int:
         """Requests holding a slot now."""
-        return self._running
+        return self._queue.running
 
     @property
     def waiting(self) -> int:
         """Requests queued for a slot."""
-        return sum(1 for f in self._waiters if not f.done())
+        return self._queue.waiting
 
     @property
     def session_cache_bytes(self) -> int:
@@ -104,17 +102,15 @@ class SimEngine:
             )
         stats = GenerationStats(prompt_tokens=len(request.prompt_tokens), simulated=True)
         queued_at = time.perf_counter()
-        await self._acquire()
+        slot = await self._queue.acquire()
         stats.queue_s = time.perf_counter() - queued_at
-        self._running += 1
         started = time.perf_counter()
         try:
             async for event in self._decode(request, stats):
                 yield event
         finally:
             self.busy_seconds += time.perf_counter() - started
-            self._running -= 1
-            self._release()
+            self._queue.release(slot)
 
     async def _decode(
         self, request: GenerationRequest, stats: GenerationStats
@@ -165,41 +161,9 @@ class SimEngine:
 
     # -- slot queue ----------------------------------------------------------
 
-    async def _acquire(self) -> None:
-        if self._closed:
-            raise ServiceUnavailableError("the edge engine is shutting down")
-        if self._free_slots and not self.waiting:
-            self._free_slots -= 1
-            return
-        if self.waiting >= self.config.max_queue:
-            raise QueueFullError(
-                f"the edge queue is full ({self.config.max_queue} requests waiting); retry shortly",
-                retry_after_s=1,
-            )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter  # the releasing request handed its slot over
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release()
-            raise
-        finally:
-            self._waiters.remove(waiter)
-
-    def _release(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._free_slots += 1
-
     async def close(self) -> None:
         """Stop taking work and free the vocabulary."""
-        self._closed = True
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(ServiceUnavailableError("the edge engine is shutting down"))
+        self._queue.close()
         self._vocab.close()
 
 

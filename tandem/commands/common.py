@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, NoReturn, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 S = TypeVar("S", bound=BaseSettings)
+
+# The data directory (models, label caches), for the commands that read or write it.
+HomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--home",
+        envvar="TANDEM_HOME",
+        show_default=False,
+        help="Tandem's data directory (default: ~/.cache/tandem).",
+    ),
+]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

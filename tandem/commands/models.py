@@ -30,22 +30,13 @@ from models import (
     prepare_cloud_weights,
     require_compatible,
 )
-from tandem.commands.common import fail
+from tandem.commands.common import HomeOption, fail
 
 app = typer.Typer(
     help="Model pairs: list them, prepare their cloud weights, check their tokenizers.",
     no_args_is_help=True,
 )
 
-HomeOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--home",
-        envvar="TANDEM_HOME",
-        show_default=False,
-        help="Tandem's data directory (default: ~/.cache/tandem).",
-    ),
-]
 NameArgument = Annotated[
     str | None,
     typer.Argument(

@@ -27,22 +27,13 @@ from models import Catalog, ModelError, ModelPair, edge_gguf_path, load_template
 from models.settings import tandem_home
 from router.classifier import ClassifierError, ComplexityClassifier
 from router.features import STRUCTURAL_FEATURES, structural_features, token_ids_array
-from tandem.commands.common import fail
+from tandem.commands.common import HomeOption, fail
 
 app = typer.Typer(
     help="The router's learned complexity classifier: train it, score requests with it.",
     no_args_is_help=True,
 )
 
-HomeOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--home",
-        envvar="TANDEM_HOME",
-        show_default=False,
-        help="Tandem's data directory (default: ~/.cache/tandem).",
-    ),
-]
 PairOption = Annotated[
     str | None,
     typer.Option("--pair", show_default=False, help="Model pair (default: the catalog's default)."),
