@@ -178,10 +178,10 @@ async def one_call(http: Any, session: Session, t0: float) -> tuple[CallRecord, 
         if stream:
             text = await _streamed(http, url, body, headers, record, start)
         else:
-            resp = await http.post(url, json=body, headers=headers)
-            record.status = resp.status_code
-            data = resp.json()
-            if resp.status_code == 200:
+            async with http.post(url, json=body, headers=headers) as resp:
+                record.status = resp.status
+                data = await resp.json()
+            if resp.status == 200:
                 text = data["choices"][0]["message"]["content"] or ""
                 _read_usage(record, data.get("usage"))
                 record.outcome = "ok"
@@ -206,16 +206,16 @@ async def _streamed(
 ) -> str:
     parts: list[str] = []
     done = finished = False
-    async with http.stream("POST", url, json=body, headers=headers) as resp:
-        record.status = resp.status_code
-        if resp.status_code != 200:
-            await resp.aread()
+    async with http.post(url, json=body, headers=headers) as resp:
+        record.status = resp.status
+        if resp.status != 200:
+            await resp.read()
             record.outcome = "error"
             return ""
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: "):
+        async for raw in resp.content:  # one line at a time
+            if not raw.startswith(b"data: "):
                 continue
-            payload = line[6:]
+            payload = raw[6:].decode("utf-8").rstrip("\r\n")
             if payload == "[DONE]":
                 done = True
                 break
@@ -266,7 +266,7 @@ async def run_session(
 
 async def client_main(spec: dict[str, Any]) -> None:
     """One client process: its sessions, one pooled HTTP client, results to a file."""
-    import httpx
+    import aiohttp
 
     rng = random.Random(spec["seed"])
     sessions = []
@@ -284,15 +284,13 @@ async def client_main(spec: dict[str, Any]) -> None:
         sessions.append(session)
     # Idle pooled connections expire well before uvicorn's 5 s keep-alive timeout: otherwise
     # the client may send on a connection the server is closing (a race, not a mesh loss).
-    limits = httpx.Limits(
-        max_connections=spec["max_connections"],
-        max_keepalive_connections=None,
-        keepalive_expiry=2.0,
-    )
-    timeout = httpx.Timeout(spec["call_timeout_s"], pool=spec["call_timeout_s"])
+    # aiohttp, not httpx: the clients share the machine with the mesh, and aiohttp spends
+    # less CPU per call (docs/benchmarks.md has the figures).
+    connector = aiohttp.TCPConnector(limit=spec["max_connections"], keepalive_timeout=2.0)
+    timeout = aiohttp.ClientTimeout(total=spec["call_timeout_s"])
     records: list[CallRecord] = []
     in_call: set[str] = set()
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         await asyncio.to_thread(Path(spec["ready_file"]).write_text, "ready")
         start_at = await asyncio.to_thread(_wait_for_go, Path(spec["go_file"]))
         await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -303,7 +301,9 @@ async def client_main(spec: dict[str, Any]) -> None:
             for s in sessions
         ]
         # No call starts after stop_at; calls in flight then get drain_s to finish.
-        _, pending = await asyncio.wait(tasks, timeout=spec["duration_s"] + spec["drain_s"])
+        pending: set[asyncio.Task[None]] = set()
+        if tasks:  # a client may have no sessions (fewer sessions than clients)
+            _, pending = await asyncio.wait(tasks, timeout=spec["duration_s"] + spec["drain_s"])
         cut = len(in_call)  # sessions still waiting on an answer: those calls are lost
         for task in pending:
             task.cancel()
@@ -327,6 +327,7 @@ def host_workers_main(spec: dict[str, Any]) -> None:
     from cloud.settings import CloudSettings
     from cloud.sim_engine import SimVllmEngine
     from cloud.worker import CloudWorker
+    from tandem.runtime import freeze_startup_objects
 
     async def run() -> None:
         workers = []
@@ -346,6 +347,7 @@ def host_workers_main(spec: dict[str, Any]) -> None:
             worker = CloudWorker(settings, engine)
             await worker.start()
             workers.append((worker, engine))
+        freeze_startup_objects()  # as a worker process does (cloud/service.py)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         import signal

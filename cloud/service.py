@@ -9,6 +9,7 @@ import signal
 from cloud.engine import CloudEngine, VllmEngine
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
+from tandem.runtime import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ async def run_worker(settings: CloudSettings) -> None:
     worker = CloudWorker(settings, engine)
     try:
         await worker.start()
+        freeze_startup_objects()
         await stop.wait()
         logger.info("stop requested: draining")
         await worker.drain()

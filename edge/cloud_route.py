@@ -35,6 +35,7 @@ from mesh import subjects
 from mesh.connection import MeshLink
 from mesh.errors import ProtocolError
 from mesh.heartbeat import FleetView
+from mesh.inbox import InboxMux
 from mesh.protocol import (
     CancelRequest,
     ChunkSequencer,
@@ -89,6 +90,7 @@ class CloudRoute:
         self._stall_timeout_s = stall_timeout_s
         self._max_failovers = max_failovers
         self._affinity: OrderedDict[str, str] = OrderedDict()
+        self._inboxes = InboxMux()
         # Benchmarks emulate a WAN between edge and cloud: half on the way out, half back.
         self._half_rtt_s = emulated_rtt_s / 2
         self.failovers = 0
@@ -119,12 +121,7 @@ class CloudRoute:
         ``resume_token_ids``: the answer's tokens so far (an edge answer escalated midway);
         the worker continues after them, and only new tokens are streamed back."""
         nc = self._nc()
-        inbox = nc.new_inbox()
-        chunks: asyncio.Queue[Msg] = asyncio.Queue()
-        subs = [
-            await nc.subscribe(inbox, cb=chunks.put),
-            await nc.subscribe(subjects.liveness(inbox), cb=_answer_alive),
-        ]
+        inbox, chunks = await self._inboxes.open(nc)
         base = GenerateRequest(
             request_id=uuid.uuid4().hex,
             session_id=session_id,
@@ -170,9 +167,7 @@ class CloudRoute:
                         subjects.cloud_cancel(self._model),
                         CancelRequest(request_id=attempt_id).to_bytes(),
                     )
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            self._inboxes.close(inbox)
 
     async def _submit(self, nc: Client, request: GenerateRequest) -> str:
         """Hand the request to a worker (affinity first); return the worker id."""
@@ -299,10 +294,15 @@ class CloudRoute:
         """Events of one attempt's stream; raises _WorkerLost if it goes quiet."""
         order = ChunkSequencer(attempt_id)
         while True:
-            try:
-                msg = await asyncio.wait_for(chunks.get(), self._stall_timeout_s)
-            except TimeoutError as exc:
-                raise _WorkerLost(worker) from exc
+            if chunks.empty():
+                # asyncio.timeout, not wait_for: wait_for makes a task per chunk.
+                try:
+                    async with asyncio.timeout(self._stall_timeout_s):
+                        msg = await chunks.get()
+                except TimeoutError as exc:
+                    raise _WorkerLost(worker) from exc
+            else:
+                msg = chunks.get_nowait()
             try:
                 chunk = TokenChunk.from_bytes(msg.data)
                 if chunk.request_id != attempt_id:
@@ -336,12 +336,6 @@ def _stats(end: TokenChunk, completion_tokens: int, worker: str) -> GenerationSt
         simulated=bool(usage.get("simulated", False)),
         engine_s=usage.get("engine_s"),
     )
-
-
-async def _answer_alive(msg: Msg) -> None:
-    """The worker's periodic 'are you still there?' probe."""
-    with contextlib.suppress(Exception):
-        await msg.respond(b"")
 
 
 def deadline_in(seconds: float) -> float:

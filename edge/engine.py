@@ -48,6 +48,7 @@ from edge.sampling import SamplingParams
 from edge.sessions import SavedState, SessionCache, common_prefix_len
 from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
+from models.token_cache import CachedTokenizer, llama_special_token_texts
 from models.vocab import llama_token_bytes
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,9 @@ class LlamaEngine:
         self.config = config
         self._slots = [_Slot(i, self._load(config)) for i in range(config.slots)]
         self._vocab = self._load(config, vocab_only=True)
+        self._tokenize_cached = CachedTokenizer(
+            self._tokenize_whole, llama_special_token_texts(self._vocab)
+        )
         self._queue = SlotQueue(list(self._slots), config.max_queue)
         self._sessions = SessionCache(config.session_cache_bytes)
         # Monotonic counters, written by slot threads, read by metrics and heartbeats.
@@ -217,9 +221,13 @@ class LlamaEngine:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens in it (ChatML markers) are parsed.
 
-        Blocking (about 1 ms per 2k tokens): call it from a worker thread. It uses
-        a vocab-only model, so it never touches a slot's context mid-generation.
+        Blocking (about 1 ms per 2k tokens; messages seen before come from a cache):
+        call it from a worker thread. It uses a vocab-only model, so it never touches
+        a slot's context mid-generation.
         """
+        return self._tokenize_cached(text)
+
+    def _tokenize_whole(self, text: str) -> list[int]:
         return list(self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def perf_counters(self) -> dict[str, int]:

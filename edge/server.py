@@ -80,6 +80,7 @@ from models.chat_template import load_template
 from models.convert import edge_gguf_path
 from router.live import LivePolicy
 from router.policy import PolicyError, RouteDecision, RoutingPolicy, base_model, decide
+from tandem.runtime import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             state.registration = MeshRegistration(settings, state.engine, state.live)
             await state.registration.start()
         logger.info("edge %s serving %s", settings.node_id, state.model_id)
+        freeze_startup_objects()
         yield
         if state.registration:
             await state.registration.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -105,6 +106,9 @@ class Heartbeater:
             await asyncio.sleep(self._interval_s)
 
 
+_HEALTHY_TTL_S = 0.05
+
+
 class FleetView:
     """The latest heartbeat of every node, from ``subjects.all_node_loads()``."""
 
@@ -121,6 +125,11 @@ class FleetView:
         # Freshness is judged by when a beat arrived here, not its sent_at: clocks differ.
         self._latest: dict[str, tuple[float, NodeHeartbeat]] = {}
         self._sub: Subscription | None = None
+        # The edge asks for the healthy workers several times per request, and a fleet
+        # of hundreds beats hundreds of times a second: the sorted answer is kept for
+        # _HEALTHY_TTL_S, and dropped at once when a node joins, leaves or drains.
+        self._healthy: dict[tuple[str, float], tuple[float, list[NodeHeartbeat]]] = {}
+        self._next_forget_at = 0.0
 
     async def start(self) -> None:
         """Subscribe to every node's heartbeats."""
@@ -141,13 +150,24 @@ class FleetView:
         return sorted(fresh, key=lambda beat: beat.node_id)
 
     def healthy_workers(self, model: str, max_age_s: float = 5.0) -> list[NodeHeartbeat]:
-        """Fresh, non-draining cloud nodes serving ``model``, least loaded first."""
+        """Fresh, non-draining cloud nodes serving ``model``, least loaded first.
+
+        The answer may be up to ``_HEALTHY_TTL_S`` old in its load figures, never in
+        which nodes it lists. Do not change the list returned: it is shared.
+        """
+        now = self._clock()
+        key = (model, max_age_s)
+        cached = self._healthy.get(key)
+        if cached is not None and now - cached[0] < _HEALTHY_TTL_S:
+            return cached[1]
         workers = [
             beat
             for beat in self.nodes(max_age_s)
             if beat.role == "cloud" and beat.model == model and not beat.load.draining
         ]
-        return sorted(workers, key=lambda b: (b.load.waiting, b.load.running, b.node_id))
+        workers.sort(key=lambda b: (b.load.waiting, b.load.running, b.node_id))
+        self._healthy[key] = (now, workers)
+        return workers
 
     async def _handle_beat(self, msg: Msg) -> None:
         try:
@@ -159,10 +179,22 @@ class FleetView:
             logger.warning("ignoring %s's heartbeat sent on %s", beat.node_id, msg.subject)
             return
         now = self._clock()
+        previous = self._latest.get(beat.node_id)
         self._latest[beat.node_id] = (now, beat)
-        self._forget_old(now)
+        if (
+            previous is None
+            # It had gone quiet for longer than some cached answer allows: it is back.
+            or now - previous[0] >= min((age for _, age in self._healthy), default=math.inf)
+            or (previous[1].role, previous[1].model, previous[1].load.draining)
+            != (beat.role, beat.model, beat.load.draining)
+        ):
+            self._healthy.clear()
+        if now >= self._next_forget_at:  # a scan of the fleet, once a second at most
+            self._next_forget_at = now + 1.0
+            self._forget_old(now)
 
     def _forget_old(self, now: float) -> None:
         cutoff = now - self._forget_after_s
         for node_id in [n for n, (at, _) in self._latest.items() if at < cutoff]:
             del self._latest[node_id]
+            self._healthy.clear()

@@ -60,6 +60,9 @@ def cloud_cancel(model: str) -> str:
     return f"{PREFIX}.cloud.{token(model)}.cancel"
 
 
+LIVENESS_SUFFIX = ".alive"
+
+
 def liveness(reply_subject: str) -> str:
     """The requester's "still there?" subject beside a stream's ``reply_subject``.
 
@@ -68,7 +71,7 @@ def liveness(reply_subject: str) -> str:
     """
     if not _SUBJECT.fullmatch(reply_subject):
         raise ValueError(f"not a plain subject (no wildcards or spaces): {reply_subject!r}")
-    return f"{reply_subject}.alive"
+    return f"{reply_subject}{LIVENESS_SUFFIX}"
 
 
 def worker(worker_id: str, verb: str) -> str:

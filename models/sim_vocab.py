@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import MissingDependencyError
+from models.token_cache import CachedTokenizer, llama_special_token_texts
 from models.vocab import llama_token_bytes
 
 FILLER_TEXT = (
@@ -28,6 +29,9 @@ class SimVocab:
     def __init__(self, gguf: Path) -> None:
         self._llama = _load_vocab_only(gguf)
         self.token_bytes: Callable[[int], bytes] = llama_token_bytes(self._llama)
+        self._tokenize_cached = CachedTokenizer(
+            self._tokenize_whole, llama_special_token_texts(self._llama)
+        )
         self.filler = self.tokenize(FILLER_TEXT)
 
     @property
@@ -37,6 +41,9 @@ class SimVocab:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (ChatML markers parsed as special tokens, no BOS)."""
+        return self._tokenize_cached(text)
+
+    def _tokenize_whole(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def filler_token(self, index: int) -> int:

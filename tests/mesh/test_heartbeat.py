@@ -66,6 +66,34 @@ async def test_fleet_sees_beats_and_forgets_stale_ones(nc: Client) -> None:
     assert busy.sent > 0
 
 
+async def test_the_healthy_list_follows_joins_and_drains_at_once(nc: Client) -> None:
+    """The sorted answer is cached, but never across a node joining or draining."""
+    fleet = FleetView(nc)
+    await fleet.start()
+    draining = False
+
+    def make() -> NodeHeartbeat:
+        beat = beat_of("cloud-a")()
+        return beat.model_copy(update={"load": beat.load.model_copy(update={"draining": draining})})
+
+    first = Heartbeater(nc, subjects.node_load("cloud-a"), make, 60)
+    second = Heartbeater(nc, subjects.node_load("cloud-b"), beat_of("cloud-b"), 60)
+    try:
+        assert fleet.healthy_workers(MODEL) == []
+        await first.beat()
+        await eventually(lambda: "cloud-a" in ids(fleet.nodes()))
+        assert ids(fleet.healthy_workers(MODEL)) == ["cloud-a"]
+        await second.beat()
+        await eventually(lambda: "cloud-b" in ids(fleet.nodes()))
+        assert ids(fleet.healthy_workers(MODEL)) == ["cloud-a", "cloud-b"]
+        draining = True
+        await first.beat()
+        await eventually(lambda: any(b.load.draining for b in fleet.nodes()))
+        assert ids(fleet.healthy_workers(MODEL)) == ["cloud-b"]
+    finally:
+        await fleet.stop()
+
+
 async def test_fleet_ignores_garbage_and_misaddressed_beats(
     nc: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
