@@ -339,6 +339,7 @@ def host_workers_main(spec: dict[str, Any]) -> None:
                     "worker_id": worker_id,
                     "engine": "sim",
                     "kv_cache_gb": spec["kv_cache_gb"],
+                    "stream_interval": spec["stream_interval"],
                 }
             )
             engine = SimVllmEngine(settings, vocab=vocab)
@@ -492,6 +493,7 @@ def _run_on_mesh(
             "nats_url": nats.url,
             "worker_ids": worker_ids[h * args.workers_per_host : (h + 1) * args.workers_per_host],
             "kv_cache_gb": args.worker_kv_gb,
+            "stream_interval": args.stream_interval,
         }
         procs.append(
             _spawn("cloud", [*me, "--host-workers", json.dumps(spec)], {}, work, f"host{h}")
@@ -719,6 +721,12 @@ def main() -> None:
     parser.add_argument("--edge-slots", type=int, default=64)
     parser.add_argument("--edge-session-cache-mb", type=int, default=65536)
     parser.add_argument("--worker-kv-gb", type=float, default=64.0)
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="the workers' tokens per stream message after the first (vLLM's option)",
+    )
     parser.add_argument("--gap-median-s", type=float, default=60.0)
     parser.add_argument("--gap-sigma", type=float, default=1.0)
     parser.add_argument("--tool-share", type=float, default=0.9)

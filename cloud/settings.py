@@ -42,6 +42,13 @@ class CloudSettings(BaseSettings):
         "re-sends it every round). Default: vLLM's (128 on CPU, 16 on GPU)",
     )
     tool_parser: str | None = Field(None, description="vLLM tool parser; the catalog's by default")
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="tokens per stream message after the first (vLLM's --stream-interval): "
+        "1 sends every token at once; more cut the per-message overhead of long answers "
+        "at the cost of a burstier stream",
+    )
     heartbeat_s: float = Field(1.0, gt=0)
     keepalive_s: float = Field(0.5, gt=0, description="idle gap before a keepalive chunk")
     liveness_s: float = Field(2.0, gt=0, description="how often to check the requester is there")

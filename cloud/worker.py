@@ -291,6 +291,11 @@ class CloudWorker:
         cached = 0
         finish: str | None = None
         engine_s: float | None = None
+        # The first tokens go out at once (time to first token); later ones in messages
+        # of ``stream_interval`` tokens, and whatever is held goes out before the end.
+        held_ids: list[int] = []
+        held_text: list[str] = []
+        interval, first = self.settings.stream_interval, True
         async for delta in self.engine.generate(
             request.request_id, prompt, request.sampling, request.resume_token_ids
         ):
@@ -299,8 +304,13 @@ class CloudWorker:
             text_parts.append(delta.text)
             finish = delta.finish_reason
             engine_s = delta.engine_s if delta.engine_s is not None else engine_s
-            if delta.token_ids or delta.text:
-                await stream.send(token_ids=delta.token_ids, text=delta.text)
+            held_ids.extend(delta.token_ids)
+            held_text.append(delta.text)
+            if (held_ids or delta.text) and (first or len(held_ids) >= interval):
+                await stream.send(token_ids=held_ids, text="".join(held_text))
+                held_ids, held_text, first = [], [], False
+        if held_ids or any(held_text):
+            await stream.send(token_ids=held_ids, text="".join(held_text))
         _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), checked)
         await stream.send(
             is_end=True,

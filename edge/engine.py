@@ -49,7 +49,7 @@ from edge.sessions import SavedState, SessionCache, common_prefix_len
 from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
 from models.token_cache import CachedTokenizer, llama_special_token_texts
-from models.vocab import llama_token_bytes
+from models.vocab import llama_token_bytes, llama_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class LlamaEngine:
         self._slots = [_Slot(i, self._load(config)) for i in range(config.slots)]
         self._vocab = self._load(config, vocab_only=True)
         self._tokenize_cached = CachedTokenizer(
-            self._tokenize_whole, llama_special_token_texts(self._vocab)
+            llama_tokenizer(self._vocab), llama_special_token_texts(self._vocab)
         )
         self._queue = SlotQueue(list(self._slots), config.max_queue)
         self._sessions = SessionCache(config.session_cache_bytes)
@@ -226,9 +226,6 @@ class LlamaEngine:
         a slot's context mid-generation.
         """
         return self._tokenize_cached(text)
-
-    def _tokenize_whole(self, text: str) -> list[int]:
-        return list(self._vocab.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def perf_counters(self) -> dict[str, int]:
         """llama.cpp's own prompt/generation eval counters, summed over slots."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from models.errors import MissingDependencyError
 from models.token_cache import CachedTokenizer, llama_special_token_texts
-from models.vocab import llama_token_bytes
+from models.vocab import llama_token_bytes, llama_tokenizer
 
 FILLER_TEXT = (
     " This answer was produced by Tandem's simulated engine; no model ran, only a"
@@ -30,7 +30,7 @@ class SimVocab:
         self._llama = _load_vocab_only(gguf)
         self.token_bytes: Callable[[int], bytes] = llama_token_bytes(self._llama)
         self._tokenize_cached = CachedTokenizer(
-            self._tokenize_whole, llama_special_token_texts(self._llama)
+            llama_tokenizer(self._llama), llama_special_token_texts(self._llama)
         )
         self.filler = self.tokenize(FILLER_TEXT)
 
@@ -42,9 +42,6 @@ class SimVocab:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (ChatML markers parsed as special tokens, no BOS)."""
         return self._tokenize_cached(text)
-
-    def _tokenize_whole(self, text: str) -> list[int]:
-        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def filler_token(self, index: int) -> int:
         """The ``index``-th token of the simulated answer (the filler, repeated)."""

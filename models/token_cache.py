@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CACHED_TOKENS = 2_000_000  # ids are kept as 4-byte ints: ~8 MB
 DEFAULT_VERIFY_CALLS = 64
+_UNSEEN = -1  # a placeholder while a piece's ids are being computed
 
 
 class CachedTokenizer:
@@ -54,6 +55,15 @@ class CachedTokenizer:
         self._pieces: OrderedDict[str, array] = OrderedDict()
         self._cached_tokens = 0
         self._lock = threading.Lock()  # the edge tokenizes from a thread pool
+        # Special token -> its id, and one of them to join the unseen pieces of a prompt
+        # with: a single tokenizer call then covers them all (a call has a fixed cost of
+        # tens of microseconds, more than a short piece's own work).
+        self._special_ids: dict[str, int] = {}
+        for text in specials:
+            ids = tokenize(text)
+            if len(ids) == 1:
+                self._special_ids[text] = ids[0]
+        self._joiner = next(iter(self._special_ids), None)
         self.enabled = self._split is not None
         self.hits = 0
         self.misses = 0
@@ -73,29 +83,68 @@ class CachedTokenizer:
 
     def _by_pieces(self, text: str) -> list[int]:
         assert self._split is not None
-        ids: list[int] = []
-        for piece in self._split.split(text):
-            if piece:
-                ids.extend(self._piece(piece))
-        return ids
+        pieces = [p for p in self._split.split(text) if p]
+        found: dict[str, array | int] = {}
+        unseen: list[str] = []
+        with self._lock:
+            for piece in pieces:
+                if piece in found:
+                    continue
+                special = self._special_ids.get(piece)
+                if special is not None:
+                    found[piece] = special
+                    continue
+                ids = self._pieces.get(piece)
+                if ids is None:
+                    unseen.append(piece)
+                    found[piece] = _UNSEEN
+                else:
+                    self._pieces.move_to_end(piece)
+                    found[piece] = ids
+            self.hits += len(pieces) - len(unseen)
+            self.misses += len(unseen)
+        if unseen:
+            for piece, ids in zip(unseen, self._tokenize_unseen(unseen), strict=True):
+                found[piece] = ids
+            self._remember(unseen, found)
+        out: list[int] = []
+        for piece in pieces:
+            ids = found[piece]
+            if isinstance(ids, int):
+                out.append(ids)
+            else:
+                out.extend(ids)
+        return out
 
-    def _piece(self, piece: str) -> array:
+    def _tokenize_unseen(self, unseen: list[str]) -> list[array]:
+        """Each piece's ids, from one tokenizer call when a joiner token is known."""
+        if self._joiner is None or len(unseen) == 1:
+            return [array("i", self._tokenize(piece)) for piece in unseen]
+        joiner_id = self._special_ids[self._joiner]
+        ids = self._tokenize(self._joiner.join(unseen))
+        out: list[array] = []
+        start = 0
+        for i, token in enumerate(ids):
+            if token == joiner_id:
+                out.append(array("i", ids[start:i]))
+                start = i + 1
+        out.append(array("i", ids[start:]))
+        if len(out) != len(unseen):  # cannot happen when the cut is exact; verify catches it
+            return [array("i", self._tokenize(piece)) for piece in unseen]
+        return out
+
+    def _remember(self, unseen: list[str], found: dict[str, array | int]) -> None:
         with self._lock:
-            found = self._pieces.get(piece)
-            if found is not None:
-                self._pieces.move_to_end(piece)
-                self.hits += 1
-                return found
-        ids = array("i", self._tokenize(piece))
-        with self._lock:
-            self.misses += 1
-            if piece not in self._pieces and len(ids) <= self._max_cached_tokens:
+            for piece in unseen:
+                ids = found[piece]
+                assert isinstance(ids, array)
+                if piece in self._pieces or len(ids) > self._max_cached_tokens:
+                    continue
                 self._pieces[piece] = ids
                 self._cached_tokens += len(ids)
-                while self._cached_tokens > self._max_cached_tokens:
-                    _, old = self._pieces.popitem(last=False)
-                    self._cached_tokens -= len(old)
-        return ids
+            while self._cached_tokens > self._max_cached_tokens:
+                _, old = self._pieces.popitem(last=False)
+                self._cached_tokens -= len(old)
 
     def _disable(self, text: str, whole: list[int], ids: list[int]) -> None:
         pairs = enumerate(zip(whole, ids, strict=False))

@@ -209,6 +209,31 @@ def llama_token_bytes(llama: Any) -> Callable[[int], bytes]:
     return token_bytes
 
 
+def llama_tokenizer(llama: Any) -> Callable[[str], list[int]]:
+    """Return ``text -> token ids`` for a llama.cpp model: special tokens parsed, no BOS.
+
+    Not ``Llama.tokenize``: it sizes its buffer by the model's training context,
+    which a vocab-only load reports as 0, so every call tokenized twice (once to
+    learn the size). A token covers at least one byte, so ``len(bytes)`` suffices.
+    """
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+
+    def tokenize(text: str) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buffer = (llama_cpp.llama_token * size)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, size, False, True)
+        if n < 0:  # more tokens than bytes: not seen, but handled
+            size = -n
+            buffer = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, size, False, True)
+        return buffer[:n]
+
+    return tokenize
+
+
 def _target_token_bytes(tokenizer: Any) -> Callable[[int], bytes]:
     """Return a function giving the raw bytes of one target token id."""
     added = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}

@@ -22,6 +22,10 @@ def serve(
     kv_cache_gb: Annotated[float | None, typer.Option(help="KV cache GiB (CPU).")] = None,
     cpu_cores: Annotated[str | None, typer.Option(help="CPU cores for vLLM, e.g. '1'.")] = None,
     tool_parser: Annotated[str | None, typer.Option(help="vLLM tool parser name.")] = None,
+    stream_interval: Annotated[
+        int | None,
+        typer.Option(help="Tokens per stream message after the first (vLLM's; default 1)."),
+    ] = None,
     engine: Annotated[
         str | None, typer.Option(help="'vllm', or 'sim': a SIMULATED engine for scale runs.")
     ] = None,

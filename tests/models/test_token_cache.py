@@ -87,3 +87,18 @@ def test_with_few_or_no_special_tokens_the_ids_are_unchanged(
     cached = CachedTokenizer(whole, specials)
     text = "<|im_start|>system\nYou are nice.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     assert cached(text) == whole(text)
+
+
+def test_the_direct_tokenizer_matches_llama_cpp_python(llama_vocab: Any) -> None:
+    from models.vocab import llama_tokenizer
+
+    direct, whole = llama_tokenizer(llama_vocab), _whole(llama_vocab)
+    texts = [
+        "",
+        "hi",
+        "<|im_start|>user\nnaïve café 🚀 — ok<|im_end|>\n",
+        "word " * 3000,  # longer than any fixed buffer
+        "\n\n\t  spaces   and\ttabs  ",
+    ]
+    for text in texts:
+        assert direct(text) == whole(text)
