@@ -79,6 +79,8 @@ class CloudWorker:
         self._service: Service | None = None
         self._beats: Heartbeater | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._streams: dict[str, _Stream] = {}  # open answer streams, for the keepalive ticker
+        self._keepalive_task: asyncio.Task[None] | None = None
         self._draining = False
         self._rate_mark = (time.monotonic(), 0)
         self._tokens_per_s = 0.0
@@ -121,6 +123,7 @@ class CloudWorker:
             self._nc, subjects.node_load(s.worker_id), self.beat, interval_s=s.heartbeat_s
         )
         await self._beats.start()
+        self._keepalive_task = asyncio.create_task(self._keepalives(), name="keepalives")
         logger.info("worker %s serving %s on %s", s.worker_id, model, s.nats_url)
 
     def beat(self) -> NodeHeartbeat:
@@ -253,10 +256,8 @@ class CloudWorker:
     async def _serve(self, request: GenerateRequest) -> None:
         assert self._nc is not None
         stream = _Stream(self._nc, request)
-        guards = [
-            asyncio.create_task(self._keepalive(stream)),
-            asyncio.create_task(self._watch_requester(request)),
-        ]
+        self._streams[request.request_id] = stream
+        watcher = asyncio.create_task(self._watch_requester(request))
         try:
             # The requester's deadline bounds queueing in vLLM as well as generation.
             budget = None if request.deadline is None else request.deadline - time.time()
@@ -280,8 +281,8 @@ class CloudWorker:
                 is_end=True, finish_reason="error", error=EngineFailedError(str(exc)).info()
             )
         finally:
-            for guard in guards:
-                guard.cancel()
+            self._streams.pop(request.request_id, None)
+            watcher.cancel()
 
     async def _generate(self, request: GenerateRequest, stream: _Stream) -> None:
         checked = self.engine.validate(request.messages, request.tools, request.tool_choice)
@@ -325,13 +326,19 @@ class CloudWorker:
             },
         )
 
-    async def _keepalive(self, stream: _Stream) -> None:
-        """Empty chunks while vLLM is quiet, so the edge can tell slow from dead."""
+    async def _keepalives(self) -> None:
+        """Empty chunks on streams vLLM is quiet on, so the edge can tell slow from dead.
+
+        One ticker for all streams: a loop per request woke every quarter second
+        for each of hundreds of requests waiting in vLLM's queue.
+        """
         period = self.settings.keepalive_s
         while True:
             await asyncio.sleep(period / 2)
-            if time.monotonic() - stream.last_sent >= period:
-                await stream.send()
+            now = time.monotonic()
+            for stream in [s for s in self._streams.values() if now - s.last_sent >= period]:
+                with contextlib.suppress(Exception):  # NATS away: the edge's failover acts
+                    await stream.send()
 
     async def _watch_requester(self, request: GenerateRequest) -> None:
         """Abort when the requester's liveness inbox stops answering (it went away)."""
@@ -367,6 +374,8 @@ class CloudWorker:
                 task.cancel()
         if self._beats is not None:
             await self._beats.stop()
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
