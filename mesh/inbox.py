@@ -39,6 +39,7 @@ class InboxMux:
                 if nc is not self._nc:
                     prefix = nc.new_inbox()
                     self._sub = await nc.subscribe(f"{prefix}.>", cb=self._dispatch)
+                    await nc.flush()  # the server has it before anyone is told the inbox
                     self._nc, self._prefix = nc, prefix
         inbox = f"{self._prefix}.{uuid.uuid4().hex}"
         queue: asyncio.Queue[Msg] = asyncio.Queue()
