@@ -218,6 +218,11 @@ class LlamaEngine:
         """Vocabulary size."""
         return int(self._vocab.n_vocab())
 
+    @property
+    def token_cache(self) -> CachedTokenizer:
+        """The prompt-piece cache ``tokenize`` goes through (hits, misses, size)."""
+        return self._tokenize_cached
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens in it (ChatML markers) are parsed.
 
@@ -523,6 +528,8 @@ class EdgeEngine(Protocol):
     def waiting(self) -> int: ...
     @property
     def session_cache_bytes(self) -> int: ...
+    @property
+    def token_cache(self) -> CachedTokenizer: ...
     def tokenize(self, text: str) -> list[int]: ...
     def perf_counters(self) -> dict[str, int]: ...
     def generate(

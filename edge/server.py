@@ -189,6 +189,21 @@ def build_state(settings: EdgeSettings) -> EdgeState:
         "Generations stopped early because the client went away.",
         lambda: engine.cancelled_generations,
     )
+    metrics.add_counter(
+        "tandem_edge_prompt_pieces_cached",
+        "Prompt pieces (text between special tokens) whose token ids came from the cache.",
+        lambda: engine.token_cache.hits,
+    )
+    metrics.add_counter(
+        "tandem_edge_prompt_pieces_tokenized",
+        "Prompt pieces llama.cpp tokenized (not seen before, or evicted).",
+        lambda: engine.token_cache.misses,
+    )
+    metrics.add_gauge(
+        "tandem_edge_prompt_piece_cache_tokens",
+        "Token ids held by the prompt-piece cache.",
+        lambda: engine.token_cache.cached_tokens,
+    )
     live = load_policy(settings.policy_file)
     metrics.add_gauge(
         "tandem_edge_policy_revision",

@@ -29,6 +29,7 @@ from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
 from models.latency import EngineProfile
 from models.sim_vocab import SimVocab
+from models.token_cache import CachedTokenizer
 
 
 class SimEngine:
@@ -62,6 +63,11 @@ class SimEngine:
     def n_vocab(self) -> int:
         """Vocabulary size."""
         return self._vocab.n_vocab
+
+    @property
+    def token_cache(self) -> CachedTokenizer:
+        """The prompt-piece cache ``tokenize`` goes through."""
+        return self._vocab.token_cache
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` with the real vocabulary (blocking: call from a thread)."""

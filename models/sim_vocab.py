@@ -39,6 +39,11 @@ class SimVocab:
         """Vocabulary size."""
         return int(self._llama.n_vocab())
 
+    @property
+    def token_cache(self) -> CachedTokenizer:
+        """The prompt-piece cache ``tokenize`` goes through (hits, misses, size)."""
+        return self._tokenize_cached
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (ChatML markers parsed as special tokens, no BOS)."""
         return self._tokenize_cached(text)

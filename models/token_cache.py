@@ -68,6 +68,11 @@ class CachedTokenizer:
         self.hits = 0
         self.misses = 0
 
+    @property
+    def cached_tokens(self) -> int:
+        """Token ids held in the cache now."""
+        return self._cached_tokens
+
     def __call__(self, text: str) -> list[int]:
         """Token ids of ``text``."""
         if not self.enabled:

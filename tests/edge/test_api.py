@@ -158,6 +158,12 @@ async def _eight_streams(client: openai.AsyncOpenAI) -> None:
         assert text == alone.choices[0].message.content
 
 
+_PIECE_COUNTERS = (
+    "tandem_edge_prompt_pieces_cached_total",
+    "tandem_edge_prompt_pieces_tokenized_total",
+)
+
+
 def _prompt_evals(edge: EdgeProcess) -> float:
     return edge.metrics()["tandem_edge_llama_prompt_eval_tokens_total"]
 
@@ -185,10 +191,15 @@ def test_second_turn_evaluates_only_new_tokens(edge: EdgeProcess, vocab) -> None
         {"role": "user", "content": "Another one."},
     ]
     before = _prompt_evals(edge)
+    pieces_before = edge.metrics()
     second = client.chat.completions.create(
         model=MODEL, messages=turn2, max_tokens=1, temperature=0, extra_headers=session
     )
     evaluated = _prompt_evals(edge) - before  # llama.cpp's own n_p_eval counter
+    pieces = {k: edge.metrics()[k] - pieces_before[k] for k in _PIECE_COUNTERS}
+    # Turn 1's system and user messages were tokenized before; only the new ones are.
+    assert pieces["tandem_edge_prompt_pieces_cached_total"] >= 2
+    assert pieces["tandem_edge_prompt_pieces_tokenized_total"] == 2  # assistant + user
     prompt_len = _prompt_len(vocab, turn2)
     cached = second.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
     assert second.usage.prompt_tokens == prompt_len  # type: ignore[union-attr]
