@@ -89,28 +89,26 @@ class CachedTokenizer:
     def _by_pieces(self, text: str) -> list[int]:
         assert self._split is not None
         pieces = [p for p in self._split.split(text) if p]
-        found: dict[str, array | int] = {}
+        found: dict[str, array | int] = {}  # a special token's id, or a piece's ids
         unseen: list[str] = []
         with self._lock:
             for piece in pieces:
-                if piece in found:
-                    continue
                 special = self._special_ids.get(piece)
                 if special is not None:
                     found[piece] = special
                     continue
-                ids = self._pieces.get(piece)
-                if ids is None:
+                cached = self._pieces.get(piece)
+                if cached is not None:
+                    self._pieces.move_to_end(piece)
+                    found[piece] = cached
+                    self.hits += 1
+                elif piece not in found:  # a piece may come twice in one prompt
                     unseen.append(piece)
                     found[piece] = _UNSEEN
-                else:
-                    self._pieces.move_to_end(piece)
-                    found[piece] = ids
-            self.hits += len(pieces) - len(unseen)
             self.misses += len(unseen)
         if unseen:
-            for piece, ids in zip(unseen, self._tokenize_unseen(unseen), strict=True):
-                found[piece] = ids
+            for piece, piece_ids in zip(unseen, self._tokenize_unseen(unseen), strict=True):
+                found[piece] = piece_ids
             self._remember(unseen, found)
         out: list[int] = []
         for piece in pieces:
