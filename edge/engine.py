@@ -48,8 +48,8 @@ from edge.sampling import SamplingParams
 from edge.sessions import SavedState, SessionCache, common_prefix_len
 from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
-from models.token_cache import CachedTokenizer, llama_special_token_texts
-from models.vocab import llama_token_bytes, llama_tokenizer
+from models.token_cache import CachedTokenizer, cached_llama_tokenizer
+from models.vocab import llama_token_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +176,7 @@ class LlamaEngine:
         self.config = config
         self._slots = [_Slot(i, self._load(config)) for i in range(config.slots)]
         self._vocab = self._load(config, vocab_only=True)
-        self._tokenize_cached = CachedTokenizer(
-            llama_tokenizer(self._vocab), llama_special_token_texts(self._vocab)
-        )
+        self._tokenize_cached = cached_llama_tokenizer(self._vocab)
         self._queue = SlotQueue(list(self._slots), config.max_queue)
         self._sessions = SessionCache(config.session_cache_bytes)
         # Monotonic counters, written by slot threads, read by metrics and heartbeats.

@@ -17,7 +17,6 @@ import uuid
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from mesh.subjects import LIVENESS_SUFFIX
 
@@ -28,7 +27,6 @@ class InboxMux:
     def __init__(self) -> None:
         self._nc: Client | None = None
         self._prefix = ""
-        self._sub: Subscription | None = None
         self._streams: dict[str, asyncio.Queue[Msg]] = {}
         self._lock = asyncio.Lock()
 
@@ -38,7 +36,7 @@ class InboxMux:
             async with self._lock:
                 if nc is not self._nc:
                     prefix = nc.new_inbox()
-                    self._sub = await nc.subscribe(f"{prefix}.>", cb=self._dispatch)
+                    await nc.subscribe(f"{prefix}.>", cb=self._dispatch)
                     await nc.flush()  # the server has it before anyone is told the inbox
                     self._nc, self._prefix = nc, prefix
         inbox = f"{self._prefix}.{uuid.uuid4().hex}"

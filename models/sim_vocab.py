@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import MissingDependencyError
-from models.token_cache import CachedTokenizer, llama_special_token_texts
-from models.vocab import llama_token_bytes, llama_tokenizer
+from models.token_cache import CachedTokenizer, cached_llama_tokenizer
+from models.vocab import llama_token_bytes
 
 FILLER_TEXT = (
     " This answer was produced by Tandem's simulated engine; no model ran, only a"
@@ -29,9 +29,7 @@ class SimVocab:
     def __init__(self, gguf: Path) -> None:
         self._llama = _load_vocab_only(gguf)
         self.token_bytes: Callable[[int], bytes] = llama_token_bytes(self._llama)
-        self._tokenize_cached = CachedTokenizer(
-            llama_tokenizer(self._llama), llama_special_token_texts(self._llama)
-        )
+        self._tokenize_cached = cached_llama_tokenizer(self._llama)
         self.filler = self.tokenize(FILLER_TEXT)
 
     @property

@@ -26,11 +26,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from models.vocab import llama_token_bytes, llama_tokenizer
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CACHED_TOKENS = 2_000_000  # ids are kept as 4-byte ints: ~8 MB
 DEFAULT_VERIFY_CALLS = 64
-_UNSEEN = -1  # a placeholder while a piece's ids are being computed
 
 
 class CachedTokenizer:
@@ -45,16 +46,11 @@ class CachedTokenizer:
         verify_calls: int = DEFAULT_VERIFY_CALLS,
     ) -> None:
         self._tokenize = tokenize
-        specials = sorted({s for s in special_tokens if s}, key=len, reverse=True)
         # Longest first, so a special token that contains another is cut whole.
+        specials = sorted({s for s in special_tokens if s}, key=len, reverse=True)
         self._split = (
             re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
         )
-        self._max_cached_tokens = max_cached_tokens
-        self._verify_left = verify_calls
-        self._pieces: OrderedDict[str, array] = OrderedDict()
-        self._cached_tokens = 0
-        self._lock = threading.Lock()  # the edge tokenizes from a thread pool
         # Special token -> its id, and one of them to join the unseen pieces of a prompt
         # with: a single tokenizer call then covers them all (a call has a fixed cost of
         # tens of microseconds, more than a short piece's own work).
@@ -64,6 +60,11 @@ class CachedTokenizer:
             if len(ids) == 1:
                 self._special_ids[text] = ids[0]
         self._joiner = next(iter(self._special_ids), None)
+        self._max_cached_tokens = max_cached_tokens
+        self._verify_left = verify_calls
+        self._pieces: OrderedDict[str, array] = OrderedDict()
+        self._cached_tokens = 0
+        self._lock = threading.Lock()  # the edge tokenizes from a thread pool
         self.enabled = self._split is not None
         self.hits = 0
         self.misses = 0
@@ -90,7 +91,7 @@ class CachedTokenizer:
         assert self._split is not None
         pieces = [p for p in self._split.split(text) if p]
         found: dict[str, array | int] = {}  # a special token's id, or a piece's ids
-        unseen: list[str] = []
+        unseen: dict[str, None] = {}  # in order, once each (a piece may come twice)
         with self._lock:
             for piece in pieces:
                 special = self._special_ids.get(piece)
@@ -102,14 +103,13 @@ class CachedTokenizer:
                     self._pieces.move_to_end(piece)
                     found[piece] = cached
                     self.hits += 1
-                elif piece not in found:  # a piece may come twice in one prompt
-                    unseen.append(piece)
-                    found[piece] = _UNSEEN
+                else:
+                    unseen[piece] = None
             self.misses += len(unseen)
         if unseen:
-            for piece, piece_ids in zip(unseen, self._tokenize_unseen(unseen), strict=True):
-                found[piece] = piece_ids
-            self._remember(unseen, found)
+            fresh = dict(zip(unseen, self._tokenize_unseen(list(unseen)), strict=True))
+            found.update(fresh)
+            self._remember(fresh)
         out: list[int] = []
         for piece in pieces:
             ids = found[piece]
@@ -136,11 +136,9 @@ class CachedTokenizer:
             return [array("i", self._tokenize(piece)) for piece in unseen]
         return out
 
-    def _remember(self, unseen: list[str], found: dict[str, array | int]) -> None:
+    def _remember(self, fresh: dict[str, array]) -> None:
         with self._lock:
-            for piece in unseen:
-                ids = found[piece]
-                assert isinstance(ids, array)
+            for piece, ids in fresh.items():
                 if piece in self._pieces or len(ids) > self._max_cached_tokens:
                     continue
                 self._pieces[piece] = ids
@@ -174,8 +172,6 @@ def llama_special_token_texts(llama: Any) -> list[str]:
     """
     import llama_cpp
 
-    from models.vocab import llama_token_bytes
-
     vocab = llama_cpp.llama_model_get_vocab(llama.model)
     token_bytes = llama_token_bytes(llama)
     cut = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
@@ -188,3 +184,8 @@ def llama_special_token_texts(llama: Any) -> list[str]:
             if text.strip():
                 texts.append(text)
     return texts
+
+
+def cached_llama_tokenizer(llama: Any) -> CachedTokenizer:
+    """The piece-caching tokenizer of a (vocab-only) llama.cpp model."""
+    return CachedTokenizer(llama_tokenizer(llama), llama_special_token_texts(llama))
