@@ -74,12 +74,12 @@ class EdgeAnswerer:
     """Greedy answers from llama.cpp on the edge GGUF, tokenized as the edge does."""
 
     def __init__(self, gguf: Path, n_ctx: int) -> None:
-        from llama_cpp import Llama, llama_vocab_is_eog
+        from llama_cpp import llama_vocab_is_eog
+
+        from models.llama_loader import load_llama
 
         # One thread: steady on a shared machine (FINDINGS), and labels do not depend on it.
-        self._llama = Llama(
-            model_path=str(gguf), n_ctx=n_ctx, n_threads=1, n_threads_batch=1, verbose=False
-        )
+        self._llama = load_llama(gguf, n_ctx=n_ctx, n_threads=1, n_threads_batch=1, verbose=False)
         self._vocab = self._llama._model.vocab
         self._is_eog_fn = llama_vocab_is_eog
         self.n_ctx = n_ctx

@@ -191,12 +191,12 @@ def test_greedy_predictions_agree_with_llama_cpp(
 
 def _draft_greedy_sequences(gguf: Path, template: str) -> list[tuple[int, list[int]]]:
     """Greedy-decode each sample conversation with llama.cpp: (prompt length, ids)."""
-    from llama_cpp import Llama
+    from models.llama_loader import load_llama
 
     # All llama.cpp work happens before torch runs: its idle threads spin and
     # slowed the interleaved torch forward passes several times over.
-    llama = Llama(
-        model_path=str(gguf),
+    llama = load_llama(
+        gguf,
         n_ctx=512,
         logits_all=True,
         n_threads=1,
