@@ -78,7 +78,8 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the kernel's pick; may be taken later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -261,11 +262,11 @@ class EmbeddedNats:
 
     def _choose_ports(self) -> None:
         # Ports picked once are kept, so clients' URLs stay valid across stop()/start().
-        self._port = self._port or _free_port(self._host)
+        self._port = self._port or free_port(self._host)
         while not self._monitor_port or (
             not self._requested_monitor_port and self._monitor_port == self._port
         ):
-            self._monitor_port = _free_port(self._host)
+            self._monitor_port = free_port(self._host)
         for port in (self._port, self._monitor_port):
             if not _port_is_free(self._host, port):
                 raise NatsPortInUseError(self._host, port)
@@ -342,34 +343,27 @@ class EmbeddedNats:
     def _terminate(self) -> None:
         process, self._process = self._process, None
         if process is not None:
-            stop_process(process, name="nats-server")
+            _stop_process(process, name="nats-server")
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
 
 
-def stop_process(
-    process: subprocess.Popen[bytes],
-    *,
-    grace_s: float = _STOP_GRACE_S,
-    name: str = "process",
-    kill_group: bool = False,
-) -> int:
-    """SIGTERM (let it drain), SIGKILL after ``grace_s``; return the exit code.
+def _stop_process(process: subprocess.Popen[bytes], *, name: str) -> int:
+    """SIGTERM (let it drain), SIGKILL after a grace period; return the exit code.
 
-    ``kill_group``: the SIGKILL goes to the process's whole group (started with
-    ``start_new_session``), so helpers it spawned (vLLM's engine core) die too.
+    Only for the server itself: Tandem's other local processes, and their process
+    groups, are stopped by ``tandem.supervisor``.
     """
     if process.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=grace_s)
+            process.wait(timeout=_STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            logger.warning("%s %s ignored SIGTERM for %.0f s; killing", name, process.pid, grace_s)
+            logger.warning(
+                "%s %s ignored SIGTERM for %.0f s; killing", name, process.pid, _STOP_GRACE_S
+            )
             with contextlib.suppress(ProcessLookupError):
-                if kill_group:
-                    os.killpg(process.pid, signal.SIGKILL)
-                else:
-                    process.kill()
+                process.kill()
     return process.wait()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.edge_process import EdgeProcess
+from tandem.local import EdgeProcess
 from tests.fixtures_nats import nats_server  # noqa: F401  (re-exported fixture)
 
 

@@ -28,7 +28,8 @@ def up(
     from mesh.errors import MeshError
     from mesh.server import EmbeddedNats
     from models.settings import tandem_home
-    from tandem.up import Role, StartupError, cloud_role, edge_role, run_mesh
+    from tandem.supervisor import SupervisorError
+    from tandem.up import Role, cloud_role, edge_role, run_mesh
 
     configure_logging("info")
     if engine not in ("real", "sim"):
@@ -54,7 +55,8 @@ def up(
             roles,
             nats_port=nats_port,
             store_dir=tandem_home() / "nats",
+            run_dir=tandem_home() / "run",
             on_ready=ready,
         )
-    except (StartupError, MeshError) as exc:
+    except (SupervisorError, MeshError) as exc:
         fail(str(exc))

@@ -17,7 +17,7 @@ import pytest
 
 from mesh.server import EmbeddedNats
 from tandem.bench.schema import BenchReport
-from tests.edge_process import EdgeProcess
+from tandem.local import EdgeProcess
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

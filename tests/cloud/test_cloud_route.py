@@ -31,8 +31,7 @@ from mesh.protocol import (
     VerifyRequest,
 )
 from mesh.server import EmbeddedNats
-from tests.edge_process import EdgeProcess
-from tests.worker_process import WorkerProcess
+from tandem.local import EdgeProcess, WorkerProcess
 
 # Two vLLM engines start in the first test's setup: allow for it.
 pytestmark = [pytest.mark.cloud, pytest.mark.timeout(900)]

@@ -13,7 +13,7 @@ import pytest
 
 from models.bundled import locate_bundled_gguf
 from models.chat_template import load_template, render_chat
-from tests.edge_process import EdgeProcess
+from tandem.local import EdgeProcess
 
 MODEL = "smollm2-135m"
 HELLO = [{"role": "user", "content": "Write one sentence about the sea."}]

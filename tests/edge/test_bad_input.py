@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.edge_process import EdgeProcess
+from tandem.local import EdgeProcess
 
 MODEL = "smollm2-135m"
 OK_MSG = [{"role": "user", "content": "hi"}]

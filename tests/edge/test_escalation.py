@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge.escalation import ConfidenceWatch, token_logprob
-from tests.edge_process import EdgeProcess
+from tandem.local import EdgeProcess
 
 
 def test_token_logprob_is_log_softmax() -> None:

@@ -11,7 +11,7 @@ import nats
 from mesh import subjects
 from mesh.protocol import NodeHeartbeat
 from mesh.server import EmbeddedNats
-from tests.edge_process import EdgeProcess
+from tandem.local import EdgeProcess
 
 MODEL = "smollm2-135m"
 

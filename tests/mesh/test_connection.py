@@ -12,8 +12,8 @@ from nats.aio.client import Client
 
 from mesh.connection import connect, connect_in_background
 from mesh.errors import MeshUnavailableError
-from mesh.server import EmbeddedNats
-from tests.mesh.helpers import eventually, free_port
+from mesh.server import EmbeddedNats, free_port
+from tests.mesh.helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,8 +15,8 @@ from mesh import subjects
 from mesh.connection import connect, connect_in_background
 from mesh.heartbeat import FleetView, Heartbeater
 from mesh.protocol import NodeHeartbeat, NodeLoad
-from mesh.server import EmbeddedNats
-from tests.mesh.helpers import eventually, free_port
+from mesh.server import EmbeddedNats, free_port
+from tests.mesh.helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,8 +17,8 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from mesh.connection import connect
 from mesh.errors import NatsPortInUseError, NatsServerNotFoundError, NatsStartError
-from mesh.server import EmbeddedNats, find_nats_server
-from tests.mesh.helpers import eventually, free_port
+from mesh.server import EmbeddedNats, find_nats_server, free_port
+from tests.mesh.helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)
 

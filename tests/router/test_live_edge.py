@@ -18,7 +18,7 @@ import pytest
 
 from mesh import subjects
 from mesh.server import EmbeddedNats
-from tests.edge_process import EdgeProcess
+from tandem.local import EdgeProcess
 
 pytestmark = pytest.mark.slow
 
