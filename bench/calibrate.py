@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud.engine import VllmEngine
 from cloud.settings import CloudSettings
-from edge.engine import EngineConfig, GenerationRequest, LlamaEngine, TokenEvent
+from edge.engine import LlamaEngine
+from edge.generation import EngineConfig, GenerationRequest, TokenEvent
 from edge.sampling import SamplingParams
 from mesh.protocol import SamplingParams as WireSampling
 from models.catalog import Catalog, ModelPair

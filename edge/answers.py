@@ -13,8 +13,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from edge.engine import FinishEvent, GenerationStats, TokenEvent
 from edge.errors import EdgeError, EngineError
+from edge.generation import Events, FinishEvent, GenerationStats, TokenEvent
 from edge.metrics import EdgeMetrics
 from edge.openai_protocol import (
     ChatChoice,
@@ -38,14 +38,16 @@ from edge.openai_protocol import (
 )
 from edge.tool_calls import ParsedToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
 
-Events = AsyncIterator[TokenEvent | FinishEvent]
 # ``system_fingerprint`` of answers a simulated engine produced (scale runs only).
 SIMULATED_FINGERPRINT = "tandem-simulated-engine"
 
 
 @dataclass
 class AnswerContext:
-    """Per-request facts the answer needs: identity, route, timing, metrics."""
+    """Per-request facts the answer needs: identity, the route it took, timing, metrics.
+
+    Set once when the answer starts; the answer's own facts (a mid-answer handover,
+    speculative counts) arrive in the finish event's stats."""
 
     model: str
     node_id: str
@@ -62,7 +64,6 @@ class AnswerContext:
     n_tokens: int = 0
     # Told of every finished answer (the router learns cloud latency, acceptance, budgets).
     on_done: Callable[[AnswerContext, GenerationStats], None] | None = None
-    escalation: EscalationUsage | None = None  # set when the answer changed route midway
 
     def on_token(self, event: TokenEvent) -> None:
         """Record token timing (TTFT on the first one)."""
@@ -108,7 +109,7 @@ class AnswerContext:
                 worker_id=stats.worker_id,
                 rule=self.rule,
                 speculative=_speculative_usage(stats),
-                escalation=self.escalation,
+                escalation=_escalation_usage(stats),
                 simulated=stats.simulated,
                 simulated_engine_ms=_ms(stats.engine_s),
             ),
@@ -137,6 +138,15 @@ def with_generator_calls(parsed: ToolCallParse, finish: FinishEvent) -> ToolCall
     ]
     return ToolCallParse(
         content=parsed.content, calls=calls, malformed=[] if calls else parsed.malformed
+    )
+
+
+def _escalation_usage(stats: GenerationStats) -> EscalationUsage | None:
+    handover = stats.handover
+    if handover is None:
+        return None
+    return EscalationUsage(
+        at_token=handover.at_token, mean_logprob=handover.mean_logprob, to=handover.to
     )
 
 

@@ -31,18 +31,27 @@ one verification round trip, so pipelining has a block to hide the round trip be
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, ParamSpec
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 import numpy as np
 
+from edge.errors import EngineError
+from edge.generation import GenerationRequest
 from edge.sessions import common_prefix_len
-from mesh.protocol import DRAFT_TOP_K, DraftDistribution, top_k_distribution
+from edge.text import TextAssembler
+from mesh.protocol import DraftDistribution
+from mesh.sampling import DRAFT_TOP_K, top_k_distribution
 
+if TYPE_CHECKING:
+    from edge.engine import SlotRun
+
+logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 
 # How a drafter picks the token at an absolute position from the logits there: the
@@ -234,3 +243,91 @@ class DraftTimer:
                 else (self._weight * sample + (1 - self._weight) * self.token_s)
             )
         return tokens
+
+
+@dataclass(frozen=True)
+class SpeculativeDecoder:
+    """The speculative route's decode loop (steps 1-5 above) on an engine slot.
+
+    ``fallback_to_edge``: when a verification fails mid-answer, the edge finishes the
+    answer alone (marked ``fell_back``) instead of failing it; the route plan says which.
+    """
+
+    verifier: Verifier
+    max_draft_tokens: int = 16
+    fallback_to_edge: bool = True
+
+    def run(self, run: SlotRun) -> str:
+        """Draft on llama.cpp, verify in the cloud, emit what the target confirms."""
+        llama, params, stats = run.llama, run.request.sampling, run.stats
+        assembler = TextAssembler(params.stop)
+        budget = min(params.max_tokens, run.n_ctx - len(run.request.prompt_tokens))
+        context = list(run.request.prompt_tokens)
+        prefill(llama, context)
+        pick = (
+            greedy_pick
+            if params.greedy
+            else sampled_pick(params.temperature, params.top_p, params.seed)
+        )
+        length, timer = DraftLength(max_k=self.max_draft_tokens), DraftTimer()
+        draft = timer.draft(draft_block, llama, max(1, min(length.k, budget - 1)), run.is_eog, pick)
+        while True:
+            if run.cancelled():
+                return assembler.finish()
+            room = budget - stats.completion_tokens  # >= 1: the target adds one token
+            pending, round_trip = _send_for_verification(self.verifier, context, draft)
+            limit = min(length.k + 1, room - len(draft) - 1)
+            ahead = timer.draft(draft_ahead, llama, draft, limit, run.is_eog, pick, pending)
+            try:
+                accepted, next_token = _checked(pending.result(), draft, run.n_vocab)
+            except Exception as exc:
+                if not self.fallback_to_edge:
+                    raise
+                logger.warning("verification failed (%s); finishing on the edge", exc)
+                stats.fell_back = True
+                rollback(llama, len(context), 0)
+                rest = GenerationRequest(
+                    context, replace(params, max_tokens=room), cancel=run.request.cancel
+                )
+                return assembler.finish() + run.decode(rest)
+            stats.drafted += len(draft)
+            stats.accepted += accepted
+            stats.verify_rounds += 1
+            length.update(len(draft), accepted, round_trip(), timer.token_s)
+            kept = continues(draft, ahead, accepted, next_token)
+            if not kept:
+                rollback(llama, len(context), accepted)  # drops the block ahead too
+            for token in [*draft.tokens[:accepted], next_token]:
+                reason = run.accept(token, assembler, budget)
+                if reason is not None:
+                    stats.finish_reason = reason
+                    return assembler.finish()
+                context.append(token)
+            if kept and len(ahead) > 1:
+                draft = ahead.after(1)  # drafted during the round trip; already evaluated
+                stats.pipelined_rounds += 1
+                continue
+            if not kept:
+                llama.eval([next_token])  # the next draft continues from the target's token
+            k = max(1, min(length.k, budget - stats.completion_tokens - 1))
+            draft = timer.draft(draft_block, llama, k, run.is_eog, pick)
+
+
+def _checked(verdict: tuple[int, int], draft: Draft, n_vocab: int) -> tuple[int, int]:
+    """The verdict, if it can belong to this draft: a token outside the vocabulary
+    would crash llama.cpp, so such a reply counts as a failed verification."""
+    accepted, next_token = verdict
+    if not (0 <= accepted <= len(draft) and 0 <= next_token < n_vocab):
+        raise EngineError(f"verify reply out of range: {accepted} accepted, {next_token}")
+    return accepted, next_token
+
+
+def _send_for_verification(
+    verifier: Verifier, context: list[int], draft: Draft
+) -> tuple[Future[tuple[int, int]], Callable[[], float]]:
+    """Start a verification; also a function giving its round trip once it is done."""
+    sent = time.perf_counter()
+    arrived: list[float] = []
+    pending = verifier(list(context), draft)
+    pending.add_done_callback(lambda _: arrived.append(time.perf_counter()))
+    return pending, lambda: (arrived[0] if arrived else time.perf_counter()) - sent

@@ -18,36 +18,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from edge.drafter import (
-    Draft,
-    DraftLength,
-    DraftTimer,
-    Verifier,
-    continues,
-    draft_ahead,
-    draft_block,
-    greedy_pick,
-    prefill,
-    rollback,
-    sampled_pick,
-)
 from edge.errors import EngineError
-from edge.escalation import ConfidenceWatch, last_logits, token_logprob
-from edge.sampling import SamplingParams
+from edge.escalation import last_logits, token_logprob
+from edge.generation import (
+    EngineConfig,
+    FinishEvent,
+    GenerationRequest,
+    GenerationStats,
+    TokenEvent,
+)
 from edge.sessions import SavedState, SessionCache, common_prefix_len
 from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
+from models.llama_loader import load_llama
 from models.token_cache import CachedTokenizer, cached_llama_tokenizer
 from models.vocab import llama_token_bytes
 
@@ -58,75 +50,11 @@ _MIN_RESTORE_GAIN_TOKENS = 8
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """What the engine needs to load a model; built from the edge settings."""
-
-    model_path: Path
-    n_ctx: int = 2048
-    n_threads: int = 1
-    n_threads_batch: int = 1
-    n_batch: int = 512
-    slots: int = 1
-    max_queue: int = 64
-    session_cache_bytes: int = 512 * 1024 * 1024
-
-
-@dataclass
-class GenerationRequest:
-    """One prompt to complete on the engine."""
-
-    prompt_tokens: list[int]
-    sampling: SamplingParams
-    session_id: str | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    # Set for the speculative route: the cloud verifies drafts (greedy or sampled).
-    verifier: Verifier | None = None
-    fallback_to_edge: bool = True  # when verification fails mid-answer
-    max_draft_tokens: int | None = None  # the policy's cap on the draft length
-    # Edge route: stop (finish_reason "escalate") when the model grows unsure.
-    escalation: ConfidenceWatch | None = None
-
-
-@dataclass
-class GenerationStats:
-    """What one generation cost; filled in as it runs."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    queue_s: float = 0.0
-    finish_reason: str | None = None
-    worker_id: str | None = None  # the cloud worker that served it, on the cloud route
-    drafted: int = 0  # speculative route: draft tokens sent for verification
-    accepted: int = 0  # ... of which the target kept
-    verify_rounds: int = 0
-    pipelined_rounds: int = 0  # ... whose draft was drafted during the previous round trip
-    fell_back: bool = False  # ... the cloud went away and the edge finished the answer
-    simulated: bool = False  # a simulated engine (edge or cloud) produced the answer
-    engine_s: float | None = None  # simulated engines only: modelled queue + compute time
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """Newly generated tokens and the text they made final (may be empty)."""
-
-    token_ids: list[int]
-    text: str
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    """End of generation: the last text, why it stopped, and parsed tool calls if the
-    generator parsed them itself (the cloud route does, with vLLM's parser)."""
-
-    text: str
-    stats: GenerationStats
-    tool_calls: list[dict[str, Any]] | None = None
-
-
-@dataclass(frozen=True)
 class _ErrorEvent:
     error: BaseException
+
+
+Emit = Callable[[TokenEvent | FinishEvent | _ErrorEvent], None]
 
 
 class _Slot:
@@ -189,13 +117,13 @@ class LlamaEngine:
     @staticmethod
     def _load(config: EngineConfig, *, vocab_only: bool = False) -> Any:
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401
         except ImportError as exc:  # an install without the edge extra
             raise EngineError(
                 "llama-cpp-python is missing: pip install 'tandem-mesh[edge]'"
             ) from exc
-        return Llama(
-            model_path=str(config.model_path),
+        return load_llama(
+            config.model_path,
             n_ctx=config.n_ctx,
             n_batch=config.n_batch,
             n_threads=config.n_threads,
@@ -299,13 +227,9 @@ class LlamaEngine:
             self._queue.release(slot)
 
     def _run(
-        self,
-        slot: _Slot,
-        request: GenerationRequest,
-        stats: GenerationStats,
-        emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
+        self, slot: _Slot, request: GenerationRequest, stats: GenerationStats, emit: Emit
     ) -> None:
-        """The slot thread's part: prefix reuse, then the token loop."""
+        """The slot thread's part: prefix reuse, then the request's decode loop."""
         started = time.perf_counter()
         try:
             if request.cancel.is_set():
@@ -316,8 +240,9 @@ class LlamaEngine:
                 common_prefix_len(slot.tokens(), request.prompt_tokens),
                 len(request.prompt_tokens) - 1,
             )
-            loop = self._decode_loop if request.verifier is None else self._speculate_loop
-            emit(FinishEvent(text=loop(slot, request, stats, emit), stats=stats))
+            run = SlotRun(self, slot, request, stats, emit)
+            text = request.decoder.run(run) if request.decoder else run.decode(request)
+            emit(FinishEvent(text=text, stats=stats))
         except BaseException as exc:  # surfaced on the event loop, never lost
             logger.exception("generation failed on slot %d", slot.index)
             slot.llama.reset()
@@ -326,164 +251,11 @@ class LlamaEngine:
         finally:
             self.busy_seconds += time.perf_counter() - started
 
-    def _decode_loop(
-        self,
-        slot: _Slot,
-        request: GenerationRequest,
-        stats: GenerationStats,
-        emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
-    ) -> str:
-
-        llama = slot.llama
-        params = request.sampling
-        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        assembler = TextAssembler(params.stop)
-        # Absolute: a speculative answer that falls back here has produced tokens already.
-        budget = stats.completion_tokens + min(
-            params.max_tokens, self.n_ctx - len(request.prompt_tokens)
-        )
-        stats.finish_reason = "length"
-        tokens = llama.generate(
-            request.prompt_tokens,
-            temp=params.temperature,
-            top_p=params.top_p,
-            top_k=0,  # OpenAI semantics: no top-k, no min-p unless asked
-            min_p=0.0,
-            repeat_penalty=1.0,
-        )
-        watch = request.escalation
-        for token in tokens:
-            if request.cancel.is_set():
-                stats.finish_reason = "cancelled"
-                self.cancelled_generations += 1
-                break
-            if watch is not None and watch.observe(
-                token_logprob(last_logits(llama), token), stats.completion_tokens
-            ):
-                stats.finish_reason = "escalate"  # the doubtful token is not emitted
-                break
-            reason = self._accept_token(slot, token, assembler, stats, emit, budget)
-            if reason is not None:
-                stats.finish_reason = reason
-                break
-        tokens.close()
-        return assembler.finish()
-
-    def _speculate_loop(
-        self,
-        slot: _Slot,
-        request: GenerationRequest,
-        stats: GenerationStats,
-        emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
-    ) -> str:
-        """Draft on llama.cpp, verify in the cloud, emit what the target confirms.
-
-        Pipelined (see ``edge.drafter``): each round sends a draft, drafts the next
-        block while the verdict is in flight, and keeps that block if the verdict
-        confirms the guess it was built on.
-        """
-        assert request.verifier is not None
-        llama, params = slot.llama, request.sampling
-        assembler = TextAssembler(params.stop)
-        budget = min(params.max_tokens, self.n_ctx - len(request.prompt_tokens))
-        context = list(request.prompt_tokens)
-        prefill(llama, context)
-        pick = (
-            greedy_pick
-            if params.greedy
-            else sampled_pick(params.temperature, params.top_p, params.seed)
-        )
-        length, timer = DraftLength(max_k=request.max_draft_tokens or 16), DraftTimer()
-        draft = timer.draft(
-            draft_block, llama, max(1, min(length.k, budget - 1)), self._is_eog, pick
-        )
-        while True:
-            if request.cancel.is_set():
-                stats.finish_reason = "cancelled"
-                self.cancelled_generations += 1
-                return assembler.finish()
-            room = budget - stats.completion_tokens  # >= 1: the target adds one token
-            pending, round_trip = self._send_for_verification(request.verifier, context, draft)
-            limit = min(length.k + 1, room - len(draft) - 1)
-            ahead = timer.draft(draft_ahead, llama, draft, limit, self._is_eog, pick, pending)
-            try:
-                accepted, next_token = self._checked(pending.result(), draft)
-            except Exception as exc:
-                if not request.fallback_to_edge:
-                    raise
-                logger.warning("verification failed (%s); finishing on the edge", exc)
-                stats.fell_back = True
-                rollback(llama, len(context), 0)
-                rest = GenerationRequest(
-                    context, replace(params, max_tokens=room), cancel=request.cancel
-                )
-                return assembler.finish() + self._decode_loop(slot, rest, stats, emit)
-            stats.drafted += len(draft)
-            stats.accepted += accepted
-            stats.verify_rounds += 1
-            length.update(len(draft), accepted, round_trip(), timer.token_s)
-            kept = continues(draft, ahead, accepted, next_token)
-            if not kept:
-                rollback(llama, len(context), accepted)  # drops the block ahead too
-            for token in [*draft.tokens[:accepted], next_token]:
-                reason = self._accept_token(slot, token, assembler, stats, emit, budget)
-                if reason is not None:
-                    stats.finish_reason = reason
-                    return assembler.finish()
-                context.append(token)
-            if kept and len(ahead) > 1:
-                draft = ahead.after(1)  # drafted during the round trip; already evaluated
-                stats.pipelined_rounds += 1
-                continue
-            if not kept:
-                llama.eval([next_token])  # the next draft continues from the target's token
-            k = max(1, min(length.k, budget - stats.completion_tokens - 1))
-            draft = timer.draft(draft_block, llama, k, self._is_eog, pick)
-
-    def _checked(self, verdict: tuple[int, int], draft: Draft) -> tuple[int, int]:
-        """The verdict, if it can belong to this draft: a token outside the vocabulary
-        would crash llama.cpp, so such a reply counts as a failed verification."""
-        accepted, next_token = verdict
-        if not (0 <= accepted <= len(draft) and 0 <= next_token < self.n_vocab):
-            raise EngineError(f"verify reply out of range: {accepted} accepted, {next_token}")
-        return accepted, next_token
-
-    @staticmethod
-    def _send_for_verification(
-        verifier: Verifier, context: list[int], draft: Draft
-    ) -> tuple[Future[tuple[int, int]], Callable[[], float]]:
-        """Start a verification; also a function giving its round trip once it is done."""
-        sent = time.perf_counter()
-        arrived: list[float] = []
-        pending = verifier(list(context), draft)
-        pending.add_done_callback(lambda _: arrived.append(time.perf_counter()))
-        return pending, lambda: (arrived[0] if arrived else time.perf_counter()) - sent
-
-    def _is_eog(self, token: int) -> bool:
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (end of turn or of text)."""
         import llama_cpp
 
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab._model.vocab, token))
-
-    def _accept_token(
-        self,
-        slot: _Slot,
-        token: int,
-        assembler: TextAssembler,
-        stats: GenerationStats,
-        emit: Callable[[TokenEvent | FinishEvent | _ErrorEvent], None],
-        budget: int,
-    ) -> str | None:
-        """Emit one generated token; the finish reason if generation must stop here."""
-        if self._is_eog(token):
-            return "stop"
-        stats.completion_tokens += 1
-        self.generated_tokens += 1
-        emit(TokenEvent([token], assembler.push(slot.token_bytes(token))))
-        if assembler.stopped:
-            return "stop"
-        if stats.completion_tokens >= budget:
-            return "length"
-        return None
 
     def _prepare_slot(self, slot: _Slot, request: GenerationRequest) -> None:
         """Save the slot's old conversation if replaced; restore a better saved prefix."""
@@ -507,30 +279,95 @@ class LlamaEngine:
         self._vocab.close()
 
 
-class EdgeEngine(Protocol):
-    """What the daemon needs of an engine: ``LlamaEngine``, or ``SimEngine`` for scale runs."""
+class SlotRun:
+    """One request's turn on a slot, as a decode loop sees it (the slot's thread only).
 
-    config: EngineConfig
-    simulated: bool
-    generated_tokens: int
-    cancelled_generations: int
-    busy_seconds: float
+    Plain decoding lives here; other decode loops (``GenerationRequest.decoder``,
+    the speculative one) drive the same slot through ``accept`` and fall back to
+    ``decode``.
+    """
+
+    def __init__(
+        self,
+        engine: LlamaEngine,
+        slot: _Slot,
+        request: GenerationRequest,
+        stats: GenerationStats,
+        emit: Emit,
+    ) -> None:
+        self.engine = engine
+        self.llama = slot.llama
+        self.request = request
+        self.stats = stats
+        self._slot = slot
+        self._emit = emit
 
     @property
-    def n_ctx(self) -> int: ...
+    def n_ctx(self) -> int:
+        """The context window in tokens."""
+        return self.engine.n_ctx
+
     @property
-    def n_vocab(self) -> int: ...
-    @property
-    def running(self) -> int: ...
-    @property
-    def waiting(self) -> int: ...
-    @property
-    def session_cache_bytes(self) -> int: ...
-    @property
-    def token_cache(self) -> CachedTokenizer: ...
-    def tokenize(self, text: str) -> list[int]: ...
-    def perf_counters(self) -> dict[str, int]: ...
-    def generate(
-        self, request: GenerationRequest
-    ) -> AsyncGenerator[TokenEvent | FinishEvent, None]: ...
-    async def close(self) -> None: ...
+    def n_vocab(self) -> int:
+        """The vocabulary size (token ids at or above it would crash llama.cpp)."""
+        return self.engine.n_vocab
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation."""
+        return self.engine.is_eog(token)
+
+    def cancelled(self) -> bool:
+        """True (and the stats say so) once the client went away."""
+        if not self.request.cancel.is_set():
+            return False
+        self.stats.finish_reason = "cancelled"
+        self.engine.cancelled_generations += 1
+        return True
+
+    def accept(self, token: int, assembler: TextAssembler, budget: int) -> str | None:
+        """Emit one generated token; the finish reason if generation must stop here."""
+        if self.is_eog(token):
+            return "stop"
+        self.stats.completion_tokens += 1
+        self.engine.generated_tokens += 1
+        self._emit(TokenEvent([token], assembler.push(self._slot.token_bytes(token))))
+        if assembler.stopped:
+            return "stop"
+        if self.stats.completion_tokens >= budget:
+            return "length"
+        return None
+
+    def decode(self, request: GenerationRequest) -> str:
+        """Plain decoding of ``request`` on this slot (also a speculative answer's
+        fallback, with the tokens produced so far in its prompt)."""
+        llama, params = self.llama, request.sampling
+        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        assembler = TextAssembler(params.stop)
+        # Absolute: a speculative answer that falls back here has produced tokens already.
+        budget = self.stats.completion_tokens + min(
+            params.max_tokens, self.n_ctx - len(request.prompt_tokens)
+        )
+        self.stats.finish_reason = "length"
+        tokens = llama.generate(
+            request.prompt_tokens,
+            temp=params.temperature,
+            top_p=params.top_p,
+            top_k=0,  # OpenAI semantics: no top-k, no min-p unless asked
+            min_p=0.0,
+            repeat_penalty=1.0,
+        )
+        watch = request.confidence
+        for token in tokens:
+            if self.cancelled():
+                break
+            if watch is not None and watch.observe(
+                token_logprob(last_logits(llama), token), self.stats.completion_tokens
+            ):
+                self.stats.finish_reason = "escalate"  # the doubtful token is not emitted
+                break
+            reason = self.accept(token, assembler, budget)
+            if reason is not None:
+                self.stats.finish_reason = reason
+                break
+        tokens.close()
+        return assembler.finish()

@@ -11,7 +11,7 @@ import time
 from nats.aio.client import Client
 
 from edge.cloud_route import CloudRoute
-from edge.engine import EdgeEngine
+from edge.generation import EdgeEngine
 from edge.settings import EdgeSettings
 from mesh import subjects
 from mesh.connection import MeshLink, connect_in_background

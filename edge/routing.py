@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edge.engine import GenerationStats
+from edge.generation import GenerationStats
 from edge.openai_protocol import ChatCompletionRequest, NamedToolChoice
 from router.policy import RequestFeatures, ResponseFormat, ToolChoice
 
@@ -141,7 +141,6 @@ def chat_features(
         max_tokens=body.requested_max_tokens(),
         response_format=_response_format(body),
         tenant=tenant,
-        temperature=1.0 if body.temperature is None else body.temperature,
         complexity=complexity,
         edge_queue=edge_queue,
         edge_wait_ms=observations.edge_wait_ms(edge_queue, edge_slots),

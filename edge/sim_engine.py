@@ -22,8 +22,14 @@ from collections.abc import AsyncGenerator
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge.engine import EngineConfig, FinishEvent, GenerationRequest, GenerationStats, TokenEvent
 from edge.errors import InvalidRequestError
+from edge.generation import (
+    EngineConfig,
+    FinishEvent,
+    GenerationRequest,
+    GenerationStats,
+    TokenEvent,
+)
 from edge.sessions import common_prefix_len
 from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
@@ -100,10 +106,10 @@ class SimEngine:
         self, request: GenerationRequest
     ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         """Run one request on modelled time; yields token events then one finish event."""
-        if request.verifier is not None:
+        if request.decoder is not None:
             raise InvalidRequestError(
                 "the simulated engine serves the edge and cloud routes only; the speculative "
-                "route needs llama.cpp (tandem edge serve --engine llama)",
+                "route needs llama.cpp (tandem edge serve --engine real)",
                 param="model",
             )
         stats = GenerationStats(prompt_tokens=len(request.prompt_tokens), simulated=True)

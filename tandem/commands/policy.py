@@ -37,14 +37,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from router.policy import PolicyError, RequestFeatures, RoutingPolicy, explain
+from mesh.connection import DEFAULT_NATS_URL
+from router.errors import (
+    InvalidRevisionError,
+    PolicyConflictError,
+    PolicyError,
+    PolicyStoreError,
+    RevisionNotFoundError,
+)
+from router.policy import RequestFeatures, RoutingPolicy, explain
 from tandem.commands.common import fail
 
 app = typer.Typer(help="Show, edit, roll back and explain the live routing policy.")
 T = TypeVar("T")
 
 NatsUrl = Annotated[str, typer.Option(help="NATS URL of the mesh.", envvar="TANDEM_NATS_URL")]
-DEFAULT_NATS = "nats://127.0.0.1:4222"
 _APPLIED_WAIT_S = 2.0
 
 
@@ -52,7 +59,7 @@ def _run(nats_url: str, work: Callable[[Any], Awaitable[T]]) -> T:
     """Connect, open the store, run ``work(store)``, close; one clear line on failure."""
     from mesh.connection import connect
     from mesh.errors import MeshError
-    from router.store import PolicyConflict, PolicyStore
+    from router.store import PolicyStore
 
     async def main() -> T:
         nc = await connect(nats_url, name="tandem-policy")
@@ -63,8 +70,10 @@ def _run(nats_url: str, work: Callable[[Any], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
-    except PolicyConflict as exc:
+    except PolicyConflictError as exc:
         fail(str(exc), code=3)
+    except PolicyStoreError as exc:
+        fail(str(exc))
     except PolicyError as exc:
         fail(f"the policy is invalid; nothing was written:\n{exc}", code=2)
     except MeshError as exc:
@@ -82,7 +91,7 @@ def _read_file(path: Path) -> str:
 
 
 @app.command()
-def show(nats_url: NatsUrl = DEFAULT_NATS) -> None:
+def show(nats_url: NatsUrl = DEFAULT_NATS_URL) -> None:
     """The stored policy at a glance: revision, author, rules in order."""
 
     async def work(store: Any) -> Any:
@@ -141,17 +150,14 @@ def get(
         Literal["yaml", "json"], typer.Option("-o", "--output", help="yaml (as written) or json.")
     ] = "yaml",
     revision: Annotated[int | None, typer.Option(help="A past revision.")] = None,
-    nats_url: NatsUrl = DEFAULT_NATS,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
 ) -> None:
     """Print the stored policy (YAML exactly as it was written, comments included)."""
 
     async def work(store: Any) -> Any:
         return await (store.current() if revision is None else store.at(revision))
 
-    try:
-        stored = _run(nats_url, work)
-    except KeyError as exc:
-        fail(str(exc.args[0]))
+    stored = _run(nats_url, work)
     if stored is None:
         text = RoutingPolicy().to_yaml()
         typer.echo("# no policy stored; this is the built-in default", err=True)
@@ -170,7 +176,7 @@ def history(
     output: Annotated[
         Literal["table", "json"], typer.Option("-o", "--output", help="table or json.")
     ] = "table",
-    nats_url: NatsUrl = DEFAULT_NATS,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
 ) -> None:
     """Every stored revision still held (the bucket keeps the last 64)."""
     from router.store import describe
@@ -206,7 +212,7 @@ def diff(
     ] = None,
     from_revision: Annotated[int | None, typer.Option("--from", help="Older revision.")] = None,
     to_revision: Annotated[int | None, typer.Option("--to", help="Newer revision.")] = None,
-    nats_url: NatsUrl = DEFAULT_NATS,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
 ) -> None:
     """A unified diff: stored vs file, two revisions, or the latest change (the default)."""
     local = _read_file(file) if file else None
@@ -223,14 +229,11 @@ def diff(
                     f"revision {new.revision}")  # fmt: skip
         revisions = await store.history()
         if len(revisions) < 2:
-            raise KeyError("fewer than two revisions are stored; nothing to compare")
+            raise RevisionNotFoundError("fewer than two revisions are stored; nothing to compare")
         a, b = revisions[-2], revisions[-1]
         return (a.yaml_text, b.yaml_text, f"revision {a.revision}", f"revision {b.revision}")
 
-    try:
-        old, new, old_name, new_name = _run(nats_url, work)
-    except KeyError as exc:
-        fail(str(exc.args[0]))
+    old, new, old_name, new_name = _run(nats_url, work)
 
     def as_lines(text: str) -> list[str]:
         return (text if text.endswith("\n") or not text else text + "\n").splitlines(True)
@@ -265,7 +268,8 @@ def _write(
 ) -> None:
     """CAS-write and report which edges applied the new revision."""
     from mesh import subjects
-    from router.store import PolicyApplied
+    from mesh.errors import ProtocolError
+    from mesh.protocol import PolicyApplied
 
     async def work(store: Any) -> tuple[int, list[PolicyApplied], float]:
         expect = expect_revision
@@ -276,8 +280,8 @@ def _write(
         arrived = asyncio.Event()
 
         async def collect(msg: Any) -> None:
-            with contextlib.suppress(ValueError):
-                reports.append(PolicyApplied.model_validate_json(msg.data))
+            with contextlib.suppress(ProtocolError):
+                reports.append(PolicyApplied.from_bytes(msg.data))
                 arrived.set()
 
         nc = store.nc  # listen before writing, so no report is missed
@@ -307,6 +311,7 @@ def _write(
 async def _edges_on_mesh(nc: Any) -> list[str]:
     """Edges heard in one heartbeat interval (to know how many reports to wait for)."""
     from mesh import subjects
+    from mesh.errors import ProtocolError
     from mesh.protocol import NodeHeartbeat
 
     seen: set[str] = set()
@@ -314,7 +319,7 @@ async def _edges_on_mesh(nc: Any) -> list[str]:
     async def on_beat(msg: Any) -> None:
         try:
             beat = NodeHeartbeat.from_bytes(msg.data)
-        except Exception:
+        except ProtocolError:
             return
         if beat.role == "edge":
             seen.add(beat.node_id)
@@ -336,7 +341,7 @@ def set_policy(
     wait_s: Annotated[float, typer.Option(help="Seconds to wait for edges to apply it.")] = (
         _APPLIED_WAIT_S
     ),
-    nats_url: NatsUrl = DEFAULT_NATS,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
 ) -> None:
     """Validate and store a policy; edges apply it within milliseconds."""
     text = _read_file(file)
@@ -351,7 +356,7 @@ def set_policy(
 def rollback(
     revision: Annotated[int, typer.Argument(help="The revision to bring back.")],
     message: Annotated[str, typer.Option("-m", "--message")] = "",
-    nats_url: NatsUrl = DEFAULT_NATS,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
 ) -> None:
     """Store an old revision's policy again, as a new revision (history is never rewritten)."""
 
@@ -359,13 +364,10 @@ def rollback(
         old = await store.at(revision)
         current = await store.current()
         if old.policy is None:
-            raise KeyError(f"revision {revision} is invalid; it cannot be brought back")
+            raise InvalidRevisionError(f"revision {revision} is invalid; it cannot be brought back")
         return old.yaml_text, current.revision if current else 0
 
-    try:
-        text, current = _run(nats_url, work)
-    except KeyError as exc:
-        fail(str(exc.args[0]))
+    text, current = _run(nats_url, work)
     _write(
         nats_url,
         text,
@@ -376,7 +378,7 @@ def rollback(
 
 
 @app.command()
-def edit(nats_url: NatsUrl = DEFAULT_NATS) -> None:
+def edit(nats_url: NatsUrl = DEFAULT_NATS_URL) -> None:
     """Open the stored policy in $EDITOR; it is validated before saving, and re-opened
     with the errors on top until it is valid (or you empty the file to abort)."""
 
@@ -448,7 +450,7 @@ def explain_request(
     complexity: Annotated[
         float | None, typer.Option(help="Classifier score; default: run the classifier.")
     ] = None,
-    nats_url: NatsUrl = DEFAULT_NATS,
+    nats_url: NatsUrl = DEFAULT_NATS_URL,
 ) -> None:
     """Dry run: which rule routes this request, and why each rule before it did not."""
     from edge.openai_protocol import ChatCompletionRequest
@@ -499,8 +501,8 @@ def _prompt_token_ids(body: Any) -> list[int]:
     """The prompt as the edge would tokenize it (vocab-only llama.cpp: no weights loaded)."""
     from edge.engine import LlamaEngine
     from edge.prompts import PromptBuilder
-    from edge.server import engine_config
     from edge.settings import EdgeSettings
+    from edge.state import engine_config
 
     config, template = engine_config(EdgeSettings.model_validate({}))
     vocab = LlamaEngine._load(config, vocab_only=True)

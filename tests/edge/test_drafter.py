@@ -19,8 +19,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 
 from cloud.speculative import verify_greedy
-from edge.drafter import Draft, DraftLength, Verifier
-from edge.engine import EngineConfig, FinishEvent, GenerationRequest, LlamaEngine, TokenEvent
+from edge.drafter import Draft, DraftLength, SpeculativeDecoder, Verifier
+from edge.engine import LlamaEngine
+from edge.generation import EngineConfig, FinishEvent, GenerationRequest, TokenEvent
 from edge.sampling import SamplingParams
 from models.bundled import locate_bundled_gguf
 
@@ -62,8 +63,8 @@ async def _run(
     engine: LlamaEngine, prompt: list[int], max_tokens: int, verifier: Verifier | None
 ) -> tuple[list[int], FinishEvent]:
     request = GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    request.verifier = verifier
-    request.fallback_to_edge = False
+    if verifier is not None:
+        request.decoder = SpeculativeDecoder(verifier, fallback_to_edge=False)
     tokens: list[int] = []
     async for event in engine.generate(request):
         if isinstance(event, TokenEvent):
@@ -122,7 +123,7 @@ async def test_a_verdict_outside_the_vocabulary_is_a_failed_verification(
         return pool.submit(lambda: (0, engine.n_vocab + 5))
 
     request = GenerationRequest(prompt, SamplingParams(max_tokens=12, temperature=0.0))
-    request.verifier, request.fallback_to_edge = corrupt, True
+    request.decoder = SpeculativeDecoder(corrupt, fallback_to_edge=True)
     tokens: list[int] = []
     async for event in engine.generate(request):
         if isinstance(event, TokenEvent):

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from edge.engine import GenerationStats
+from edge.generation import GenerationStats
 from edge.openai_protocol import ChatCompletionRequest
 from edge.routing import CloudTokenLedger, Observations, category, chat_features
 

@@ -8,8 +8,9 @@ from concurrent.futures import Future
 
 import pytest
 
-from edge.engine import EngineConfig, FinishEvent, GenerationRequest, GenerationStats
+from edge.drafter import SpeculativeDecoder
 from edge.errors import InvalidRequestError, QueueFullError
+from edge.generation import EngineConfig, FinishEvent, GenerationRequest, GenerationStats
 from edge.sampling import SamplingParams
 from edge.sim_engine import SimEngine
 from models.catalog import Catalog
@@ -93,6 +94,6 @@ async def test_the_slot_queue_is_fifo_bounded_and_counted_in_engine_time(
 
 async def test_the_speculative_route_is_refused(engine: SimEngine) -> None:
     request = _request(engine.tokenize("Hi"), None)
-    request.verifier = lambda context, draft: Future()  # never called: refused up front
+    request.decoder = SpeculativeDecoder(lambda context, draft: Future())  # refused up front
     with pytest.raises(InvalidRequestError):
         await _generate(engine, request)

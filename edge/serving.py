@@ -1,0 +1,280 @@
+"""The edge's serving layer: one function per route, each returning the route it took.
+
+A chat request arrives here with its ``RoutePlan`` (``edge.route_plan``), which
+fixed everything the policy says about it. ``serve_chat`` runs the plan:
+
+- **edge**: llama.cpp answers (``serve_edge``); when the plan allows escalation a
+  ``ConfidenceWatch`` rides along, and an answer that stops unsure continues on the
+  plan's escalation route from the tokens already sent (``_escalating``);
+- **cloud**: a cloud worker answers over NATS (``serve_cloud``);
+- **speculative**: llama.cpp drafts, a cloud worker verifies (``serve_speculative``,
+  the decode loop is ``edge.drafter.SpeculativeDecoder``).
+
+A route that needs the cloud and finds none serves on the edge (route
+``edge-fallback``) or fails with 503, as the plan's ``cloud_unavailable`` says.
+Each function returns ``Served``: the answer's events and the route it actually
+took, as a value; nothing here reads the live policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pydantic import BaseModel
+
+from edge.cloud_route import CloudRoute, CloudUnavailableError, deadline_in
+from edge.drafter import SpeculativeDecoder
+from edge.escalation import ConfidenceWatch
+from edge.generation import Event, FinishEvent, GenerationRequest, Handover, TokenEvent
+from edge.openai_protocol import ChatCompletionRequest
+from edge.route_plan import RoutePlan
+from edge.state import EdgeState
+from mesh.protocol import SamplingParams as WireSampling
+
+logger = logging.getLogger(__name__)
+
+# Awaits some work, cancelling it if the client disconnects meanwhile (the HTTP layer's).
+Guard = Callable[[Awaitable[Any]], Awaitable[Any]]
+
+_NO_CLOUD = (
+    "no cloud worker is reachable for this request; retry later or ask for the edge "
+    "(model '<name>@edge' or header 'x-tandem-route: edge')"
+)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the routes need of the HTTP request: its session and its disconnect guard."""
+
+    session_id: str | None
+    guard: Guard
+
+
+@dataclass(frozen=True)
+class Served:
+    """An answer's events and the route it actually took."""
+
+    events: AsyncGenerator[Event, None]
+    route: str  # edge | cloud | speculative | edge-fallback
+
+
+async def serve_chat(
+    state: EdgeState, call: Call, plan: RoutePlan, body: ChatCompletionRequest, prompt: list[int]
+) -> Served:
+    """Serve a chat request on its planned route (or the plan's fallback)."""
+    if plan.route == "cloud":
+        served = await serve_cloud(state, call, plan, body)
+        if served is not None:
+            return served
+    generation = GenerationRequest(
+        prompt_tokens=prompt,
+        sampling=body.to_sampling_params(
+            default_max_tokens=state.prompts.completion_budget(
+                len(prompt), body.requested_max_tokens()
+            )
+        ),
+        session_id=call.session_id,
+    )
+    if plan.route == "speculative":
+        return await serve_speculative(state, call, plan, generation)
+    if plan.route == "cloud":
+        return await serve_edge(state, call, generation, "edge-fallback")
+    if plan.escalation is None:
+        return await serve_edge(state, call, generation)
+    return await _serve_escalating(state, call, plan, body, generation)
+
+
+async def serve_edge(
+    state: EdgeState, call: Call, generation: GenerationRequest, route: str = "edge"
+) -> Served:
+    """llama.cpp answers on this edge."""
+    return Served(await prime(call, state.engine.generate(generation)), route)
+
+
+async def serve_cloud(
+    state: EdgeState,
+    call: Call,
+    plan: RoutePlan,
+    body: ChatCompletionRequest,
+    resume_token_ids: list[int] | None = None,
+) -> Served | None:
+    """A cloud worker answers; None when no cloud is there and the plan says to use the edge.
+
+    ``resume_token_ids``: an escalated edge answer's tokens so far; the worker
+    continues after them."""
+    cloud = _reachable_cloud(state)
+    try:
+        if cloud is None:
+            raise CloudUnavailableError(_NO_CLOUD)
+        events = cloud.generate(
+            messages=[m.to_template_dict() for m in body.messages],
+            tools=body.active_tools(),
+            tool_choice=_dump(body.tool_choice),
+            sampling=WireSampling(
+                max_tokens=body.requested_max_tokens(),
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=body.seed,
+                stop=body.stop_list() or None,
+            ),
+            session_id=call.session_id,
+            deadline=deadline_in(state.settings.cloud_timeout_s),
+            resume_token_ids=resume_token_ids,
+        )
+        return Served(await prime(call, events), "cloud")
+    except CloudUnavailableError:
+        if plan.cloud_unavailable == "fail":
+            raise
+        logger.info("cloud unavailable; serving on the edge")
+        return None
+
+
+async def serve_speculative(
+    state: EdgeState, call: Call, plan: RoutePlan, generation: GenerationRequest
+) -> Served:
+    """llama.cpp drafts, a cloud worker verifies: the answer is the cloud model's."""
+    cloud = _reachable_cloud(state)
+    if cloud is None:
+        if plan.cloud_unavailable == "fail":
+            raise CloudUnavailableError("no cloud worker is reachable to verify drafts")
+        return await serve_edge(state, call, generation, "edge-fallback")
+    verifier = cloud.verifier(
+        asyncio.get_running_loop(),
+        sampling=generation.sampling,
+        session_id=call.session_id,
+        deadline=deadline_in(state.settings.cloud_timeout_s),
+    )
+    decoder = SpeculativeDecoder(
+        verifier,
+        max_draft_tokens=plan.max_draft_tokens or SpeculativeDecoder.max_draft_tokens,
+        fallback_to_edge=plan.cloud_unavailable == "edge",
+    )
+    return await serve_edge(state, call, replace(generation, decoder=decoder), "speculative")
+
+
+async def prime(call: Call, events: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+    """Wait for the first event (queueing, prefill) so errors still get an HTTP status."""
+    try:
+        first = await call.guard(anext(events))
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def replay() -> AsyncGenerator[Event, None]:
+        async with aclosing(events):
+            yield first
+            if not isinstance(first, FinishEvent):
+                async for event in events:
+                    yield event
+
+    return replay()
+
+
+# -- mid-answer escalation ----------------------------------------------------------
+
+
+async def _serve_escalating(
+    state: EdgeState,
+    call: Call,
+    plan: RoutePlan,
+    body: ChatCompletionRequest,
+    generation: GenerationRequest,
+) -> Served:
+    """The edge answers, watched; if it grows unsure the plan's escalation route finishes."""
+    assert plan.escalation is not None
+    watch = ConfidenceWatch(
+        plan.escalation.window_tokens,
+        plan.escalation.min_mean_logprob,
+        plan.escalation.after_tokens,
+    )
+    watched = replace(generation, confidence=watch)
+    served = await serve_edge(state, call, watched)
+    return Served(_escalating(state, call, plan, body, watched, served.events), "edge")
+
+
+async def _escalating(
+    state: EdgeState,
+    call: Call,
+    plan: RoutePlan,
+    body: ChatCompletionRequest,
+    generation: GenerationRequest,
+    events: AsyncGenerator[Event, None],
+) -> AsyncGenerator[Event, None]:
+    """The edge's events; after an unsure stop, the rest of the same answer from the
+    plan's escalation route, continuing after the tokens already sent. The finish
+    event's stats carry the ``Handover`` (usage.tandem.escalation)."""
+    emitted: list[int] = []
+    stopped: FinishEvent | None = None
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, FinishEvent) and event.stats.finish_reason == "escalate":
+                stopped = event
+                break
+            if isinstance(event, TokenEvent):
+                emitted.extend(event.token_ids)
+            yield event
+    # Closed: the edge slot is free again (the continuation may need it).
+    if stopped is None:
+        return
+    if stopped.text:
+        yield TokenEvent([], stopped.text)
+    assert plan.escalation is not None and generation.confidence is not None
+    rest = await _continuation(state, call, plan, body, generation, emitted)
+    handover = Handover(
+        at_token=len(emitted),
+        mean_logprob=round(generation.confidence.triggered_mean or 0.0, 4),
+        to=rest.route,
+    )
+    state.metrics.escalations.labels(handover.to).inc()
+    new_tokens = 0
+    async for more in rest.events:
+        if isinstance(more, TokenEvent):
+            new_tokens += len(more.token_ids)
+        else:
+            more.stats.prompt_tokens = stopped.stats.prompt_tokens
+            more.stats.cached_tokens = stopped.stats.cached_tokens
+            more.stats.completion_tokens = len(emitted) + new_tokens
+            more.stats.handover = handover
+        yield more
+
+
+async def _continuation(
+    state: EdgeState,
+    call: Call,
+    plan: RoutePlan,
+    body: ChatCompletionRequest,
+    generation: GenerationRequest,
+    emitted: list[int],
+) -> Served:
+    """The rest of an escalated answer on the plan's escalation route; the edge finishes
+    it itself if the cloud is not there (per the plan's cloud_unavailable)."""
+    assert plan.escalation is not None
+    target = plan.escalation.route
+    if target == "cloud":
+        served = await serve_cloud(state, call, plan, body, resume_token_ids=emitted)
+        if served is not None:
+            return served
+    rest = GenerationRequest(
+        prompt_tokens=generation.prompt_tokens + emitted,
+        sampling=replace(
+            generation.sampling, max_tokens=generation.sampling.max_tokens - len(emitted)
+        ),
+        session_id=generation.session_id,
+    )
+    if target == "speculative":
+        return await serve_speculative(state, call, plan, rest)
+    return await serve_edge(state, call, rest, "edge-fallback")
+
+
+def _reachable_cloud(state: EdgeState) -> CloudRoute | None:
+    cloud = state.cloud
+    return cloud if cloud is not None and cloud.available() else None
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
