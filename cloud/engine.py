@@ -21,8 +21,9 @@ import numpy as np
 from cloud.errors import BadGenerateRequestError, EngineFailedError
 from cloud.settings import CloudSettings
 from cloud.speculative import Verdict, verify_greedy, verify_sampled
-from mesh.protocol import TARGET_TOP_K, DraftDistribution, top_k_distribution
+from mesh.protocol import DraftDistribution
 from mesh.protocol import SamplingParams as WireSampling
+from mesh.sampling import TARGET_TOP_K, top_k_distribution
 from models.catalog import Catalog, ModelPair
 from models.chat_template import load_template
 from models.convert import prepare_cloud_weights
@@ -251,6 +252,7 @@ class VllmEngine:
     ) -> AsyncIterator[Delta]:
         """Stream deltas for a prompt, continuing after ``resume_ids`` when given."""
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         full_prompt = prompt_ids + resume_ids
         params = self._sampling(sampling, len(full_prompt), len(resume_ids))
@@ -271,7 +273,7 @@ class VllmEngine:
         except ValueError as exc:  # vLLM's input validation
             raise BadGenerateRequestError(str(exc)) from exc
         except Exception as exc:
-            if type(exc).__name__ == "EngineDeadError":
+            if isinstance(exc, EngineDeadError):  # fatal: this worker can serve nothing more
                 raise
             raise EngineFailedError(f"vLLM failed: {exc}") from exc
 

@@ -9,7 +9,7 @@ import signal
 from cloud.engine import CloudEngine, VllmEngine
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from tandem.runtime import freeze_startup_objects
+from mesh.runtime import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,13 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from cloud.engine import CloudEngine
-from cloud.errors import CloudError, DeadlineExceededError, DrainingError, EngineFailedError
+from cloud.errors import (
+    BadGenerateRequestError,
+    CloudError,
+    DeadlineExceededError,
+    DrainingError,
+    EngineFailedError,
+)
 from cloud.settings import CloudSettings
 from mesh import subjects
 from mesh.connection import connect
@@ -40,6 +46,7 @@ from mesh.protocol import (
     GenerateRequest,
     NodeHeartbeat,
     NodeLoad,
+    StreamUsage,
     TokenChunk,
     VerifyReply,
     VerifyRequest,
@@ -182,10 +189,10 @@ class CloudWorker:
         try:
             request = kind.from_bytes(msg.data)
         except ProtocolError as exc:
-            await msg.respond_error("400", str(exc))
+            await _refuse(msg, BadGenerateRequestError(str(exc)))
             return None
         if self._draining:
-            await msg.respond_error("503", str(DrainingError("worker is draining")))
+            await _refuse(msg, DrainingError("worker is draining"))
             return None
         return request
 
@@ -201,7 +208,8 @@ class CloudWorker:
         ids = request.context_token_ids + request.draft_token_ids + q_ids
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            await msg.respond_error("400", f"token id {bad[0]} is outside the vocabulary")
+            outside = BadGenerateRequestError(f"token id {bad[0]} is outside the vocabulary")
+            await _refuse(msg, outside)
             return
         budget = None if request.deadline is None else request.deadline - time.time()
         try:
@@ -215,17 +223,18 @@ class CloudWorker:
                 )
         except TimeoutError:
             await self.engine.abort(request.request_id)
-            await msg.respond_error("504", "the verification's deadline passed")
+            await _refuse(msg, DeadlineExceededError("the verification's deadline passed"))
             return
         except CloudError as exc:
-            await msg.respond_error(str(exc.status), str(exc))
+            await _refuse(msg, exc)
             return
         except Exception as exc:  # never leave the edge waiting for a reply that won't come
             logger.exception("verification %s failed", request.request_id)
-            await msg.respond_error("500", str(EngineFailedError(f"verification failed: {exc}")))
+            await _refuse(msg, EngineFailedError(f"verification failed: {exc}"))
             return
         if not 0 <= verdict.next_token < vocab:  # never hand an edge a token it cannot hold
-            await msg.respond_error("500", f"the target produced token {verdict.next_token}")
+            wrong = EngineFailedError(f"the target produced token {verdict.next_token}")
+            await _refuse(msg, wrong)
             return
         await msg.respond(
             VerifyReply(
@@ -317,13 +326,14 @@ class CloudWorker:
             is_end=True,
             finish_reason="tool_calls" if tool_calls else (finish or "stop"),
             tool_calls=tool_calls,
-            usage={
-                "prompt_tokens": len(prompt),
-                "completion_tokens": completion,
-                "cached_tokens": cached,
-                "worker_id": self.settings.worker_id,
-                **({"simulated": True, "engine_s": engine_s} if self.engine.simulated else {}),
-            },
+            usage=StreamUsage(
+                prompt_tokens=len(prompt),
+                completion_tokens=completion,
+                cached_tokens=cached,
+                worker_id=self.settings.worker_id,
+                simulated=self.engine.simulated,
+                engine_s=engine_s,
+            ),
         )
 
     async def _keepalives(self) -> None:
@@ -379,6 +389,11 @@ class CloudWorker:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+
+
+async def _refuse(msg: Request, error: CloudError) -> None:
+    """Answer a request with ``error`` as micro-service error headers (no stream follows)."""
+    await msg.respond_error(*error.info().service_error())
 
 
 def _semver(version: str) -> str:

@@ -28,8 +28,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from edge.drafter import Draft, Verifier
-from edge.engine import FinishEvent, GenerationStats, TokenEvent
-from edge.errors import EdgeError, ServiceUnavailableError
+from edge.errors import CloudRequestError, CloudUnavailableError
+from edge.generation import FinishEvent, GenerationStats, TokenEvent
 from edge.sampling import SamplingParams as EdgeSampling
 from mesh import subjects
 from mesh.connection import MeshLink
@@ -38,7 +38,8 @@ from mesh.heartbeat import FleetView
 from mesh.inbox import InboxMux
 from mesh.protocol import (
     CancelRequest,
-    ChunkSequencer,
+    ErrorCode,
+    ErrorInfo,
     GenerateAccepted,
     GenerateRequest,
     SamplingParams,
@@ -46,27 +47,15 @@ from mesh.protocol import (
     VerifyReply,
     VerifyRequest,
 )
+from mesh.sequencer import ChunkSequencer
 
 logger = logging.getLogger(__name__)
 
 _AFFINITY_ENTRIES = 100_000
 
 
-class CloudUnavailableError(ServiceUnavailableError):
-    """No cloud worker could take the request."""
-
-
-class CloudRequestError(EdgeError):
-    """A cloud worker answered the request with an error (status from the worker)."""
-
-    def __init__(self, status: int, type_: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.type = type_
-
-
-class _WorkerLost(Exception):
-    """The serving worker went quiet mid-stream."""
+class _WorkerLostError(Exception):
+    """The serving worker went quiet mid-stream (caught here: the stream fails over)."""
 
 
 class CloudRoute:
@@ -148,7 +137,7 @@ class CloudRoute:
                         finished = finished or isinstance(event, FinishEvent)
                         yield event
                     return
-                except _WorkerLost:
+                except _WorkerLostError:
                     self.failovers += 1
                     self._forget_worker(worker)
                     logger.warning(
@@ -209,7 +198,7 @@ class CloudRoute:
             or verdict.accepted > len(draft)
         ):
             # Never splice a reply that does not belong to this state.
-            raise CloudRequestError(502, "server_error", "verify reply does not match")
+            raise CloudRequestError.bad_reply("verify reply does not match")
         if session_id:
             self._remember(session_id, verdict.worker_id)
         return verdict
@@ -224,12 +213,11 @@ class CloudRoute:
                 reply = await nc.request(subject, payload, timeout=wait_s)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 continue
-            error = (reply.headers or {}).get("Nats-Service-Error-Code")
-            if error == "503":
+            error = _service_error(reply)
+            if error is not None and error.code == ErrorCode.UNAVAILABLE:
                 continue  # draining; try the next subject
-            if error:
-                message = (reply.headers or {}).get("Nats-Service-Error", "rejected")
-                raise CloudRequestError(int(error), "invalid_request_error", message)
+            if error is not None:
+                raise CloudRequestError(error)
             await self._wan()
             return reply
         raise CloudUnavailableError(f"no cloud worker serves {self._model!r} {verb} right now")
@@ -291,7 +279,7 @@ class CloudRoute:
     async def _relay(
         self, chunks: asyncio.Queue[Msg], attempt_id: str, received: list[int], worker: str
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """Events of one attempt's stream; raises _WorkerLost if it goes quiet."""
+        """Events of one attempt's stream; raises _WorkerLostError if it goes quiet."""
         order = ChunkSequencer(attempt_id)
         while True:
             if chunks.empty():
@@ -300,7 +288,7 @@ class CloudRoute:
                     async with asyncio.timeout(self._stall_timeout_s):
                         msg = await chunks.get()
                 except TimeoutError as exc:
-                    raise _WorkerLost(worker) from exc
+                    raise _WorkerLostError(worker) from exc
             else:
                 msg = chunks.get_nowait()
             try:
@@ -309,12 +297,10 @@ class CloudRoute:
                     continue  # a late chunk of an abandoned attempt
                 ready = order.push(chunk)
             except ProtocolError as exc:
-                raise CloudRequestError(
-                    502, "server_error", f"bad stream from cloud: {exc}"
-                ) from exc
+                raise CloudRequestError.bad_reply(f"bad stream from cloud: {exc}") from exc
             for c in ready:
                 if c.error is not None:
-                    raise CloudRequestError(c.error.code, c.error.type, c.error.message)
+                    raise CloudRequestError(c.error)
                 if c.token_ids or c.text:
                     received.extend(c.token_ids)
                     yield TokenEvent(token_ids=list(c.token_ids), text=c.text)
@@ -325,16 +311,24 @@ class CloudRoute:
                     return
 
 
+def _service_error(reply: Msg) -> ErrorInfo | None:
+    """The error a worker refused a request with, if it did."""
+    try:
+        return ErrorInfo.from_service_headers(reply.headers)
+    except ProtocolError as exc:
+        raise CloudRequestError.bad_reply(str(exc)) from exc
+
+
 def _stats(end: TokenChunk, completion_tokens: int, worker: str) -> GenerationStats:
-    usage = end.usage or {}
+    usage = end.usage
     return GenerationStats(
-        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        cached_tokens=int(usage.get("cached_tokens", 0)),
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        cached_tokens=usage.cached_tokens if usage else 0,
         completion_tokens=completion_tokens,
         finish_reason=end.finish_reason,
         worker_id=worker,
-        simulated=bool(usage.get("simulated", False)),
-        engine_s=usage.get("engine_s"),
+        simulated=usage.simulated if usage else False,
+        engine_s=usage.engine_s if usage else None,
     )
 
 

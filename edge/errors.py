@@ -10,10 +10,16 @@ EdgeError                      base; ``status``, ``type`` and ``code`` shape the
 ├── CloudBudgetExceededError   429: the tenant's cloud-token budget is spent (policy: fail)
 ├── ClientClosedRequest        499: the client left before the answer (nobody reads the body)
 ├── ServiceUnavailableError    503: the engine is shutting down or not loaded
+│   └── CloudUnavailableError  503: no cloud worker could take the request (recoverable:
+│                                   the policy may fall back to the edge)
+├── CloudRequestError          the worker's ``ErrorCode`` (400, 500, 503, 504), or 502 for a
+│                              reply or stream the edge cannot use; carries the ``ErrorInfo``
 └── EngineError                500: llama.cpp failed; the request is lost, the daemon is not
 """
 
 from __future__ import annotations
+
+from mesh.protocol import ErrorCode, ErrorInfo
 
 
 class EdgeError(Exception):
@@ -109,6 +115,25 @@ class ServiceUnavailableError(EdgeError):
 
     status = 503
     type = "service_unavailable"
+
+
+class CloudUnavailableError(ServiceUnavailableError):
+    """No cloud worker could take the request."""
+
+
+class CloudRequestError(EdgeError):
+    """A cloud worker answered with an error, or with a reply the edge cannot use."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+        self.status = int(info.code)
+        self.type = info.type
+
+    @classmethod
+    def bad_reply(cls, message: str) -> CloudRequestError:
+        """A worker's reply or stream that does not parse or does not fit the request."""
+        return cls(ErrorInfo(code=ErrorCode.BAD_REPLY, message=message))
 
 
 class EngineError(EdgeError):

@@ -54,7 +54,7 @@ from edge.routing import ROUTE_HEADER, RULE_HEADER
 from edge.serving import Call
 from edge.settings import EdgeSettings
 from edge.state import EdgeState, build_state
-from tandem.runtime import freeze_startup_objects
+from mesh.runtime import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 

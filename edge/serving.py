@@ -27,8 +27,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from edge.cloud_route import CloudRoute, CloudUnavailableError, deadline_in
+from edge.cloud_route import CloudRoute, deadline_in
 from edge.drafter import SpeculativeDecoder
+from edge.errors import CloudUnavailableError
 from edge.escalation import ConfidenceWatch
 from edge.generation import Event, FinishEvent, GenerationRequest, Handover, TokenEvent
 from edge.openai_protocol import ChatCompletionRequest

@@ -1,10 +1,13 @@
 """Tandem mesh: everything NATS (connection, subjects, wire protocol, heartbeats, server).
 
+Also the plumbing every daemon on the mesh shares: ``mesh.sampling`` (the speculative
+sampling distribution both ends compute) and ``mesh.runtime`` (process start-up).
+
 Importing it needs no running server. Subject names live in ``mesh.subjects``.
 """
 
 from mesh import subjects
-from mesh.connection import MeshLink, connect, connect_in_background
+from mesh.connection import DEFAULT_NATS_URL, MeshLink, connect, connect_in_background
 from mesh.errors import (
     MeshError,
     MeshUnavailableError,
@@ -16,26 +19,29 @@ from mesh.errors import (
 from mesh.heartbeat import FleetView, Heartbeater
 from mesh.protocol import (
     CancelRequest,
-    ChunkSequencer,
+    ErrorCode,
     ErrorInfo,
     GenerateAccepted,
     GenerateRequest,
-    Message,
     NodeHeartbeat,
     NodeLoad,
+    PolicyApplied,
     SamplingParams,
+    StreamUsage,
     TokenChunk,
     VerifyReply,
     VerifyRequest,
     WireMessage,
-    parse_message,
 )
+from mesh.sequencer import ChunkSequencer
 from mesh.server import EmbeddedNats, find_nats_server
 
 __all__ = [
+    "DEFAULT_NATS_URL",
     "CancelRequest",
     "ChunkSequencer",
     "EmbeddedNats",
+    "ErrorCode",
     "ErrorInfo",
     "FleetView",
     "GenerateAccepted",
@@ -44,14 +50,15 @@ __all__ = [
     "MeshError",
     "MeshLink",
     "MeshUnavailableError",
-    "Message",
     "NatsPortInUseError",
     "NatsServerNotFoundError",
     "NatsStartError",
     "NodeHeartbeat",
     "NodeLoad",
+    "PolicyApplied",
     "ProtocolError",
     "SamplingParams",
+    "StreamUsage",
     "TokenChunk",
     "VerifyReply",
     "VerifyRequest",
@@ -59,6 +66,5 @@ __all__ = [
     "connect",
     "connect_in_background",
     "find_nats_server",
-    "parse_message",
     "subjects",
 ]

@@ -2,8 +2,8 @@
 
 Example::
 
-    nc = await connect("nats://127.0.0.1:4222", name="edge-1")          # fails fast
-    link = await connect_in_background("nats://127.0.0.1:4222", name="edge-1")  # never fails
+    nc = await connect(DEFAULT_NATS_URL, name="edge-1")                  # fails fast
+    link = await connect_in_background(DEFAULT_NATS_URL, name="edge-1")  # never fails
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from nats.aio.client import Client
 from mesh.errors import MeshUnavailableError
 
 logger = logging.getLogger(__name__)
+
+# Where a node looks for the mesh unless told otherwise: a local server on NATS's port
+# (what ``tandem up`` starts, and a leaf node on a device listens on).
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 OnConnect = Callable[[Client], Awaitable[None] | None]
 

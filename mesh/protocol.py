@@ -8,24 +8,32 @@ Cloud streaming protocol: an edge sends a ``GenerateRequest`` as a NATS request 
 the worker that takes it replies ``GenerateAccepted`` and streams ``TokenChunk`` messages
 to ``reply_subject``, ``seq`` 0, 1, 2, ..., the last one with ``is_end=True`` (and ``error``
 set if it failed); an empty chunk is a keepalive. The edge reorders them with
-``ChunkSequencer``. ``CancelRequest`` on ``subjects.cloud_cancel(model)`` stops a stream;
-the worker also polls ``subjects.liveness(reply_subject)`` to notice a requester that
-died. On failover, the edge resends the request to another worker with
+``mesh.sequencer.ChunkSequencer``. ``CancelRequest`` on ``subjects.cloud_cancel(model)``
+stops a stream; the worker also polls ``subjects.liveness(reply_subject)`` to notice a
+requester that died. On failover, the edge resends the request to another worker with
 ``resume_token_ids`` = the tokens it already relayed.
+
+Errors have one vocabulary, ``ErrorCode``: a worker sends one in a stream's last
+chunk (``ErrorInfo``) or as a refused request's micro-service error headers, and
+the edge reads both back into an ``ErrorInfo``.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from typing import Annotated, Any, Literal, Self
+from collections.abc import Mapping
+from enum import IntEnum
+from typing import Any, Literal, Self
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mesh.errors import ProtocolError
+from mesh.sampling import DRAFT_TOP_K
 
-logger = logging.getLogger(__name__)
+# The headers in which a NATS micro service's ``respond_error`` carries its error.
+SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+SERVICE_ERROR_HEADER = "Nats-Service-Error"
 
 
 def _describe(exc: ValidationError) -> str:
@@ -129,13 +137,69 @@ class GenerateAccepted(WireMessage):
     worker_id: str = Field(min_length=1)
 
 
+class ErrorCode(IntEnum):
+    """Why a request failed on the mesh: an HTTP status, shared by worker and edge."""
+
+    BAD_REQUEST = 400  # the request cannot be served as asked
+    SERVER_ERROR = 500  # the engine failed on it
+    BAD_REPLY = 502  # the edge got a reply or stream it cannot use
+    UNAVAILABLE = 503  # the worker is draining: try another
+    DEADLINE_EXCEEDED = 504  # the requester's deadline passed
+
+    @property
+    def openai_type(self) -> str:
+        """The OpenAI error ``type`` of this code."""
+        return _OPENAI_TYPES[self]
+
+
+_OPENAI_TYPES = {
+    ErrorCode.BAD_REQUEST: "invalid_request_error",
+    ErrorCode.SERVER_ERROR: "server_error",
+    ErrorCode.BAD_REPLY: "server_error",
+    ErrorCode.UNAVAILABLE: "service_unavailable",
+    ErrorCode.DEADLINE_EXCEEDED: "timeout",
+}
+
+
 class ErrorInfo(WireMessage):
-    """An OpenAI-style error carried in a stream's last chunk."""
+    """An error of a worker's: in a stream's last chunk, or as a refused request's headers."""
 
     kind: Literal["error_info"] = "error_info"
-    code: int
-    type: str
+    code: ErrorCode
     message: str
+
+    @property
+    def type(self) -> str:
+        """The OpenAI error ``type``."""
+        return self.code.openai_type
+
+    def service_error(self) -> tuple[str, str]:
+        """The (code, description) pair of a NATS micro service's ``respond_error``."""
+        return str(int(self.code)), self.message
+
+    @classmethod
+    def from_service_headers(cls, headers: Mapping[str, str] | None) -> ErrorInfo | None:
+        """The error a micro service answered with (its error headers), or None if none."""
+        code = (headers or {}).get(SERVICE_ERROR_CODE_HEADER)
+        if code is None:
+            return None
+        message = (headers or {}).get(SERVICE_ERROR_HEADER, "rejected")
+        try:
+            return cls(code=ErrorCode(int(code)), message=message)
+        except ValueError as exc:
+            raise ProtocolError(f"unknown service error code {code!r}: {message}") from exc
+
+
+class StreamUsage(WireMessage):
+    """What a cloud answer cost, in a stream's end chunk."""
+
+    kind: Literal["stream_usage"] = "stream_usage"
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    cached_tokens: int = Field(default=0, ge=0)
+    worker_id: str = Field(min_length=1)
+    simulated: bool = False  # a simulated engine served it (scale runs only)
+    engine_s: float | None = Field(default=None, ge=0.0)  # simulated: modelled engine time
 
 
 class TokenChunk(WireMessage):
@@ -148,49 +212,9 @@ class TokenChunk(WireMessage):
     text: str = ""
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
-    usage: dict[str, Any] | None = None
+    usage: StreamUsage | None = None
     is_end: bool = False
     error: ErrorInfo | None = None
-
-
-# Sampled speculation truncates both distributions to their most probable tokens. The
-# draft's q is exact whatever its width (the edge samples from the truncated q it
-# sends), so a narrow one only costs acceptance and bytes. The target's is the
-# approximation: vLLM gives at most ``max_logprobs`` prompt logprobs per position,
-# and every one is a Python object, so it is wide but finite (see docs/architecture.md
-# for the probability mass this leaves out).
-DRAFT_TOP_K = 20
-TARGET_TOP_K = 128
-
-
-def top_k_distribution(
-    token_ids: np.ndarray, scores: np.ndarray, temperature: float, top_p: float, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The sampling distribution of speculative decoding at one position, on both sides.
-
-    ``scores`` are logits or logprobs of ``token_ids`` (any additive constant cancels).
-    Temperature divides them, as in softmax(logits / T); only the ``k`` highest-scoring
-    tokens keep probability (top-k after temperature equals top-k before: the order
-    does not change), renormalized; then top-p keeps the fewest most probable tokens
-    whose mass reaches ``top_p``, as vLLM does. The edge drafts from exactly this
-    distribution of its own logits (``DRAFT_TOP_K``); the worker builds the target's from
-    vLLM's top ``TARGET_TOP_K`` logprobs: the tail beyond them is the one approximation.
-    """
-    assert temperature > 0 and 0 < top_p <= 1
-    k = min(k, len(scores))
-    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    top = top[np.argsort(-scores[top], kind="stable")]
-    scaled = scores[top].astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max())
-    probs /= probs.sum()
-    if top_p < 1:
-        # Keep a token while the mass before it is below top_p (the first always stays).
-        keep = (np.cumsum(probs) - probs) < top_p
-        probs = probs[keep] / probs[keep].sum()
-        top = top[keep]
-    # Tokens that underflowed to probability 0 cannot be sampled: leave them out.
-    positive = probs > 0
-    return token_ids[top[positive]], probs[positive]
 
 
 class DraftDistribution(WireMessage):
@@ -286,106 +310,14 @@ class CancelRequest(WireMessage):
     request_id: str = Field(min_length=1)
 
 
-Message = Annotated[
-    NodeHeartbeat
-    | GenerateRequest
-    | GenerateAccepted
-    | TokenChunk
-    | CancelRequest
-    | VerifyRequest
-    | VerifyReply,
-    Field(discriminator="kind"),
-]
-_MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+# -- policy ------------------------------------------------------------------------------------
 
 
-def parse_message(data: bytes | str) -> Message:
-    """Parse any top-level message by its ``kind``; raise ``ProtocolError`` if invalid."""
-    try:
-        return _MESSAGE_ADAPTER.validate_json(data)
-    except ValidationError as exc:
-        raise ProtocolError(f"invalid message: {_describe(exc)}") from exc
+class PolicyApplied(WireMessage):
+    """An edge's report on ``subjects.policy_applied()``: it applied (or refused) a revision."""
 
-
-# -- stream ordering --------------------------------------------------------------------------
-
-
-class ChunkSequencer:
-    """Put one stream's ``TokenChunk``s back in ``seq`` order; drop duplicates; detect loss.
-
-    ``push`` returns the chunks that became deliverable, in order. A chunk still missing
-    once ``max_gap`` later chunks have arrived, or when ``finish`` is called, is lost:
-    ``ProtocolError``.
-    """
-
-    def __init__(self, request_id: str | None = None, *, max_gap: int = 32) -> None:
-        self._request_id = request_id
-        self._max_gap = max_gap
-        self._next_seq = 0
-        self._pending: dict[int, TokenChunk] = {}
-        self._end_seq: int | None = None
-
-    @property
-    def next_seq(self) -> int:
-        """The seq of the next chunk to deliver."""
-        return self._next_seq
-
-    @property
-    def done(self) -> bool:
-        """Whether the end chunk has been delivered."""
-        return self._end_seq is not None and self._next_seq > self._end_seq
-
-    def missing(self) -> list[int]:
-        """Seqs known to be missing (below the highest seq seen)."""
-        if not self._pending:
-            return []
-        return [s for s in range(self._next_seq, max(self._pending)) if s not in self._pending]
-
-    def push(self, chunk: TokenChunk) -> list[TokenChunk]:
-        """Accept one chunk in arrival order; return the chunks now deliverable, in order."""
-        self._check_request(chunk)
-        if chunk.seq < self._next_seq or chunk.seq in self._pending:
-            logger.debug("dropping duplicate chunk %s of %s", chunk.seq, chunk.request_id)
-            return []
-        self._check_end(chunk)
-        self._pending[chunk.seq] = chunk
-        ready = self._drain()
-        if len(self._pending) > self._max_gap:
-            raise ProtocolError(
-                f"stream {chunk.request_id}: chunk {self._next_seq} lost "
-                f"({len(self._pending)} later chunks arrived without it)"
-            )
-        return ready
-
-    def finish(self) -> None:
-        """Declare the stream over; raise ``ProtocolError`` if chunks or the end are missing."""
-        if self.done:
-            return
-        if self._pending:
-            raise ProtocolError(f"stream ended with chunks {self.missing()} missing")
-        raise ProtocolError(f"stream ended after chunk {self._next_seq - 1} without an end chunk")
-
-    def _check_request(self, chunk: TokenChunk) -> None:
-        if self._request_id is None:
-            self._request_id = chunk.request_id
-        elif chunk.request_id != self._request_id:
-            raise ProtocolError(
-                f"chunk of request {chunk.request_id} in the stream of {self._request_id}"
-            )
-
-    def _check_end(self, chunk: TokenChunk) -> None:
-        if chunk.is_end:
-            if self._end_seq is not None:
-                raise ProtocolError(f"two end chunks ({self._end_seq} and {chunk.seq})")
-            if self._pending and max(self._pending) > chunk.seq:
-                raise ProtocolError(f"end chunk {chunk.seq} precedes chunk {max(self._pending)}")
-            self._end_seq = chunk.seq
-        elif self._end_seq is not None and chunk.seq > self._end_seq:
-            raise ProtocolError(f"chunk {chunk.seq} after the end chunk {self._end_seq}")
-
-    def _drain(self) -> list[TokenChunk]:
-        ready = []
-        while self._next_seq in self._pending:
-            ready.append(self._pending.pop(self._next_seq))
-            self._next_seq += 1
-        return ready
+    kind: Literal["policy_applied"] = "policy_applied"
+    node_id: str = Field(min_length=1)
+    revision: int = Field(ge=1)
+    applied: bool
+    error: str | None = None

@@ -1,9 +1,19 @@
 """Tandem router: the routing policy, its store in NATS KV, and the decision of where a
 request runs."""
 
+from router.errors import (
+    ClassifierError,
+    ClassifierInputError,
+    InvalidRevisionError,
+    PolicyBucketNotFoundError,
+    PolicyConflictError,
+    PolicyError,
+    PolicyStoreError,
+    RevisionNotFoundError,
+    RouterError,
+)
 from router.policy import (
     Explanation,
-    PolicyError,
     RequestFeatures,
     Route,
     RouteDecision,
@@ -15,11 +25,19 @@ from router.policy import (
 )
 
 __all__ = [
+    "ClassifierError",
+    "ClassifierInputError",
     "Explanation",
+    "InvalidRevisionError",
+    "PolicyBucketNotFoundError",
+    "PolicyConflictError",
     "PolicyError",
+    "PolicyStoreError",
     "RequestFeatures",
+    "RevisionNotFoundError",
     "Route",
     "RouteDecision",
+    "RouterError",
     "RoutingPolicy",
     "Rule",
     "base_model",

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from router.errors import ClassifierError, ClassifierInputError
 from router.features import FEATURE_SPEC_VERSION, structural_features, token_ids_array
 
 MODEL_FILE = "complexity.onnx"
@@ -37,14 +38,6 @@ REPORT_FILE = "complexity_report.json"
 TOKEN_IDS_INPUT = "token_ids"
 STRUCTURAL_INPUT = "structural"
 PROBABILITY_OUTPUT = "p_disagree"
-
-
-class ClassifierError(Exception):
-    """The classifier cannot be loaded (missing file, wrong format or feature version)."""
-
-
-class ClassifierInputError(ClassifierError, ValueError):
-    """A request the classifier cannot score (no tokens, ids outside the vocabulary)."""
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from nats.aio.client import Client
 
 from mesh import subjects
+from mesh.protocol import PolicyApplied
 from router.policy import RoutingPolicy
-from router.store import PolicyApplied, PolicyStore, StoredPolicy
+from router.store import PolicyStore, StoredPolicy
 
 logger = logging.getLogger(__name__)
 

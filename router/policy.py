@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal, cast
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from router.errors import PolicyError
+
 Route = Literal["edge", "cloud", "speculative"]
 ROUTES: tuple[Route, ...] = ("edge", "cloud", "speculative")
 CLOUD_SUFFIX = "@cloud"
@@ -238,10 +240,6 @@ class RoutingPolicy(_Strict):
             raise PolicyError(format_validation_error(exc)) from exc
 
 
-class PolicyError(ValueError):
-    """A policy that does not parse or validate; the message names each bad field."""
-
-
 def format_validation_error(exc: ValidationError) -> str:
     """One line per problem: ``rules.1.when.prompt_tokens_below: ...``."""
     lines = []
@@ -267,7 +265,6 @@ class RequestFeatures:
     max_tokens: int | None = None
     response_format: ResponseFormat = "text"
     tenant: str = "default"
-    temperature: float = 1.0
     # Computed only when the policy reads it (it costs a classifier call).
     complexity: float | None = None
     edge_queue: int = 0

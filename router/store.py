@@ -1,7 +1,7 @@
 """The routing policy's home: one key in a JetStream KV bucket, with history.
 
 Every write is a compare-and-set on the revision the writer read, so of two
-concurrent edits exactly one lands and the other gets ``PolicyConflict`` (with
+concurrent edits exactly one lands and the other gets ``PolicyConflictError`` (with
 the revision that beat it); nothing is overwritten unseen. Each stored value is
 a small JSON envelope: the policy's YAML exactly as the operator wrote it
 (comments kept), who wrote it and why. The store validates before it writes,
@@ -31,23 +31,20 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict
 
 from mesh import subjects
-from router.policy import PolicyError, RoutingPolicy
+from mesh.protocol import PolicyApplied
+from router.errors import (
+    PolicyBucketNotFoundError,
+    PolicyConflictError,
+    PolicyError,
+    RevisionNotFoundError,
+)
+from router.policy import RoutingPolicy
+
+# ``PolicyApplied`` is a mesh message (``mesh.protocol``); it stays importable from here
+# only for bench/policy_bench.py, until that imports it from mesh.protocol.
+__all__ = ["HISTORY", "PolicyApplied", "PolicyStore", "StoredPolicy", "describe", "who"]
 
 HISTORY = 64  # JetStream's maximum per key
-
-
-class PolicyConflict(RuntimeError):
-    """A compare-and-set lost: the policy changed since the writer read it."""
-
-    def __init__(self, expected: int, current: StoredPolicy | None) -> None:
-        self.expected = expected
-        self.current = current
-        now = "nothing is stored" if current is None else f"it is at revision {current.revision}"
-        by = f" (by {current.author})" if current and current.author else ""
-        super().__init__(
-            f"the policy changed since revision {expected}: {now}{by}. "
-            "Nothing was written; read it again (tandem policy diff) and re-apply your change."
-        )
 
 
 @dataclass(frozen=True)
@@ -118,9 +115,11 @@ class PolicyStore:
         js = nc.jetstream()
         try:
             kv = await js.key_value(subjects.POLICY_BUCKET)
-        except BucketNotFoundError:
+        except BucketNotFoundError as exc:
             if not create:
-                raise
+                raise PolicyBucketNotFoundError(
+                    f"no policy bucket {subjects.POLICY_BUCKET!r} on this mesh"
+                ) from exc
             kv = await js.create_key_value(
                 api.KeyValueConfig(
                     bucket=subjects.POLICY_BUCKET,
@@ -139,13 +138,15 @@ class PolicyStore:
         return _decode(entry)
 
     async def at(self, revision: int) -> StoredPolicy:
-        """One past revision; KeyError if the bucket no longer holds it."""
+        """One past revision; ``RevisionNotFoundError`` if the bucket no longer holds it."""
         try:
             entry = await self._kv.get(subjects.POLICY_KEY, revision=revision)
         except KeyNotFoundError as exc:
-            raise KeyError(f"revision {revision} is not in the policy history") from exc
+            raise RevisionNotFoundError(
+                f"revision {revision} is not in the policy history"
+            ) from exc
         if entry.value is None or entry.operation is not None:
-            raise KeyError(f"revision {revision} is a deletion, not a policy")
+            raise RevisionNotFoundError(f"revision {revision} is a deletion, not a policy")
         return _decode(entry)
 
     async def history(self) -> list[StoredPolicy]:
@@ -161,7 +162,7 @@ class PolicyStore:
     ) -> int:
         """Validate and store ``yaml_text`` if the stored revision is still ``expect_revision``
         (0: nothing stored yet); returns the new revision. Raises PolicyError on an
-        invalid policy, PolicyConflict when someone else wrote first."""
+        invalid policy, PolicyConflictError when someone else wrote first."""
         RoutingPolicy.from_yaml(yaml_text)  # never store what edges would refuse
         value = _Envelope(
             yaml=yaml_text, author=author or who(), message=message, written_at=datetime.now(UTC)
@@ -172,7 +173,7 @@ class PolicyStore:
                 return await self._kv.create(subjects.POLICY_KEY, data)
             return await self._kv.update(subjects.POLICY_KEY, data, last=expect_revision)
         except KeyWrongLastSequenceError as exc:
-            raise PolicyConflict(expect_revision, await self.current()) from exc
+            raise PolicyConflictError(expect_revision, await self.current()) from exc
 
     async def watch(self) -> AsyncIterator[StoredPolicy]:
         """The current policy (if any), then every new revision, as they are written."""
@@ -184,19 +185,6 @@ class PolicyStore:
                 yield _decode(entry)
         finally:
             await watcher.stop()
-
-
-class PolicyApplied(BaseModel):
-    """An edge's report that it applied (or refused) a policy revision."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    node_id: str
-    revision: int
-    applied: bool
-    error: str | None = None
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
 
 
 def describe(stored: StoredPolicy) -> dict[str, Any]:

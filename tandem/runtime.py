@@ -1,19 +1,9 @@
-"""Process-wide settings of the long-running daemons (edge, cloud worker)."""
+"""Moved to ``mesh.runtime`` (roles must not import the composition root).
 
-from __future__ import annotations
+Kept only while ``bench/scale_bench.py`` still imports it from here; delete it once
+that import reads ``from mesh.runtime import freeze_startup_objects``.
+"""
 
-import gc
+from mesh.runtime import freeze_startup_objects
 
-
-def freeze_startup_objects() -> None:
-    """Move everything alive after startup out of the garbage collector's sight.
-
-    A daemon carries hundreds of thousands of objects from startup (modules,
-    pydantic schemas, the tokenizer's tables) that live as long as it does. The
-    cyclic collector's full passes walk all of them again and again while requests
-    allocate; ``gc.freeze()`` (what vLLM's API server does after startup, and
-    Instagram's servers before it) takes them out of those passes. Call it once,
-    when startup is done.
-    """
-    gc.collect()
-    gc.freeze()
+__all__ = ["freeze_startup_objects"]

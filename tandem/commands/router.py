@@ -25,7 +25,8 @@ from edge.openai_protocol import ChatCompletionRequest
 from edge.prompts import PromptBuilder
 from models import Catalog, ModelError, ModelPair, edge_gguf_path, load_template
 from models.settings import tandem_home
-from router.classifier import ClassifierError, ComplexityClassifier
+from router.classifier import ComplexityClassifier
+from router.errors import ClassifierError
 from router.features import STRUCTURAL_FEATURES, structural_features, token_ids_array
 from tandem.commands.common import HomeOption, fail
 

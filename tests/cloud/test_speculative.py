@@ -9,7 +9,8 @@ import pytest
 
 from cloud.speculative import Verdict, verify_greedy, verify_sampled
 from mesh.errors import ProtocolError
-from mesh.protocol import DraftDistribution, SamplingParams, VerifyRequest, top_k_distribution
+from mesh.protocol import DraftDistribution, SamplingParams, VerifyRequest
+from mesh.sampling import top_k_distribution
 
 
 def test_greedy_accepts_matching_prefix_and_corrects_the_first_mismatch() -> None:

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from nats.aio.msg import Msg
 
-from edge.cloud_route import CloudRequestError, CloudRoute
+from edge.cloud_route import CloudRoute
 from edge.drafter import Draft
+from edge.errors import CloudRequestError
 from mesh import subjects
 from mesh.connection import MeshLink
 from mesh.heartbeat import FleetView

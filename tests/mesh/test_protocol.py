@@ -1,4 +1,4 @@
-"""Wire messages: round trips, strictness, versioning, and stream ordering."""
+"""Wire messages: round trips, strictness, versioning, typed errors and usage."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ from pydantic import ValidationError
 
 from mesh.errors import ProtocolError
 from mesh.protocol import (
+    SERVICE_ERROR_CODE_HEADER,
+    SERVICE_ERROR_HEADER,
     CancelRequest,
-    ChunkSequencer,
+    ErrorCode,
     ErrorInfo,
     GenerateAccepted,
     GenerateRequest,
     NodeHeartbeat,
     NodeLoad,
+    PolicyApplied,
     SamplingParams,
+    StreamUsage,
     TokenChunk,
-    parse_message,
 )
 
 LOAD = NodeLoad(running=2, waiting=1, kv_cache_usage=0.25, tokens_per_s=88.5)
@@ -43,13 +46,7 @@ REQUEST = GenerateRequest(
     reply_subject="_INBOX.abc",
     deadline=1700000010.0,
 )
-
-
-def chunk(seq: int, *, is_end: bool = False, request_id: str = "req-1") -> TokenChunk:
-    """A chunk carrying token ``seq``."""
-    return TokenChunk(
-        request_id=request_id, seq=seq, token_ids=[seq], text=f"t{seq}", is_end=is_end
-    )
+USAGE = StreamUsage(prompt_tokens=12, completion_tokens=4, cached_tokens=8, worker_id="cloud-1")
 
 
 @pytest.mark.parametrize(
@@ -64,12 +61,13 @@ def chunk(seq: int, *, is_end: bool = False, request_id: str = "req-1") -> Token
             token_ids=[5],
             text="x",
             finish_reason="stop",
-            usage={"completion_tokens": 4},
+            usage=USAGE,
             is_end=True,
-            error=ErrorInfo(code=503, type="overloaded", message="busy"),
+            error=ErrorInfo(code=ErrorCode.UNAVAILABLE, message="busy"),
         ),
         CancelRequest(request_id="req-1"),
         GenerateAccepted(request_id="req-1", worker_id="cloud-1"),
+        PolicyApplied(node_id="edge-1", revision=3, applied=False, error="rules.0.route: ..."),
     ],
 )
 def test_round_trip_through_bytes(message: NodeLoad) -> None:
@@ -135,82 +133,47 @@ def test_defaults_of_a_minimal_request() -> None:
     assert request.deadline is None
 
 
-def test_parse_message_dispatches_on_kind() -> None:
-    assert parse_message(REQUEST.to_bytes()) == REQUEST
-    assert parse_message(BEAT.to_bytes()) == BEAT
-    assert isinstance(parse_message(chunk(0).to_bytes()), TokenChunk)
-    with pytest.raises(ProtocolError):
-        parse_message(b'{"kind": "teleport", "schema_version": 1}')
-    assert isinstance(parse_message(CancelRequest(request_id="x").to_bytes()), CancelRequest)
-
-
-# -- ChunkSequencer ---------------------------------------------------------------------------
-
-
-def _seqs(chunks: list[TokenChunk]) -> list[int]:
-    return [c.seq for c in chunks]
-
-
-def test_sequencer_passes_in_order_chunks_through() -> None:
-    sequencer = ChunkSequencer("req-1")
-    delivered = [c for seq in range(3) for c in sequencer.push(chunk(seq, is_end=seq == 2))]
-    assert _seqs(delivered) == [0, 1, 2]
-    assert sequencer.done
-    sequencer.finish()
-
-
-def test_sequencer_reorders() -> None:
-    sequencer = ChunkSequencer()
-    assert sequencer.push(chunk(1)) == []
-    assert sequencer.push(chunk(3, is_end=True)) == []
-    assert sequencer.missing() == [0, 2]
-    assert _seqs(sequencer.push(chunk(0))) == [0, 1]
-    assert _seqs(sequencer.push(chunk(2))) == [2, 3]
-    assert sequencer.done
-
-
-def test_sequencer_drops_duplicates() -> None:
-    sequencer = ChunkSequencer()
-    assert _seqs(sequencer.push(chunk(0))) == [0]
-    assert sequencer.push(chunk(0)) == []
-    assert sequencer.push(chunk(2)) == []
-    assert sequencer.push(chunk(2)) == []
-    assert _seqs(sequencer.push(chunk(1))) == [1, 2]
-    assert sequencer.next_seq == 3
-
-
-def test_sequencer_detects_a_gap_after_max_gap_chunks() -> None:
-    sequencer = ChunkSequencer(max_gap=3)
-    sequencer.push(chunk(0))
-    for seq in (2, 3, 4):
-        assert sequencer.push(chunk(seq)) == []
+def test_stream_usage_parses_from_the_end_chunk() -> None:
+    end = TokenChunk(request_id="r", seq=0, is_end=True, finish_reason="stop", usage=USAGE)
+    usage = TokenChunk.from_bytes(end.to_bytes()).usage
+    assert usage is not None and (usage.prompt_tokens, usage.cached_tokens) == (12, 8)
+    assert (usage.simulated, usage.engine_s) == (False, None)
+    payload = json.loads(end.to_bytes())
+    payload["usage"]["completion_tokens"] = -1
     with pytest.raises(ProtocolError) as info:
-        sequencer.push(chunk(5))
-    assert "chunk 1 lost" in str(info.value)
+        TokenChunk.from_bytes(json.dumps(payload))
+    assert "usage.completion_tokens" in str(info.value)
 
 
-def test_sequencer_detects_a_gap_at_the_end() -> None:
-    sequencer = ChunkSequencer()
-    sequencer.push(chunk(0))
-    sequencer.push(chunk(2, is_end=True))
+def test_error_codes_round_trip_in_a_chunk_and_as_service_headers() -> None:
+    for code in ErrorCode:
+        info = ErrorInfo(code=code, message=f"failed with {int(code)}")
+        chunk = TokenChunk(request_id="r", seq=0, is_end=True, error=info)
+        back = TokenChunk.from_bytes(chunk.to_bytes()).error
+        assert back == info and back.code is code
+        status, description = info.service_error()
+        headers = {SERVICE_ERROR_CODE_HEADER: status, SERVICE_ERROR_HEADER: description}
+        assert ErrorInfo.from_service_headers(headers) == info
+    assert ErrorInfo(code=ErrorCode.UNAVAILABLE, message="x").type == "service_unavailable"
+    assert ErrorInfo(code=ErrorCode.BAD_REQUEST, message="x").type == "invalid_request_error"
+    assert (
+        json.loads(ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message="x").to_bytes())["code"]
+        == 504
+    )
+
+
+def test_a_reply_without_error_headers_is_no_error() -> None:
+    assert ErrorInfo.from_service_headers(None) is None
+    assert ErrorInfo.from_service_headers({"Content-Type": "application/json"}) is None
+
+
+def test_unknown_error_codes_are_protocol_errors() -> None:
     with pytest.raises(ProtocolError) as info:
-        sequencer.finish()
-    assert "[1]" in str(info.value)
-
-
-def test_sequencer_detects_a_truncated_stream() -> None:
-    sequencer = ChunkSequencer()
-    sequencer.push(chunk(0))
-    with pytest.raises(ProtocolError) as info:
-        sequencer.finish()
-    assert "without an end chunk" in str(info.value)
-
-
-def test_sequencer_rejects_chunks_after_the_end_and_of_other_requests() -> None:
-    sequencer = ChunkSequencer()
-    sequencer.push(chunk(0, is_end=True))
+        ErrorInfo.from_service_headers({SERVICE_ERROR_CODE_HEADER: "418"})
+    assert "418" in str(info.value)
+    payload = json.loads(ErrorInfo(code=ErrorCode.SERVER_ERROR, message="x").to_bytes())
+    payload["code"] = 418
     with pytest.raises(ProtocolError):
-        sequencer.push(chunk(1))
-    with pytest.raises(ProtocolError):
-        sequencer.push(chunk(1, request_id="req-2"))
-    assert sequencer.done
+        ErrorInfo.from_bytes(json.dumps(payload))
+    payload["code"] = 500
+    assert ErrorInfo.from_bytes(json.dumps(payload)).code is ErrorCode.SERVER_ERROR

@@ -10,12 +10,12 @@ from nats.aio.msg import Msg
 
 from mesh import subjects
 from mesh.protocol import (
-    ChunkSequencer,
     GenerateAccepted,
     GenerateRequest,
     SamplingParams,
     TokenChunk,
 )
+from mesh.sequencer import ChunkSequencer
 
 pytestmark = pytest.mark.timeout(60)
 

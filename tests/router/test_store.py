@@ -11,10 +11,18 @@ from nats.aio.client import Client
 
 from mesh import subjects
 from mesh.connection import connect
+from mesh.protocol import PolicyApplied
 from mesh.server import EmbeddedNats
+from router.errors import (
+    PolicyBucketNotFoundError,
+    PolicyConflictError,
+    PolicyError,
+    RevisionNotFoundError,
+    RouterError,
+)
 from router.live import LivePolicy, PolicyFollower
-from router.policy import PolicyError, RoutingPolicy
-from router.store import PolicyApplied, PolicyConflict, PolicyStore
+from router.policy import RoutingPolicy
+from router.store import PolicyStore
 
 LOCAL = "# keep it local\nrules: [{name: local, route: edge}]\n"
 CLOUDY = "rules: [{name: cloudy, route: cloud}]\ndefault: {route: cloud}\n"
@@ -46,7 +54,7 @@ async def test_set_get_history_keep_the_yaml_as_written(nc: Client) -> None:
     assert old.yaml_text == LOCAL  # comments survive
     assert (old.author, old.message) == ("ana@laptop", "start")
     assert [s.revision for s in await store.history()] == [first, second]
-    with pytest.raises(KeyError):
+    with pytest.raises(RevisionNotFoundError, match=f"revision {second + 10} is not in"):
         await store.at(second + 10)
 
 
@@ -60,7 +68,7 @@ async def test_of_two_concurrent_edits_one_lands_and_the_other_is_told(nc: Clien
         return_exceptions=True,
     )
     landed = [r for r in results if isinstance(r, int)]
-    lost = [r for r in results if isinstance(r, PolicyConflict)]
+    lost = [r for r in results if isinstance(r, PolicyConflictError)]
     assert len(landed) == 1 and len(lost) == 1, results
     conflict = lost[0]
     assert conflict.current is not None and conflict.current.revision == landed[0]
@@ -69,6 +77,17 @@ async def test_of_two_concurrent_edits_one_lands_and_the_other_is_told(nc: Clien
     # The loser re-reads and re-applies: nothing is lost.
     again = await store.set(CLOUDY, expect_revision=landed[0], author="loser")
     assert again == landed[0] + 1
+
+
+async def test_store_errors_are_router_errors_a_person_can_act_on(nc: Client) -> None:
+    with pytest.raises(PolicyBucketNotFoundError, match=subjects.POLICY_BUCKET) as missing:
+        await PolicyStore.open(nc, create=False)
+    store = await PolicyStore.open(nc)
+    first = await store.set(LOCAL, expect_revision=0)
+    with pytest.raises(RevisionNotFoundError) as gone:
+        await store.at(first + 1)
+    assert all(isinstance(e.value, RouterError) for e in (missing, gone))
+    assert not isinstance(gone.value, KeyError)
 
 
 async def test_invalid_policies_are_never_stored(nc: Client) -> None:
@@ -84,7 +103,7 @@ async def test_edges_follow_new_revisions_and_refuse_invalid_ones(nc: Client) ->
     reports: list[PolicyApplied] = []
 
     async def on_report(msg: object) -> None:
-        reports.append(PolicyApplied.model_validate_json(msg.data))  # type: ignore[attr-defined]
+        reports.append(PolicyApplied.from_bytes(msg.data))  # type: ignore[attr-defined]
 
     await nc.subscribe(subjects.policy_applied(), cb=on_report)
     follower = PolicyFollower(nc, live, "edge-a", resync_s=30)

@@ -80,4 +80,5 @@ async def test_tokens_after_the_first_travel_in_groups(nats_server: EmbeddedNats
     assert "".join(c.text for c in groups) == "".join(c.text for c in singles)
     assert [c.seq for c in grouped] == list(range(len(grouped)))
     for chunks in (one_by_one, grouped):
-        assert chunks[-1].is_end and chunks[-1].usage["completion_tokens"] == 11
+        usage = chunks[-1].usage
+        assert chunks[-1].is_end and usage is not None and usage.completion_tokens == 11
