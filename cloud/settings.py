@@ -10,18 +10,22 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mesh.connection import DEFAULT_NATS_URL
+from models.catalog import DEFAULT_N_CTX, DEFAULT_PAIR
+from models.latency import EngineKind
+
 
 class CloudSettings(BaseSettings):
     """Configuration of ``tandem cloud serve``."""
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_CLOUD_", extra="forbid")
 
-    nats_url: str = "nats://127.0.0.1:4222"
-    model: str = Field("smollm2-135m", description="catalog model pair whose target this serves")
+    nats_url: str = DEFAULT_NATS_URL
+    model: str = Field(DEFAULT_PAIR, description="catalog model pair whose target this serves")
     worker_id: str = Field(
         default_factory=lambda: f"cloud-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     )
-    max_model_len: int = Field(2048, ge=128)
+    max_model_len: int = Field(DEFAULT_N_CTX, ge=128, description="context window in tokens")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="override the catalog's cloud dtype"
     )
@@ -53,8 +57,10 @@ class CloudSettings(BaseSettings):
     keepalive_s: float = Field(0.5, gt=0, description="idle gap before a keepalive chunk")
     liveness_s: float = Field(2.0, gt=0, description="how often to check the requester is there")
     drain_timeout_s: float = Field(60.0, ge=0)
-    engine: Literal["vllm", "sim"] = Field(
-        "vllm", description="'sim': a simulated engine (latency model, no vLLM) for scale runs"
+    engine: EngineKind = Field(
+        EngineKind.REAL,
+        description="'real': vLLM; 'sim': a simulated engine (latency model, no vLLM) for "
+        "scale runs",
     )
     sim_profile: Path | None = Field(
         None, description="latency profile JSON for --engine sim; the shipped default if unset"

@@ -185,7 +185,7 @@ class SimVllmEngine:
     ) -> tuple[Verdict, int]:
         """Not simulated: draft verification needs the real target's logits."""
         raise BadGenerateRequestError(
-            "the simulated engine does not verify drafts; run the worker with --engine vllm"
+            "the simulated engine does not verify drafts; run the worker with --engine real"
         )
 
     # -- generation ---------------------------------------------------------

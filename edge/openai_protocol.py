@@ -209,7 +209,14 @@ class CompletionRequest(_SamplingFields):
     """``POST /v1/completions`` (one prompt string)."""
 
     prompt: str | list[int] = Field(min_length=1)
-    echo: bool = False
+    echo: bool = False  # accepted so that ``echo: true`` gets a clear 400, not silence
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo is not supported: send echo: false, or leave it out")
+        return echo
 
 
 # ---------------------------------------------------------------------------

@@ -1,17 +1,25 @@
 """Settings of the edge daemon: one class, every default defined here once.
 
 Each field reads the environment variable ``TANDEM_EDGE_<FIELD>``; the CLI's
-options map onto the same names.
+options map onto the same names. Defaults that other processes need too live in
+the library they share: the model pair and its context window in the catalog
+(``models.catalog``), the engine vocabulary in ``models.latency``.
 """
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.catalog import DEFAULT_PAIR
+from models.latency import EngineKind
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_EDGE_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"  # where clients find an edge
 
 
 class EdgeSettings(BaseSettings):
@@ -19,11 +27,13 @@ class EdgeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_EDGE_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    model: str = Field("smollm2-135m", description="catalog model pair served by this edge")
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    model: str = Field(DEFAULT_PAIR, description="catalog model pair served by this edge")
     gguf: Path | None = Field(None, description="GGUF file overriding the catalog's edge weights")
-    n_ctx: int = Field(2048, ge=128)
+    n_ctx: int | None = Field(
+        None, ge=128, description="context window in tokens; the catalog pair's n_ctx if unset"
+    )
     n_threads: int = Field(1, ge=1, description="llama.cpp generation threads per slot")
     n_threads_batch: int | None = Field(None, ge=1, description="prompt threads; default n_threads")
     slots: int = Field(1, ge=1, le=64, description="concurrent llama.cpp contexts")
@@ -42,8 +52,10 @@ class EdgeSettings(BaseSettings):
     emulated_rtt_ms: float = Field(
         0.0, ge=0, description="benchmarks only: extra edge-cloud round-trip time per request"
     )
-    engine: Literal["llama", "sim"] = Field(
-        "llama", description="'sim': a simulated engine (latency model, no weights) for scale runs"
+    engine: EngineKind = Field(
+        EngineKind.REAL,
+        description="'real': llama.cpp; 'sim': a simulated engine (latency model, no weights) "
+        "for scale runs",
     )
     sim_profile: Path | None = Field(
         None, description="latency profile JSON for --engine sim; the shipped default if unset"

@@ -30,14 +30,6 @@ class ParsedToolCall:
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
-    def to_openai(self) -> dict[str, object]:
-        """The OpenAI ``tool_calls`` entry."""
-        return {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-
 
 @dataclass
 class ToolCallParse:

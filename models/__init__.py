@@ -12,6 +12,7 @@ imported only inside the functions that need them.
 from models.bundled import locate_bundled_gguf
 from models.catalog import (
     BUILTIN_PAIRS,
+    DEFAULT_N_CTX,
     DEFAULT_PAIR,
     DEQUANTIZE_EDGE,
     Catalog,
@@ -40,6 +41,7 @@ from models.errors import (
     TemplateRenderError,
     WeightsNotFoundError,
 )
+from models.latency import EngineKind
 from models.settings import ModelSettings, tandem_home
 from models.vocab import (
     VocabMismatch,
@@ -52,6 +54,7 @@ from models.vocab import (
 __all__ = [
     "BUILTIN_PAIRS",
     "CONVERTER_VERSION",
+    "DEFAULT_N_CTX",
     "DEFAULT_PAIR",
     "DEQUANTIZE_EDGE",
     "Catalog",
@@ -61,6 +64,7 @@ __all__ = [
     "ConversionError",
     "ConversionRecord",
     "EdgeModel",
+    "EngineKind",
     "IncompatibleVocabError",
     "MissingDependencyError",
     "ModelError",

@@ -35,6 +35,9 @@ BUNDLED_PREFIX = "bundled:"
 DEQUANTIZE_EDGE = "dequantize-edge"
 CATALOG_FILE = "models.yaml"
 DEFAULT_PAIR = "smollm2-135m"
+# The context window of a pair that names none (the edge's n_ctx; the cloud worker's
+# max_model_len defaults to it too).
+DEFAULT_N_CTX = 2048
 
 
 class EdgeModel(BaseModel):
@@ -43,7 +46,7 @@ class EdgeModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gguf: str = Field(description="`bundled:<distribution>/<file>` or a path to a GGUF file")
-    n_ctx: int = Field(default=2048, gt=0)
+    n_ctx: int = Field(default=DEFAULT_N_CTX, gt=0)
 
     @field_validator("gguf")
     @classmethod

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 
@@ -33,6 +34,17 @@ from models.errors import ModelError
 DEFAULT_PROFILE = "default.json"
 # A step can never take less than this, whatever the fitted line says at small x.
 _MIN_STEP_S = 1e-4
+
+
+class EngineKind(StrEnum):
+    """Which engine a role runs (``--engine``): the real one, or the simulated one on a profile.
+
+    One vocabulary for every role: ``real`` is llama.cpp on an edge and vLLM on a
+    cloud worker; ``sim`` replaces either forward pass with this module's latency model.
+    """
+
+    REAL = "real"
+    SIM = "sim"
 
 
 class LatencyProfileError(ModelError):

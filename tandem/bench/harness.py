@@ -10,6 +10,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.settings import DEFAULT_EDGE_URL
+from mesh.connection import DEFAULT_NATS_URL
+from models.catalog import DEFAULT_N_CTX, DEFAULT_PAIR
 from tandem.bench.bfcl import BfclWorkload
 from tandem.bench.cost import CostModel
 from tandem.bench.errors import BenchConfigError
@@ -28,22 +31,20 @@ WORKLOADS = ("bfcl", "mtbench", "synthetic")
 class BenchOptions:
     """Everything ``tandem bench run`` takes; the CLI fills it from its options."""
 
-    base_url: str = "http://127.0.0.1:8080"
-    nats_url: str | None = "nats://127.0.0.1:4222"
+    base_url: str = DEFAULT_EDGE_URL
+    nats_url: str | None = DEFAULT_NATS_URL  # None: read no cloud engine time
     start_mesh: bool = False
     layout: MeshLayout = field(default_factory=MeshLayout)
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_PAIR
     api_key: str = "unused"
     workloads: list[str] = field(default_factory=lambda: ["mtbench", "bfcl"])
-    plan: RunPlan = field(
-        default_factory=lambda: RunPlan(["hybrid", "cloud", "edge", "naive"], [4])
-    )
+    plan: RunPlan = field(default_factory=RunPlan)
     sessions: int = 4
     max_tokens: int = 48
     temperature: float = 0.0
     bfcl: BfclWorkload = field(default_factory=BfclWorkload)
     synthetic: SyntheticAgent = field(default_factory=SyntheticAgent)
-    cost: CostModel = field(default_factory=lambda: CostModel())
+    cost: CostModel = field(default_factory=CostModel)
     command: str = "tandem bench run"
 
     def make_workloads(self) -> list[Workload]:
@@ -83,7 +84,8 @@ def _notes(options: BenchOptions) -> list[str]:
         notes.append(
             f"BFCL: scenarios whose needed tools fit {options.bfcl.max_tool_chars} chars of "
             f"tool JSON, first {options.bfcl.max_turns} user turns, tool results cut to "
-            f"{options.bfcl.max_result_chars} chars (the default models have 2048-token contexts)"
+            f"{options.bfcl.max_result_chars} chars (the default models have "
+            f"{DEFAULT_N_CTX}-token contexts)"
         )
     return notes
 

@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
@@ -368,8 +368,8 @@ async def _drive(
 class RunPlan:
     """What to run: modes, concurrency levels, arrival."""
 
-    modes: list[str]
-    concurrency: list[int]
+    modes: list[str] = field(default_factory=lambda: ["hybrid", "cloud", "edge", "naive"])
+    concurrency: list[int] = field(default_factory=lambda: [4])
     arrival: str = "closed"
     rate_per_s: float | None = None
     duration_s: float | None = None

@@ -10,7 +10,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -24,7 +24,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from tandem.commands.common import fail
+from tandem.commands.common import fail, given
+
+if TYPE_CHECKING:
+    from tandem.bench.harness import BenchOptions
 
 app = typer.Typer(
     help="Benchmarks: agentic workloads, every mode side by side.", no_args_is_help=True
@@ -62,73 +65,142 @@ def _ints(text: str) -> list[int]:
         fail(f"expected comma-separated integers, got {text!r}")
 
 
+# Where each option of ``run`` goes: the part of ``BenchOptions`` and its field there.
+_FIELDS: dict[str, dict[str, str]] = {
+    "options": {
+        **{name: name for name in ("base_url", "nats_url", "start_mesh", "model", "api_key")},
+        **{name: name for name in ("sessions", "max_tokens", "temperature")},
+        "workload": "workloads",
+    },
+    "layout": {name: name for name in ("model", "edge_cores", "cloud_cores", "rtt_ms")},
+    "plan": {
+        **{name: name for name in ("modes", "concurrency", "arrival", "duration_s", "seed")},
+        "rate": "rate_per_s",
+    },
+    "bfcl": {"bfcl_max_turns": "max_turns", "bfcl_max_tool_chars": "max_tool_chars"},
+    "synthetic": {
+        "synthetic_steps": "steps",
+        "synthetic_tool_latency_s": "tool_latency_s",
+        "synthetic_think_time_s": "think_time_s",
+        "synthetic_growth_words": "growth_words",
+    },
+    "cost": {
+        "edge_usd_per_hour": "edge_usd_per_engine_hour",
+        "cloud_usd_per_hour": "cloud_usd_per_engine_hour",
+    },
+}
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def bench_options(args: dict[str, Any], command: str = "tandem bench run") -> BenchOptions:
+    """``BenchOptions`` from ``run``'s arguments, passing on only the given ones (``None``
+    is unset), so every default stays where it is defined: ``BenchOptions``, ``RunPlan``,
+    ``MeshLayout``, ``BfclWorkload``, ``SyntheticAgent``, ``CostModel``."""
+    from tandem.bench.bfcl import BfclWorkload
+    from tandem.bench.cost import CostModel
+    from tandem.bench.harness import BenchOptions
+    from tandem.bench.local_mesh import MeshLayout
+    from tandem.bench.runner import RunPlan
+    from tandem.bench.synthetic import SyntheticAgent
+
+    a = given(args)
+    for name, parse in (("workload", _names), ("modes", _names), ("concurrency", _ints)):
+        if name in a:
+            a[name] = parse(a[name])
+    if a.get("nats_url") == "":
+        a["nats_url"] = None  # '' asks to skip reading cloud engine time
+    part = {key: {f: a[o] for o, f in fields.items() if o in a} for key, fields in _FIELDS.items()}
+    return BenchOptions(
+        **part["options"],
+        layout=MeshLayout(**part["layout"]),
+        plan=RunPlan(**part["plan"]),
+        bfcl=BfclWorkload(**part["bfcl"]),
+        synthetic=SyntheticAgent(**part["synthetic"]),
+        cost=CostModel(**part["cost"]),
+        command=command,
+    )
+
+
 @app.command()
 def run(
     base_url: Annotated[
-        str, typer.Option(help="The edge to drive (its HTTP root).", envvar="TANDEM_BENCH_BASE_URL")
-    ] = "http://127.0.0.1:8080",
+        str | None,
+        typer.Option(help="The edge to drive (its HTTP root).", envvar="TANDEM_BENCH_BASE_URL"),
+    ] = None,
     nats_url: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="The mesh's NATS, to read cloud engine time ('' to skip).",
             envvar="TANDEM_NATS_URL",
         ),
-    ] = "nats://127.0.0.1:4222",
+    ] = None,
     start_mesh: Annotated[
-        bool, typer.Option(help="Start NATS, a vLLM worker and an edge, pinned to separate cores.")
-    ] = False,
-    edge_cores: Annotated[str, typer.Option(help="With --start-mesh: the edge's cores.")] = "0",
+        bool | None,
+        typer.Option(help="Start NATS, a vLLM worker and an edge, pinned to separate cores."),
+    ] = None,
+    edge_cores: Annotated[
+        str | None, typer.Option(help="With --start-mesh: the edge's cores.")
+    ] = None,
     cloud_cores: Annotated[
-        str, typer.Option(help="With --start-mesh: the vLLM worker's cores.")
-    ] = "1",
+        str | None, typer.Option(help="With --start-mesh: the vLLM worker's cores.")
+    ] = None,
     rtt_ms: Annotated[
-        float, typer.Option(help="With --start-mesh: emulated edge-cloud RTT (ms).")
-    ] = 0.0,
-    model: Annotated[str, typer.Option(help="Model name sent to the edge.")] = "smollm2-135m",
+        float | None, typer.Option(help="With --start-mesh: emulated edge-cloud RTT (ms).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model name sent to the edge.")] = None,
     api_key: Annotated[
-        str,
+        str | None,
         typer.Option(help="Bearer key of the edge, if it needs one.", envvar="TANDEM_EDGE_API_KEY"),
-    ] = "unused",
+    ] = None,
     workload: Annotated[
-        str, typer.Option(help="Comma-separated: bfcl, mtbench, synthetic.")
-    ] = "mtbench,bfcl",
+        str | None, typer.Option(help="Comma-separated: bfcl, mtbench, synthetic.")
+    ] = None,
     modes: Annotated[
-        str, typer.Option(help="Comma-separated: hybrid, cloud, edge, naive, speculative.")
-    ] = "hybrid,cloud,edge,naive",
+        str | None, typer.Option(help="Comma-separated: hybrid, cloud, edge, naive, speculative.")
+    ] = None,
     concurrency: Annotated[
-        str, typer.Option(help="Concurrent sessions; a comma list sweeps.")
-    ] = "4",
-    sessions: Annotated[int, typer.Option(help="Sessions per mode and concurrency.")] = 4,
+        str | None, typer.Option(help="Concurrent sessions; a comma list sweeps.")
+    ] = None,
+    sessions: Annotated[int | None, typer.Option(help="Sessions per mode and concurrency.")] = None,
     duration_s: Annotated[
         float | None, typer.Option(help="Stop starting sessions after this long.")
     ] = None,
-    arrival: Annotated[str, typer.Option(help="closed (loop) or poisson.")] = "closed",
+    arrival: Annotated[str | None, typer.Option(help="closed (loop) or poisson.")] = None,
     rate: Annotated[float | None, typer.Option(help="Poisson: sessions per second.")] = None,
     seed: Annotated[
-        int, typer.Option(help="Seed of session order, arrivals and synthetic text.")
-    ] = 0,
-    max_tokens: Annotated[int, typer.Option(help="max_tokens of every call.")] = 48,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.0,
-    bfcl_max_turns: Annotated[int, typer.Option(help="BFCL: user turns played per scenario.")] = 2,
+        int | None, typer.Option(help="Seed of session order, arrivals and synthetic text.")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="max_tokens of every call.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature (0: greedy).")
+    ] = None,
+    bfcl_max_turns: Annotated[
+        int | None, typer.Option(help="BFCL: user turns played per scenario.")
+    ] = None,
     bfcl_max_tool_chars: Annotated[
-        int, typer.Option(help="BFCL: tool JSON budget (chars).")
-    ] = 3000,
-    synthetic_steps: Annotated[int, typer.Option(help="Synthetic: LLM calls per session.")] = 4,
+        int | None, typer.Option(help="BFCL: tool JSON budget (chars).")
+    ] = None,
+    synthetic_steps: Annotated[
+        int | None, typer.Option(help="Synthetic: LLM calls per session.")
+    ] = None,
     synthetic_tool_latency_s: Annotated[
-        float, typer.Option(help="Synthetic: tool latency.")
-    ] = 0.05,
+        float | None, typer.Option(help="Synthetic: tool latency.")
+    ] = None,
     synthetic_think_time_s: Annotated[
-        float, typer.Option(help="Synthetic: user think time.")
-    ] = 0.2,
+        float | None, typer.Option(help="Synthetic: user think time.")
+    ] = None,
     synthetic_growth_words: Annotated[
-        int, typer.Option(help="Synthetic: words added per step.")
-    ] = 60,
+        int | None, typer.Option(help="Synthetic: words added per step.")
+    ] = None,
     edge_usd_per_hour: Annotated[
-        float, typer.Option(help="Cost model: $ per edge engine-hour.")
-    ] = 0.005,
+        float | None, typer.Option(help="Cost model: $ per edge engine-hour.")
+    ] = None,
     cloud_usd_per_hour: Annotated[
-        float, typer.Option(help="Cost model: $ per cloud engine-hour.")
-    ] = 0.05,
+        float | None, typer.Option(help="Cost model: $ per cloud engine-hour.")
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Directory for report.json, report.md and the PNGs.")
     ] = Path("bench-results"),
@@ -136,56 +208,22 @@ def run(
     """Drive agentic sessions through every mode in one run; write JSON, markdown and plots.
 
     Modes: hybrid (the edge's policy), cloud (cloud-only), edge (edge-only),
-    naive (cloud-only, one call at a time), speculative (optional).
+    naive (cloud-only, one call at a time), speculative (optional). Unset options
+    take the library's defaults (shown in the report's config).
     Example: tandem bench run --start-mesh --concurrency 1,4 --sessions 4
     """
-    from tandem.bench.bfcl import BfclWorkload
-    from tandem.bench.cost import CostModel
+    args = dict(locals())
     from tandem.bench.errors import BenchError
-    from tandem.bench.harness import BenchOptions
     from tandem.bench.harness import run as run_bench
-    from tandem.bench.local_mesh import MeshLayout
     from tandem.bench.report import headline_table, latency_table, write
-    from tandem.bench.runner import RunPlan
-    from tandem.bench.synthetic import SyntheticAgent
 
-    options = BenchOptions(
-        base_url=base_url,
-        nats_url=nats_url or None,
-        start_mesh=start_mesh,
-        layout=MeshLayout(
-            model=model, edge_cores=edge_cores, cloud_cores=cloud_cores, rtt_ms=rtt_ms
-        ),
-        model=model,
-        api_key=api_key,
-        workloads=[w.strip() for w in workload.split(",") if w.strip()],
-        plan=RunPlan(
-            modes=[m.strip() for m in modes.split(",") if m.strip()],
-            concurrency=_ints(concurrency),
-            arrival=arrival,
-            rate_per_s=rate,
-            duration_s=duration_s,
-            seed=seed,
-        ),
-        sessions=sessions,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        bfcl=BfclWorkload(max_turns=bfcl_max_turns, max_tool_chars=bfcl_max_tool_chars),
-        synthetic=SyntheticAgent(
-            steps=synthetic_steps,
-            tool_latency_s=synthetic_tool_latency_s,
-            think_time_s=synthetic_think_time_s,
-            growth_words=synthetic_growth_words,
-        ),
-        command="tandem bench run "
-        + shlex.join(sys.argv[3:] if sys.argv[1:3] == ["bench", "run"] else []),
+    command = "tandem bench run " + shlex.join(
+        sys.argv[3:] if sys.argv[1:3] == ["bench", "run"] else []
     )
     # SIGTERM unwinds like Ctrl-C, so a --start-mesh run stops its NATS, worker and edge.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        options.cost = CostModel(
-            edge_usd_per_engine_hour=edge_usd_per_hour, cloud_usd_per_engine_hour=cloud_usd_per_hour
-        )
+        options = bench_options(args, command)
         console = Console(stderr=True)
         columns = (
             TextColumn("{task.description}"),
@@ -194,7 +232,7 @@ def run(
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console) as bar:
-            if start_mesh:
+            if options.start_mesh:
                 console.print(
                     "starting NATS, a vLLM worker and an edge (the worker takes a minute or two)..."
                 )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from tandem.commands.common import configure_logging, fail, settings_or_exit
+from models.latency import EngineKind
+from tandem.commands.common import configure_logging, fail, given, settings_or_exit
 
 app = typer.Typer(help="Run a cloud worker (vLLM behind NATS).", no_args_is_help=True)
 
@@ -24,10 +25,11 @@ def serve(
     tool_parser: Annotated[str | None, typer.Option(help="vLLM tool parser name.")] = None,
     stream_interval: Annotated[
         int | None,
-        typer.Option(help="Tokens per stream message after the first (vLLM's; default 1)."),
+        typer.Option(help="Tokens per stream message after the first (vLLM's)."),
     ] = None,
     engine: Annotated[
-        str | None, typer.Option(help="'vllm', or 'sim': a SIMULATED engine for scale runs.")
+        EngineKind | None,
+        typer.Option(help="'real' (vLLM), or 'sim': a SIMULATED engine for scale runs."),
     ] = None,
     sim_profile: Annotated[
         Path | None, typer.Option(help="Latency profile JSON for --engine sim.")
@@ -40,7 +42,7 @@ def serve(
     Example: tandem cloud serve --nats-url nats://127.0.0.1:4222
     SIGTERM drains: in-flight requests finish, new ones go to other workers.
     """
-    options: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
+    options = given(locals())
     import asyncio
 
     from cloud.service import run_worker

@@ -30,6 +30,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave: every option defaults to None ("unset"), so that the
+    settings class or dataclass they feed keeps its own default for the rest."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def settings_or_exit(cls: type[S], options: dict[str, Any]) -> S:
     """Build a settings object from CLI options and the environment, or exit clearly."""
     try:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from tandem.commands.common import configure_logging, fail, settings_or_exit
+from models.latency import EngineKind
+from tandem.commands.common import configure_logging, fail, given, settings_or_exit
 
 app = typer.Typer(help="Run the edge daemon (OpenAI API on llama.cpp).", no_args_is_help=True)
 
@@ -27,7 +28,8 @@ def serve(
     node_id: Annotated[str | None, typer.Option(help="This node's id on the mesh.")] = None,
     policy_file: Annotated[Path | None, typer.Option(help="Routing policy YAML.")] = None,
     engine: Annotated[
-        str | None, typer.Option(help="'llama', or 'sim': a SIMULATED engine for scale runs.")
+        EngineKind | None,
+        typer.Option(help="'real' (llama.cpp), or 'sim': a SIMULATED engine for scale runs."),
     ] = None,
     sim_profile: Annotated[
         Path | None, typer.Option(help="Latency profile JSON for --engine sim.")
@@ -39,7 +41,7 @@ def serve(
     Every option also reads TANDEM_EDGE_<OPTION> from the environment, e.g.
     TANDEM_EDGE_PORT=8080. Example: tandem edge serve --port 8080
     """
-    options: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
+    options = given(locals())
     from edge.server import serve as run_server
     from edge.settings import EdgeSettings
 

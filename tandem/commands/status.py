@@ -10,18 +10,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mesh.connection import DEFAULT_NATS_URL
 from tandem.commands.common import fail
 
 
 def status(
     nats_url: Annotated[
         str, typer.Option(help="NATS URL of the mesh.", envvar="TANDEM_NATS_URL")
-    ] = "nats://127.0.0.1:4222",
+    ] = DEFAULT_NATS_URL,
     listen_s: Annotated[float, typer.Option(help="Seconds to listen for heartbeats.")] = 1.5,
 ) -> None:
     """Show every edge and cloud worker heard on the mesh, with its load.
 
-    Example: tandem status --nats-url nats://127.0.0.1:4222
+    Example: tandem status --nats-url nats://10.0.0.5:4222
     """
     from mesh.discovery import snapshot
     from mesh.errors import MeshError

@@ -76,6 +76,7 @@ BAD_BODIES = [
         400,
         "token id",
     ),
+    ("completion-echo", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
 ]
 
 
@@ -95,6 +96,17 @@ def test_bad_request_gets_clear_openai_error(edge: EdgeProcess, case) -> None:  
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert words in error["message"]
+
+
+def test_echo_is_refused_by_name_until_it_is_implemented(edge: EdgeProcess) -> None:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    refused = httpx.post(f"{edge.base_url}/v1/completions", json={**body, "echo": True})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "echo")
+    assert "echo is not supported" in error["message"]
+    served = httpx.post(f"{edge.base_url}/v1/completions", json={**body, "echo": False})
+    assert served.status_code == 200, served.text
 
 
 def test_oversized_body_is_413(edge: EdgeProcess) -> None:

@@ -71,3 +71,55 @@ def test_status_without_a_mesh_fails_clearly() -> None:
     assert proc.returncode == 1
     assert "error:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _unset_bench_args() -> dict[str, object]:
+    import inspect
+
+    from tandem.commands.bench import run
+
+    return {name: None for name in inspect.signature(run).parameters}
+
+
+def test_given_keeps_only_the_options_the_user_set() -> None:
+    from tandem.commands.common import given
+
+    assert given({"port": 9000, "host": None, "slots": 0, "api_key": ""}) == {
+        "port": 9000,
+        "slots": 0,
+        "api_key": "",
+    }
+
+
+def test_bench_run_without_options_takes_every_library_default() -> None:
+    from tandem.bench.harness import BenchOptions
+    from tandem.commands.bench import bench_options
+
+    assert bench_options(_unset_bench_args()) == BenchOptions()
+
+
+def test_bench_run_passes_on_only_the_options_given() -> None:
+    from tandem.bench.cost import CostModel
+    from tandem.bench.harness import BenchOptions
+    from tandem.bench.runner import RunPlan
+    from tandem.commands.bench import bench_options
+
+    args = _unset_bench_args() | {
+        "modes": "edge, cloud",
+        "concurrency": "1,4",
+        "rate": 1.5,
+        "synthetic_steps": 9,
+        "cloud_usd_per_hour": 0.5,
+        "model": "my-pair",
+        "nats_url": "",
+    }
+    options = bench_options(args)
+    defaults = BenchOptions()
+    assert options.plan == RunPlan(modes=["edge", "cloud"], concurrency=[1, 4], rate_per_s=1.5)
+    assert options.synthetic.steps == 9
+    assert options.synthetic.think_time_s == defaults.synthetic.think_time_s
+    assert options.cost == CostModel(cloud_usd_per_engine_hour=0.5)
+    assert (options.model, options.layout.model) == ("my-pair", "my-pair")
+    assert options.layout.edge_cores == defaults.layout.edge_cores
+    assert options.nats_url is None  # '' skips reading cloud engine time
+    assert (options.sessions, options.base_url) == (defaults.sessions, defaults.base_url)

@@ -1,0 +1,45 @@
+"""Edge settings: unset options take the defaults of the library that owns them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from edge.settings import EdgeSettings
+from edge.state import engine_config
+from models.catalog import BUILTIN_PAIRS, DEFAULT_PAIR, Catalog
+from models.latency import EngineKind
+
+
+@pytest.fixture(autouse=True)
+def _no_edge_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("TANDEM_EDGE_N_CTX", "TANDEM_EDGE_MODEL", "TANDEM_EDGE_ENGINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
+
+
+def test_unset_n_ctx_takes_the_catalog_pairs_context_window() -> None:
+    settings = EdgeSettings()
+    assert settings.model == DEFAULT_PAIR and settings.n_ctx is None
+    config, _ = engine_config(settings)
+    assert config.n_ctx == Catalog.load().get(DEFAULT_PAIR).edge.n_ctx
+    assert engine_config(EdgeSettings(n_ctx=512))[0].n_ctx == 512
+
+
+def test_a_user_pairs_n_ctx_reaches_the_engine(tmp_path: Path) -> None:
+    gguf = BUILTIN_PAIRS[0].edge.gguf
+    (tmp_path / "models.yaml").write_text(
+        f"pairs:\n  - name: wide\n    edge: {{gguf: '{gguf}', n_ctx: 4096}}\n", encoding="utf-8"
+    )
+    config, _ = engine_config(EdgeSettings(model="wide"))
+    assert config.n_ctx == 4096
+
+
+def test_one_engine_vocabulary() -> None:
+    assert EdgeSettings().engine is EngineKind.REAL
+    assert EdgeSettings(engine="sim").engine is EngineKind.SIM
+    with pytest.raises(ValidationError) as info:
+        EdgeSettings(engine="llama")
+    assert info.value.errors()[0]["loc"] == ("engine",)
