@@ -240,90 +240,104 @@ def _streaming(body_iter: AsyncIterator[bytes], ctx: AnswerContext) -> Streaming
 
 
 def _install_routes(app: FastAPI) -> None:
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        state = _state(request)
-        reg = state.registration
-        return {
-            "status": "ok",
-            "node_id": state.settings.node_id,
-            "model": state.model_id,
-            "running": state.engine.running,
-            "waiting": state.engine.waiting,
-            "mesh": None if reg is None else ("connected" if reg.connected else "disconnected"),
-            "policy": state.live.status(),
-            "classifier": state.classifier is not None,
-        }
+    app.add_api_route("/health", handle_health, methods=["GET"])
+    app.add_api_route("/metrics", handle_metrics, methods=["GET"])
+    app.add_api_route("/v1/models", handle_list_models, methods=["GET"])
+    for path, handler in (
+        ("/v1/chat/completions", handle_chat_completion),
+        ("/v1/completions", handle_completion),
+    ):
+        app.add_api_route(path, handler, methods=["POST"], response_model=None)
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        _check_auth(request)
-        return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> ModelList:
-        _check_auth(request)
-        state = _state(request)
-        card = ModelCard(id=state.model_id, created=state.created, max_model_len=state.engine.n_ctx)
-        return ModelList(data=[card])
+async def handle_health(request: Request) -> dict[str, Any]:
+    """Liveness and what this edge is doing (no auth: probes call it)."""
+    state = _state(request)
+    reg = state.registration
+    return {
+        "status": "ok",
+        "node_id": state.settings.node_id,
+        "model": state.model_id,
+        "running": state.engine.running,
+        "waiting": state.engine.waiting,
+        "mesh": None if reg is None else ("connected" if reg.connected else "disconnected"),
+        "policy": state.live.status(),
+        "classifier": state.classifier is not None,
+    }
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> Response:
-        _check_auth(request)
-        state = _state(request)
-        body = await parse_body(request, ChatCompletionRequest)
-        snapshot = state.policy_snapshot()  # the one read of the live policy
-        check_model(snapshot, state.model_id, body.model)
-        prompt = await asyncio.to_thread(state.prompts.chat_tokens, body)
-        plan = plan_chat(
-            snapshot, body, prompt, request.headers, load=state.load(),
-            observations=state.observations, classifier=state.classifier, metrics=state.metrics,
-        )  # fmt: skip
-        served = await serving.serve_chat(state, _call(request), plan, body, prompt)
-        tools = body.active_tools()
-        ctx = AnswerContext(
-            model=body.model,
-            node_id=state.settings.node_id,
-            metrics=state.metrics,
-            endpoint="chat",
-            route=served.route,
-            rule=plan.rule,
-            include_usage=body.include_usage(),
-            tool_names={t["function"]["name"] for t in tools} if tools else None,
-            on_done=_observer(state, plan),
-        )
-        if body.stream:
-            return _streaming(answers.stream_chat(served.events, ctx), ctx)
-        answer = await _unless_disconnected(request, answers.collect_chat(served.events, ctx))
-        return JSONResponse(answer.model_dump(), headers=_route_headers(ctx))
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(request: Request) -> Response:
-        _check_auth(request)
-        state = _state(request)
-        body = await parse_body(request, CompletionRequest)
-        check_model(state.policy_snapshot(), state.model_id, body.model)
-        prompt = await asyncio.to_thread(state.prompts.completion_tokens, body)
-        max_tokens = state.prompts.completion_budget(len(prompt), body.max_tokens)
-        ctx = AnswerContext(
-            model=state.model_id,
-            node_id=state.settings.node_id,
-            metrics=state.metrics,
-            endpoint="completions",
-            include_usage=body.include_usage(),
-            id=new_id("cmpl"),
-            rule="text-completions",  # served on the edge only; the policy routes chat
-        )
-        generation = GenerationRequest(
-            prompt_tokens=prompt,
-            sampling=body.to_sampling_params(default_max_tokens=max_tokens),
-            session_id=request.headers.get(SESSION_HEADER),
-        )
-        served = await serving.serve_edge(state, _call(request), generation)
-        if body.stream:
-            return _streaming(answers.stream_completion(served.events, ctx), ctx)
-        answer = await _unless_disconnected(request, answers.collect_completion(served.events, ctx))
-        return JSONResponse(answer.model_dump(), headers=_route_headers(ctx))
+async def handle_metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    _check_auth(request)
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def handle_list_models(request: Request) -> ModelList:
+    """OpenAI's model list: the model this edge serves."""
+    _check_auth(request)
+    state = _state(request)
+    card = ModelCard(id=state.model_id, created=state.created, max_model_len=state.engine.n_ctx)
+    return ModelList(data=[card])
+
+
+async def handle_chat_completion(request: Request) -> Response:
+    """``POST /v1/chat/completions``: plan once, serve on the route, answer."""
+    _check_auth(request)
+    state = _state(request)
+    body = await parse_body(request, ChatCompletionRequest)
+    snapshot = state.policy_snapshot()  # the one read of the live policy
+    check_model(snapshot, state.model_id, body.model)
+    prompt = await asyncio.to_thread(state.prompts.chat_tokens, body)
+    plan = plan_chat(
+        snapshot, body, prompt, request.headers, load=state.load(),
+        observations=state.observations, classifier=state.classifier, metrics=state.metrics,
+    )  # fmt: skip
+    served = await serving.serve_chat(state, _call(request), plan, body, prompt)
+    tools = body.active_tools()
+    ctx = AnswerContext(
+        model=body.model,
+        node_id=state.settings.node_id,
+        metrics=state.metrics,
+        endpoint="chat",
+        route=served.route,
+        rule=plan.rule,
+        include_usage=body.include_usage(),
+        tool_names={t["function"]["name"] for t in tools} if tools else None,
+        on_done=_observer(state, plan),
+    )
+    if body.stream:
+        return _streaming(answers.stream_chat(served.events, ctx), ctx)
+    answer = await _unless_disconnected(request, answers.collect_chat(served.events, ctx))
+    return JSONResponse(answer.model_dump(), headers=_route_headers(ctx))
+
+
+async def handle_completion(request: Request) -> Response:
+    """``POST /v1/completions``: raw text completion, served on the edge only."""
+    _check_auth(request)
+    state = _state(request)
+    body = await parse_body(request, CompletionRequest)
+    check_model(state.policy_snapshot(), state.model_id, body.model)
+    prompt = await asyncio.to_thread(state.prompts.completion_tokens, body)
+    max_tokens = state.prompts.completion_budget(len(prompt), body.max_tokens)
+    ctx = AnswerContext(
+        model=state.model_id,
+        node_id=state.settings.node_id,
+        metrics=state.metrics,
+        endpoint="completions",
+        include_usage=body.include_usage(),
+        id=new_id("cmpl"),
+        rule="text-completions",  # the policy routes chat; text completions stay here
+    )
+    generation = GenerationRequest(
+        prompt_tokens=prompt,
+        sampling=body.to_sampling_params(default_max_tokens=max_tokens),
+        session_id=request.headers.get(SESSION_HEADER),
+    )
+    served = await serving.serve_edge(state, _call(request), generation)
+    if body.stream:
+        return _streaming(answers.stream_completion(served.events, ctx), ctx)
+    answer = await _unless_disconnected(request, answers.collect_completion(served.events, ctx))
+    return JSONResponse(answer.model_dump(), headers=_route_headers(ctx))
 
 
 def serve(settings: EdgeSettings) -> None:
