@@ -8,68 +8,52 @@ simulated, and every answer must say so.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import subprocess
-import sys
-import tempfile
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from mesh import subjects
 from mesh.connection import connect
+from mesh.errors import NatsPortInUseError
 from mesh.protocol import NodeHeartbeat
-from mesh.server import EmbeddedNats, stop_process
+from mesh.server import EmbeddedNats, free_port
+from models.catalog import DEFAULT_PAIR
 from models.sim_vocab import FILLER_TEXT
-from tests.edge_process import EdgeProcess, free_port
+from tandem.lifeline import group_members
+from tandem.local import EdgeProcess, WorkerProcess, tandem_argv, wait_heard
+from tandem.supervisor import Child, Supervisor
 
 pytestmark = pytest.mark.timeout(120)
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 WORKER_ID = "sim-worker-1"
 HELLO: list[Any] = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def sim_worker(nats_server: EmbeddedNats) -> Iterator[subprocess.Popen[bytes]]:
+def sim_worker(nats_server: EmbeddedNats) -> Iterator[WorkerProcess]:
     """A simulated cloud worker process on the session's NATS."""
-    argv = [sys.executable, "-m", "tandem.cli", "cloud", "serve", "--engine", "sim"]
-    env = {
-        **os.environ,
-        "TANDEM_CLOUD_NATS_URL": nats_server.url,
-        "TANDEM_CLOUD_WORKER_ID": WORKER_ID,
-    }
-    log = Path(tempfile.mkstemp(prefix="tandem-sim-worker-", suffix=".log")[1])
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    worker = WorkerProcess(nats_server, WORKER_ID, engine="sim")
+    worker.start()
     try:
-        deadline = time.monotonic() + 60
-        while nats_server.subscribers(subjects.worker(WORKER_ID, "generate")) == 0:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield proc
+        worker.wait_ready(timeout_s=60)
+        yield worker
     finally:
-        stop_process(proc, grace_s=10, name="sim worker")
-        log.unlink(missing_ok=True)
+        worker.stop()
 
 
 @pytest.fixture(scope="module")
-def sim_edge(
-    nats_server: EmbeddedNats, sim_worker: subprocess.Popen[bytes]
-) -> Iterator[EdgeProcess]:
+def sim_edge(nats_server: EmbeddedNats, sim_worker: WorkerProcess) -> Iterator[EdgeProcess]:
     """A simulated edge on the same mesh, once it has seen the worker's heartbeat."""
     with EdgeProcess(engine="sim", nats_url=nats_server.url, slots=4) as edge:
-        deadline = time.monotonic() + 20
-        while httpx.get(f"{edge.base_url}/health").json()["mesh"] != "connected":
-            assert time.monotonic() < deadline, edge.log()
-            time.sleep(0.2)
-        time.sleep(2.5)  # a couple of heartbeats
+        wait_heard(edge)
         yield edge
 
 
@@ -173,31 +157,77 @@ def test_sim_nodes_say_so_in_their_heartbeats(
     assert beats["edge"].simulated is True
 
 
+def _start_up(supervisor: Supervisor, home: Path, port: int, nats_port: int) -> Child:
+    """``tandem up --engine sim`` with its own TANDEM_HOME, once it says it is up."""
+    argv = tandem_argv("up", "--engine", "sim", "--nats-port", str(nats_port), "--port", str(port))
+    log = home / "up.log"
+    up = supervisor.start("tandem up", argv, env={"TANDEM_HOME": str(home)}, log_path=log)
+    up.wait_ready(lambda: "Tandem is up" in up.log(), timeout_s=90, poll_s=0.3)
+    return up
+
+
+def _ask_cloud(port: int) -> dict[str, Any]:
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    with client:
+        answer = client.chat.completions.create(
+            model=f"{MODEL}@cloud", messages=HELLO, max_tokens=6
+        )
+    assert answer.usage is not None
+    return _tandem(answer.usage)
+
+
 def test_tandem_up_with_the_sim_engine_serves_labelled_answers(tmp_path: Path) -> None:
     port = free_port()
-    argv = [sys.executable, "-m", "tandem.cli", "up", "--engine", "sim", "--nats-port", "0"]
-    argv += ["--port", str(port)]
-    env = {**os.environ, "TANDEM_HOME": str(tmp_path)}
-    log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while "Tandem is up" not in log.read_text(errors="replace"):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.3)
-        assert "SIMULATED" in log.read_text()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        with client:
-            time.sleep(2.5)  # the edge hears the worker's heartbeats
-            answer = client.chat.completions.create(
-                model=f"{MODEL}@cloud", messages=HELLO, max_tokens=6
-            )
-        assert answer.usage is not None
-        assert _tandem(answer.usage)["simulated"] is True
-        assert _tandem(answer.usage)["route"] == "cloud"
-    finally:
-        stop_process(proc, grace_s=20, name="tandem up", kill_group=True)
+    with Supervisor() as supervisor:
+        up = _start_up(supervisor, tmp_path, port, nats_port=0)
+        assert "SIMULATED" in up.log()
+        time.sleep(2.5)  # the edge hears the worker's heartbeats
+        tandem = _ask_cloud(port)
+        assert tandem["simulated"] is True
+        assert tandem["route"] == "cloud"
+
+
+def test_sigkill_of_tandem_up_leaves_no_orphan_and_frees_the_nats_port(tmp_path: Path) -> None:
+    port, nats_port = free_port(), free_port()
+    with Supervisor() as supervisor:
+        up = _start_up(supervisor, tmp_path, port, nats_port)
+        records = [json.loads(p.read_text()) for p in (tmp_path / "run").glob("*.pid")]
+        assert sorted(r["name"] for r in records) == ["cloud", "edge", "nats-server"]
+        groups = [int(r["process"]["pid"]) for r in records]
+        up.popen.kill()  # tandem up alone, as `kill -9 <pid>` would
+        deadline = time.monotonic() + 30
+        while any(group_members(g) for g in groups):
+            assert time.monotonic() < deadline, "tandem up's roles outlived it"
+            time.sleep(0.1)
+        with EmbeddedNats(port=nats_port) as nats:  # nothing holds the port any more
+            assert nats.port == nats_port
+
+
+def _lifeline_of(pid: int) -> int:
+    """The lifeline watcher a supervisor process started (its child running tandem.lifeline)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if ppid == pid and b"tandem.lifeline" in cmdline:
+                return int(entry.name)
+    raise AssertionError(f"process {pid} has no lifeline")
+
+
+def test_a_tandem_up_that_finds_a_killed_runs_nats_reaps_it(tmp_path: Path) -> None:
+    port, nats_port = free_port(), free_port()
+    with Supervisor() as supervisor:
+        first = _start_up(supervisor, tmp_path, port, nats_port)
+        # Lifeline and tandem up both killed: its nats-server and roles stay, holding ports.
+        os.kill(_lifeline_of(first.pid), signal.SIGKILL)
+        first.popen.kill()
+        first.popen.wait()
+        with pytest.raises(NatsPortInUseError):
+            EmbeddedNats(port=nats_port).start()
+        second = _start_up(supervisor, tmp_path, port, nats_port)
+        assert "reaping stale nats-server" in second.log()
+        time.sleep(2.5)  # the edge hears the worker's heartbeats
+        assert _ask_cloud(port)["simulated"] is True
