@@ -16,7 +16,7 @@ Fits ``ttft = a + b·prompt_tokens`` and ``tpot = c + d·batch`` by least square
 machine, date, load and this command. The shipped default is
 ``models/profiles/default.json``:
 
-    python bench/calibrate.py --out models/profiles/default.json
+    python -m bench.calibrate --out models/profiles/default.json
 """
 
 from __future__ import annotations
@@ -34,19 +34,17 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from cloud.engine import VllmEngine
 from cloud.settings import CloudSettings
 from edge.engine import LlamaEngine
 from edge.generation import EngineConfig, GenerationRequest, TokenEvent
 from edge.sampling import SamplingParams
 from mesh.protocol import SamplingParams as WireSampling
-from models.catalog import Catalog, ModelPair
+from models.catalog import DEFAULT_PAIR, Catalog, ModelPair
 from models.convert import edge_gguf_path, prepare_cloud_weights
 from models.latency import EngineProfile, LatencyProfile
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
 
 
@@ -238,7 +236,7 @@ def main() -> None:
     profile = LatencyProfile(
         machine=machine(),
         measured_at=when,
-        command="python bench/calibrate.py " + shlex.join(sys.argv[1:]),
+        command="python -m bench.calibrate " + shlex.join(sys.argv[1:]),
         load_average=f"before {before}, after {load_average()}",
         model=MODEL,
         edge=edge,

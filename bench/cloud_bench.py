@@ -11,7 +11,7 @@ Prints the ratios the targets are stated in: mesh-added TTFT at p50, mesh
 throughput as a share of direct, and 32-concurrent batching over naive
 sequential (concurrency 1) through the mesh.
 
-    python bench/cloud_bench.py --requests 32 --max-tokens 64
+    python -m bench.cloud_bench --requests 32 --max-tokens 64
 """
 
 from __future__ import annotations
@@ -19,21 +19,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 import uuid
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud.engine import VllmEngine
 from cloud.settings import CloudSettings
 from mesh.protocol import SamplingParams
-from mesh.server import EmbeddedNats
-from tests.edge_process import EdgeProcess
-from tests.worker_process import WorkerProcess
+from models.catalog import DEFAULT_PAIR
+from tandem.local import EdgeProcess, WorkerProcess, local_nats
+from tandem.supervisor import Supervisor
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 
 
 def chats(n: int) -> list[list[dict[str, str]]]:
@@ -118,11 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     prompts, n = chats(args.requests), args.max_tokens
     results: dict[str, dict[str, float]] = {}
-    with EmbeddedNats() as nats:
-        worker = WorkerProcess(nats, "bench-worker")
+    with Supervisor() as supervisor, local_nats(supervisor) as nats:
+        worker = WorkerProcess(nats, "bench-worker", supervisor=supervisor)
         worker.start()
         worker.wait_ready()
-        with EdgeProcess(nats_url=nats.url) as edge:
+        with EdgeProcess(supervisor=supervisor, nats_url=nats.url) as edge:
             time.sleep(2.5)  # the edge hears the worker's heartbeats
             asyncio.run(mesh_run(edge, prompts[:2], 4, 1))  # warm-up
             results["mesh c=1 (naive sequential)"] = asyncio.run(mesh_run(edge, prompts, n, 1))

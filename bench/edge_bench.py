@@ -6,7 +6,7 @@ core (``--core``), one after the other; the HTTP client runs on another core
 edge's API layer adds (HTTP, JSON/SSE, queueing, detokenization). Prints TTFT p50 and tokens/s for
 1 stream and N concurrent streams, and the ratios against the direct baseline.
 
-    python bench/edge_bench.py --requests 8 --max-tokens 64 --concurrency 8
+    python -m bench.edge_bench --requests 8 --max-tokens 64 --concurrency 8
 """
 
 from __future__ import annotations
@@ -15,18 +15,14 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.catalog import Catalog
+from models.catalog import DEFAULT_PAIR, Catalog
 from models.chat_template import load_template, render_chat
 from models.convert import edge_gguf_path
-from tests.edge_process import EdgeProcess
+from tandem.local import EdgeProcess
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 
 
 def prompts(n: int) -> list[list[dict[str, str]]]:

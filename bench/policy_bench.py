@@ -12,7 +12,7 @@
 
 Example::
 
-    python bench/policy_bench.py --edges 3 --rounds 50
+    python -m bench.policy_bench --edges 3 --rounds 50
 """
 
 from __future__ import annotations
@@ -21,22 +21,18 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from edge.openai_protocol import ChatCompletionRequest  # noqa: E402
-from edge.routing import Observations, chat_features  # noqa: E402
-from mesh import subjects  # noqa: E402
-from mesh.connection import connect  # noqa: E402
-from mesh.server import EmbeddedNats  # noqa: E402
-from router.policy import RoutingPolicy, decide  # noqa: E402
-from router.store import PolicyApplied, PolicyStore  # noqa: E402
-from tests.edge_process import EdgeProcess  # noqa: E402
+from edge.openai_protocol import ChatCompletionRequest
+from edge.routing import Observations, chat_features
+from mesh import subjects
+from mesh.connection import connect
+from router.policy import RoutingPolicy, decide
+from router.store import PolicyApplied, PolicyStore
+from tandem.local import EdgeProcess, local_nats
+from tandem.supervisor import Supervisor
 
 EVERY_FEATURE = """
 rules:
@@ -59,9 +55,14 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def propagation(edges: int, rounds: int) -> dict[str, Any]:
-    with EmbeddedNats() as server:
+    with Supervisor() as supervisor, local_nats(supervisor) as server:
         procs = [
-            EdgeProcess(nats_url=server.url, node_id=f"bench-edge-{i}", heartbeat_s=0.5)
+            EdgeProcess(
+                supervisor=supervisor,
+                nats_url=server.url,
+                node_id=f"bench-edge-{i}",
+                heartbeat_s=0.5,
+            )
             for i in range(edges)
         ]
         for p in procs:

@@ -16,8 +16,8 @@ call the edge makes) over the held-out prompts, several rounds, this process
 pinned to one core; p50/p99/max. The load average is printed next to it:
 the machine is shared, so compare ratios within a run, not absolute times.
 
-    python bench/router_bench.py                  # shipped model, default label cache
-    python bench/router_bench.py --model /tmp/complexity.onnx --rounds 50 --json out.json
+    python -m bench.router_bench                  # shipped model, default label cache
+    python -m bench.router_bench --model /tmp/complexity.onnx --rounds 50 --json out.json
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

@@ -36,8 +36,8 @@ several levels: each runs on a fresh mesh, and the sweep stops at the first leve
 that breaks the SLO (P95 mesh-added latency over ``--slo-p95-ms``, or any lost
 request, or errors over 0.1%).
 
-    python bench/scale_bench.py --sessions 1000 2000 3000          # stops at saturation
-    python bench/scale_bench.py --sessions 12000 16000 --keep-going
+    python -m bench.scale_bench --sessions 1000 2000 3000          # stops at saturation
+    python -m bench.scale_bench --sessions 12000 16000 --keep-going
 """
 
 from __future__ import annotations
@@ -51,18 +51,20 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.catalog import DEFAULT_PAIR
+
+if TYPE_CHECKING:
+    from tandem.supervisor import Child, Supervisor
 
 LABEL = "SIMULATED ENGINE"
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 WORDS = (
     "plan file test build deploy check error result value list index query table user "
     "config server client cache token route stream batch model answer tool call retry"
@@ -394,12 +396,12 @@ class Proc:
     """A child process of the run and its role."""
 
     role: str
-    popen: subprocess.Popen[bytes]
+    child: Child
 
     def rss_bytes(self) -> int:
         """Resident memory now (0 once it has exited)."""
         try:
-            for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            for line in Path(f"/proc/{self.child.pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
         except OSError:
@@ -409,37 +411,29 @@ class Proc:
     def cpu_s(self) -> float:
         """User + system CPU seconds so far."""
         try:
-            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{self.child.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _spawn(role: str, argv: list[str], env: dict[str, str], log_dir: Path, name: str) -> Proc:
-    log = (log_dir / f"{name}.log").open("wb")
-    popen = subprocess.Popen(
-        argv,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **env},
-        start_new_session=True,
-    )
-    return Proc(role, popen)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _spawn(
+    supervisor: Supervisor,
+    role: str,
+    argv: list[str],
+    env: dict[str, str],
+    log_dir: Path,
+    name: str,
+) -> Proc:
+    child = supervisor.start(name, argv, env=env, log_path=log_dir / f"{name}.log", grace_s=10)
+    return Proc(role, child)
 
 
 def _wait(what: str, ready: Any, procs: list[Proc], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
         for proc in procs:
-            if proc.popen.poll() is not None:
+            if not proc.child.alive:
                 raise RuntimeError(f"{proc.role} exited while waiting for {what}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
@@ -482,25 +476,25 @@ def _machine_busy() -> tuple[float, float]:
 
 def run_level(args: argparse.Namespace, sessions: int) -> dict[str, Any]:
     """One run on a fresh mesh with ``sessions`` concurrent sessions."""
-    from mesh.server import EmbeddedNats, stop_process
+    from tandem.local import local_nats
+    from tandem.supervisor import Supervisor
 
-    procs: list[Proc] = []
     work = Path(tempfile.mkdtemp(prefix="tandem-scale-"))  # every process's log, kept
     print(f"  logs: {work}", flush=True)
-    with EmbeddedNats(store_dir=work / "nats") as nats:
-        try:
-            return _run_on_mesh(args, sessions, nats, procs, work)
-        finally:
-            for proc in reversed(procs):
-                stop_process(proc.popen, grace_s=10, name=proc.role, kill_group=True)
+    # Leaving the block stops every process in reverse start order, then NATS.
+    with Supervisor() as supervisor, local_nats(supervisor, store_dir=work / "nats") as nats:
+        return _run_on_mesh(args, sessions, nats, supervisor, work)
 
 
 def _run_on_mesh(
-    args: argparse.Namespace, sessions: int, nats: Any, procs: list[Proc], work: Path
+    args: argparse.Namespace, sessions: int, nats: Any, supervisor: Supervisor, work: Path
 ) -> dict[str, Any]:
     from mesh import subjects
+    from mesh.server import free_port
+    from tandem.local import tandem_argv
 
-    me = [sys.executable, str(Path(__file__).resolve())]
+    procs: list[Proc] = []
+    me = [sys.executable, "-m", "bench.scale_bench"]
     worker_ids = [f"sim-w{h}-{i}" for h in range(args.hosts) for i in range(args.workers_per_host)]
     for h in range(args.hosts):
         spec = {
@@ -509,12 +503,11 @@ def _run_on_mesh(
             "kv_cache_gb": args.worker_kv_gb,
             "stream_interval": args.stream_interval,
         }
-        procs.append(
-            _spawn("cloud", [*me, "--host-workers", json.dumps(spec)], {}, work, f"host{h}")
-        )
+        argv = [*me, "--host-workers", json.dumps(spec)]
+        procs.append(_spawn(supervisor, "cloud", argv, {}, work, f"host{h}"))
     urls = []
     for e in range(args.edges):
-        port = _free_port()
+        port = free_port()
         urls.append(f"http://127.0.0.1:{port}")
         env = {
             "TANDEM_EDGE_ENGINE": "sim",
@@ -526,8 +519,8 @@ def _run_on_mesh(
             "TANDEM_EDGE_SESSION_CACHE_MB": str(args.edge_session_cache_mb),
             "TANDEM_EDGE_LOG_LEVEL": "warning",
         }
-        argv = [sys.executable, "-m", "tandem.cli", "edge", "serve"]
-        procs.append(_spawn("edge", argv, env, work, f"edge{e}"))
+        argv = tandem_argv("edge", "serve")
+        procs.append(_spawn(supervisor, "edge", argv, env, work, f"edge{e}"))
     _wait(
         "the simulated workers",
         lambda: all(nats.subscribers(subjects.worker(w, "generate")) for w in worker_ids),
@@ -559,7 +552,8 @@ def _run_on_mesh(
             "result_file": str(work / f"result{c}.json"),
         }
         specs.append(spec)
-        procs.append(_spawn("client", [*me, "--client", json.dumps(spec)], {}, work, f"client{c}"))
+        argv = [*me, "--client", json.dumps(spec)]
+        procs.append(_spawn(supervisor, "client", argv, {}, work, f"client{c}"))
     _wait("the clients", lambda: all(Path(s["ready_file"]).exists() for s in specs), procs, 120)
     time.sleep(1.0)
     baseline = _rss_by_role(procs)
@@ -572,7 +566,7 @@ def _run_on_mesh(
     samples = []
     cpu_mark, machine_mark = dict(cpu_before), machine_before
     clients = [p for p in procs if p.role == "client"]
-    while any(p.popen.poll() is None for p in clients):
+    while any(p.child.alive for p in clients):
         time.sleep(2.0)
         now = _rss_by_role(procs)
         samples.append(now)
@@ -580,7 +574,7 @@ def _run_on_mesh(
             peak = {role: max(peak.get(role, 0), rss) for role, rss in now.items()}
             cpu_mark = {id(p): p.cpu_s() for p in procs}
             machine_mark = _machine_busy()
-    failed = [p for p in clients if p.popen.returncode != 0]
+    failed = [p for p in clients if p.child.returncode != 0]
     if failed:
         raise RuntimeError(f"{len(failed)} client process(es) failed; see {work}")
     results = [json.loads(Path(s["result_file"]).read_text()) for s in specs]

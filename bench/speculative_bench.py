@@ -20,8 +20,8 @@ All edges of the run share core 0: 32 concurrent sessions on one edge core is
 32 devices' drafting on one core, so speculative tokens/s at high concurrency
 is bounded by that core, not by the cloud.
 
-    python bench/speculative_bench.py --quick      # RTT 20 ms, 1 and 8 sessions
-    python bench/speculative_bench.py              # RTT 0/20/50 ms x 1/8/32 sessions
+    python -m bench.speculative_bench --quick      # RTT 20 ms, 1 and 8 sessions
+    python -m bench.speculative_bench              # RTT 0/20/50 ms x 1/8/32 sessions
 """
 
 from __future__ import annotations
@@ -30,21 +30,19 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nats
 
 from mesh import subjects
 from mesh.server import EmbeddedNats
-from tests.edge_process import EdgeProcess
-from tests.worker_process import WorkerProcess
+from models.catalog import DEFAULT_PAIR
+from tandem.local import EdgeProcess, WorkerProcess, local_nats
+from tandem.supervisor import Supervisor
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 TOPICS = ["the sea", "trains", "coffee", "winter", "bees", "a library", "bread", "the moon"]
 EDGE_CORE, CLOUD_CORE = 0, 1
 
@@ -167,13 +165,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the cells here")
     args = parser.parse_args()
     rtts, sessions = grid(args)
-    with EmbeddedNats() as mesh:
+    with Supervisor() as supervisor, local_nats(supervisor) as mesh:
         os.sched_setaffinity(0, {CLOUD_CORE})  # the worker and its engine inherit core 1
         os.environ["TANDEM_CLOUD_CPU_CORES"] = str(CLOUD_CORE)  # vLLM's OMP threads too
         # Verification re-sends the context each round; vLLM-CPU's default 128-token
         # blocks would leave up to 127 of its tokens to recompute every time.
         os.environ.setdefault("TANDEM_CLOUD_BLOCK_SIZE", "32")
-        worker = WorkerProcess(mesh, "spec-bench")
+        worker = WorkerProcess(mesh, "spec-bench", supervisor=supervisor)
         worker.start()
         try:
             os.sched_setaffinity(0, {EDGE_CORE})  # edges and this client: core 0
