@@ -26,14 +26,11 @@ from enum import IntEnum
 from typing import Any, Literal, Self
 
 import numpy as np
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mesh.errors import ProtocolError
 from mesh.sampling import DRAFT_TOP_K
-
-# The headers in which a NATS micro service's ``respond_error`` carries its error.
-SERVICE_ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-SERVICE_ERROR_HEADER = "Nats-Service-Error"
 
 
 def _describe(exc: ValidationError) -> str:
@@ -180,10 +177,10 @@ class ErrorInfo(WireMessage):
     @classmethod
     def from_service_headers(cls, headers: Mapping[str, str] | None) -> ErrorInfo | None:
         """The error a micro service answered with (its error headers), or None if none."""
-        code = (headers or {}).get(SERVICE_ERROR_CODE_HEADER)
+        code = (headers or {}).get(ERROR_CODE_HEADER)
         if code is None:
             return None
-        message = (headers or {}).get(SERVICE_ERROR_HEADER, "rejected")
+        message = (headers or {}).get(ERROR_HEADER, "rejected")
         try:
             return cls(code=ErrorCode(int(code)), message=message)
         except ValueError as exc:

@@ -19,10 +19,13 @@ import httpx
 import nats
 import openai
 import pytest
+from nats.micro.request import ERROR_CODE_HEADER
 
 from mesh import subjects
 from mesh.protocol import (
     DraftDistribution,
+    ErrorCode,
+    ErrorInfo,
     GenerateAccepted,
     GenerateRequest,
     SamplingParams,
@@ -31,12 +34,13 @@ from mesh.protocol import (
     VerifyRequest,
 )
 from mesh.server import EmbeddedNats
+from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess, WorkerProcess
 
 # Two vLLM engines start in the first test's setup: allow for it.
 pytestmark = [pytest.mark.cloud, pytest.mark.timeout(900)]
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 CLOUD = {"x-tandem-route": "cloud"}
 COUNT = [{"role": "user", "content": "List the numbers from 1 to 60, separated by commas."}]
 
@@ -265,9 +269,10 @@ async def test_bad_input_on_the_cloud_never_kills_a_worker(
         ):
             chunks = await _direct_generate(nc, **bad)
             assert chunks[-1].is_end and chunks[-1].error is not None
-            assert chunks[-1].error.code == 400
+            assert chunks[-1].error.code is ErrorCode.BAD_REQUEST
         bad_json = await nc.request(subjects.cloud_generate(MODEL), b"{nope", timeout=5)
-        assert bad_json.headers and bad_json.headers.get("Nats-Service-Error-Code") == "400"
+        refusal = ErrorInfo.from_service_headers(bad_json.headers)
+        assert refusal is not None and refusal.code is ErrorCode.BAD_REQUEST
     finally:
         await nc.close()
     assert all(w.alive for w in workers.values())
@@ -291,7 +296,7 @@ async def test_deadline_propagates_to_the_worker(
         )
     finally:
         await nc.close()
-    assert chunks[-1].error is not None and chunks[-1].error.code == 504
+    assert chunks[-1].error is not None and chunks[-1].error.code is ErrorCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 10  # 1500 tokens would take ~40 s
 
 
@@ -315,7 +320,7 @@ async def _verify_on_a_block_boundary(nc: nats.NATS, prompt: list[int]) -> None:
             draft_token_ids=draft,
         )
         reply = await nc.request(worker, request.to_bytes(), timeout=60)
-        assert not (reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers
+        assert not (reply.headers or {}).get(ERROR_CODE_HEADER), reply.headers
         return VerifyReply.from_bytes(reply.data)
 
     warm = await verify(full[: block + 1], full[block + 1 : block + 3])  # caches block 0
@@ -398,7 +403,7 @@ async def test_verify_scores_drafts_against_the_greedy_target(
                 draft_token_ids=draft,
             )
             reply = await nc.request(subjects.cloud_verify(MODEL), request.to_bytes(), timeout=30)
-            assert not (reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers
+            assert not (reply.headers or {}).get(ERROR_CODE_HEADER), reply.headers
             return VerifyReply.from_bytes(reply.data)
 
         busy_before = await _engine_busy_s(nc)
@@ -438,7 +443,8 @@ async def test_verify_scores_drafts_against_the_greedy_target(
             ).to_bytes(),
             timeout=10,
         )
-        assert (bad.headers or {}).get("Nats-Service-Error-Code") == "400"
+        refusal = ErrorInfo.from_service_headers(bad.headers)
+        assert refusal is not None and refusal.code is ErrorCode.BAD_REQUEST
     finally:
         await nc.close()
 
@@ -495,7 +501,7 @@ def _divergence(target_ids: list[int], text: str) -> int:
 
 async def _verify(nc: nats.NATS, request: VerifyRequest) -> VerifyReply:
     reply = await nc.request(subjects.cloud_verify(MODEL), request.to_bytes(), timeout=30)
-    assert not (reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers
+    assert not (reply.headers or {}).get(ERROR_CODE_HEADER), reply.headers
     return VerifyReply.from_bytes(reply.data)
 
 

@@ -8,9 +8,10 @@ import httpx
 import openai
 import pytest
 
+from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 OK_MSG = [{"role": "user", "content": "hi"}]
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edge.escalation import ConfidenceWatch, token_logprob
+from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess
 
 
@@ -56,7 +57,7 @@ def escalating_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgePr
 def _chat(edge: EdgeProcess, stream: bool, **extra: Any) -> tuple[str, dict[str, Any], int]:
     client = edge.client()
     kwargs: dict[str, Any] = dict(
-        model="smollm2-135m",
+        model=DEFAULT_PAIR,
         messages=[{"role": "user", "content": "Describe the sea in two sentences."}],
         max_tokens=24,
         temperature=0,

@@ -11,9 +11,10 @@ import nats
 from mesh import subjects
 from mesh.protocol import NodeHeartbeat
 from mesh.server import EmbeddedNats
+from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 
 
 def _next_beat(url: str, node_id: str) -> NodeHeartbeat:

@@ -22,8 +22,9 @@ from mesh.connection import MeshLink
 from mesh.heartbeat import FleetView
 from mesh.protocol import VerifyReply, VerifyRequest
 from mesh.server import EmbeddedNats
+from models.catalog import DEFAULT_PAIR
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 Skew = Callable[[VerifyRequest], dict[str, object]]
 
 

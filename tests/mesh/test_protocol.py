@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import ValidationError
 
 from mesh.errors import ProtocolError
 from mesh.protocol import (
-    SERVICE_ERROR_CODE_HEADER,
-    SERVICE_ERROR_HEADER,
     CancelRequest,
     ErrorCode,
     ErrorInfo,
@@ -152,7 +151,7 @@ def test_error_codes_round_trip_in_a_chunk_and_as_service_headers() -> None:
         back = TokenChunk.from_bytes(chunk.to_bytes()).error
         assert back == info and back.code is code
         status, description = info.service_error()
-        headers = {SERVICE_ERROR_CODE_HEADER: status, SERVICE_ERROR_HEADER: description}
+        headers = {ERROR_CODE_HEADER: status, ERROR_HEADER: description}
         assert ErrorInfo.from_service_headers(headers) == info
     assert ErrorInfo(code=ErrorCode.UNAVAILABLE, message="x").type == "service_unavailable"
     assert ErrorInfo(code=ErrorCode.BAD_REQUEST, message="x").type == "invalid_request_error"
@@ -169,7 +168,7 @@ def test_a_reply_without_error_headers_is_no_error() -> None:
 
 def test_unknown_error_codes_are_protocol_errors() -> None:
     with pytest.raises(ProtocolError) as info:
-        ErrorInfo.from_service_headers({SERVICE_ERROR_CODE_HEADER: "418"})
+        ErrorInfo.from_service_headers({ERROR_CODE_HEADER: "418"})
     assert "418" in str(info.value)
     payload = json.loads(ErrorInfo(code=ErrorCode.SERVER_ERROR, message="x").to_bytes())
     payload["code"] = 418

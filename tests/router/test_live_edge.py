@@ -18,6 +18,7 @@ import pytest
 
 from mesh import subjects
 from mesh.server import EmbeddedNats
+from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess
 
 pytestmark = pytest.mark.slow
@@ -72,7 +73,7 @@ def wait_for(check: Any, timeout_s: float = 10.0) -> None:
 
 def ask(edge: EdgeProcess, **extra: Any) -> Any:
     return edge.client().chat.completions.create(
-        model="smollm2-135m",
+        model=DEFAULT_PAIR,
         messages=[{"role": "user", "content": "Name a colour."}],
         max_tokens=8,
         temperature=0,
@@ -89,7 +90,7 @@ def test_set_applies_on_the_edge_without_dropping_a_request(
 
     def stream() -> None:
         chunks = edge.client().chat.completions.create(
-            model="smollm2-135m",
+            model=DEFAULT_PAIR,
             messages=[{"role": "user", "content": "Tell a long story about a ship."}],
             max_tokens=96,
             temperature=0,
@@ -161,7 +162,7 @@ def test_validate_and_explain(mesh: EmbeddedNats, tmp_path: Path) -> None:
     request.write_text(
         json.dumps(
             {
-                "model": "smollm2-135m",
+                "model": DEFAULT_PAIR,
                 "messages": [{"role": "user", "content": "What is the weather?"}],
                 "tools": [
                     {

@@ -21,10 +21,11 @@ from mesh.connection import connect
 from mesh.inbox import InboxMux
 from mesh.protocol import GenerateAccepted, GenerateRequest, SamplingParams, TokenChunk
 from mesh.server import EmbeddedNats
+from models.catalog import DEFAULT_PAIR
 
 pytestmark = pytest.mark.timeout(60)
 
-MODEL = "smollm2-135m"
+MODEL = DEFAULT_PAIR
 MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "Count to ten."}]
 
 
