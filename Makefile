@@ -26,7 +26,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench-edge: setup
-	$(PY) bench/edge_bench.py
+	$(PY) -m bench.edge_bench
 
 setup: $(DEPS_STAMP)
 	@# Cheap every time: point the editable install at this clone.
