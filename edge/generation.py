@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from edge.escalation import ConfidenceWatch
 from edge.sampling import SamplingParams
+from models.catalog import DEFAULT_N_CTX
 from models.token_cache import CachedTokenizer
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ class EngineConfig:
     """What the engine needs to load a model; built from the edge settings."""
 
     model_path: Path
-    n_ctx: int = 2048
+    n_ctx: int = DEFAULT_N_CTX
     n_threads: int = 1
     n_threads_batch: int = 1
     n_batch: int = 512

@@ -21,11 +21,11 @@ def _no_edge_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_unset_n_ctx_takes_the_catalog_pairs_context_window() -> None:
-    settings = EdgeSettings()
+    settings = EdgeSettings.model_validate({})
     assert settings.model == DEFAULT_PAIR and settings.n_ctx is None
     config, _ = engine_config(settings)
     assert config.n_ctx == Catalog.load().get(DEFAULT_PAIR).edge.n_ctx
-    assert engine_config(EdgeSettings(n_ctx=512))[0].n_ctx == 512
+    assert engine_config(EdgeSettings.model_validate({"n_ctx": 512}))[0].n_ctx == 512
 
 
 def test_a_user_pairs_n_ctx_reaches_the_engine(tmp_path: Path) -> None:
@@ -33,13 +33,13 @@ def test_a_user_pairs_n_ctx_reaches_the_engine(tmp_path: Path) -> None:
     (tmp_path / "models.yaml").write_text(
         f"pairs:\n  - name: wide\n    edge: {{gguf: '{gguf}', n_ctx: 4096}}\n", encoding="utf-8"
     )
-    config, _ = engine_config(EdgeSettings(model="wide"))
+    config, _ = engine_config(EdgeSettings.model_validate({"model": "wide"}))
     assert config.n_ctx == 4096
 
 
 def test_one_engine_vocabulary() -> None:
-    assert EdgeSettings().engine is EngineKind.REAL
-    assert EdgeSettings(engine="sim").engine is EngineKind.SIM
+    assert EdgeSettings.model_validate({}).engine is EngineKind.REAL
+    assert EdgeSettings.model_validate({"engine": "sim"}).engine is EngineKind.SIM
     with pytest.raises(ValidationError) as info:
-        EdgeSettings(engine="llama")
+        EdgeSettings.model_validate({"engine": "llama"})
     assert info.value.errors()[0]["loc"] == ("engine",)
