@@ -43,7 +43,7 @@ def test_request_shape_features() -> None:
         {"x-tandem-tenant": "acme", "x-tandem-route": "cloud"},
     )
     assert (f.has_tools, f.tool_choice, f.turn_depth) == (True, "named", 2)
-    assert (f.max_tokens, f.response_format, f.temperature) == (64, "json_object", 0)
+    assert (f.max_tokens, f.response_format) == (64, "json_object")
     assert (f.tenant, f.route_header, f.prompt_tokens) == ("acme", "cloud", 42)
     plain = features(body())
     assert (plain.has_tools, plain.tool_choice, plain.tenant) == (False, None, "default")
