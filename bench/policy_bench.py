@@ -29,8 +29,9 @@ from edge.openai_protocol import ChatCompletionRequest
 from edge.routing import Observations, chat_features
 from mesh import subjects
 from mesh.connection import connect
+from mesh.protocol import PolicyApplied
 from router.policy import RoutingPolicy, decide
-from router.store import PolicyApplied, PolicyStore
+from router.store import PolicyStore
 from tandem.local import EdgeProcess, local_nats
 from tandem.supervisor import Supervisor
 

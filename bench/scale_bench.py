@@ -343,7 +343,7 @@ def host_workers_main(spec: dict[str, Any]) -> None:
     from cloud.settings import CloudSettings
     from cloud.sim_engine import SimVllmEngine
     from cloud.worker import CloudWorker
-    from tandem.runtime import freeze_startup_objects
+    from mesh.runtime import freeze_startup_objects
 
     async def run() -> None:
         workers = []

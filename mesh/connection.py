@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Where a node looks for the mesh unless told otherwise: a local server on NATS's port
 # (what ``tandem up`` starts, and a leaf node on a device listens on).
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_NATS_PORT = 4222  # NATS's own default client port
+DEFAULT_NATS_URL = f"nats://127.0.0.1:{DEFAULT_NATS_PORT}"
 
 OnConnect = Callable[[Client], Awaitable[None] | None]
 

@@ -31,7 +31,6 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict
 
 from mesh import subjects
-from mesh.protocol import PolicyApplied
 from router.errors import (
     PolicyBucketNotFoundError,
     PolicyConflictError,
@@ -40,9 +39,7 @@ from router.errors import (
 )
 from router.policy import RoutingPolicy
 
-# ``PolicyApplied`` is a mesh message (``mesh.protocol``); it stays importable from here
-# only for bench/policy_bench.py, until that imports it from mesh.protocol.
-__all__ = ["HISTORY", "PolicyApplied", "PolicyStore", "StoredPolicy", "describe", "who"]
+__all__ = ["HISTORY", "PolicyStore", "StoredPolicy", "describe", "who"]
 
 HISTORY = 64  # JetStream's maximum per key
 

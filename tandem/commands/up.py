@@ -6,19 +6,27 @@ from typing import Annotated
 
 import typer
 
+from edge.settings import DEFAULT_HOST, DEFAULT_PORT
+from mesh.connection import DEFAULT_NATS_PORT
+from models.catalog import DEFAULT_PAIR
+from models.latency import EngineKind
 from tandem.commands.common import configure_logging, fail
 
 
 def up(
-    host: Annotated[str, typer.Option(help="Interface for the edge's OpenAI API.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Edge HTTP port.", envvar="TANDEM_EDGE_PORT")] = 8080,
-    nats_port: Annotated[int, typer.Option(help="NATS client port (0: any free port).")] = 4222,
-    model: Annotated[str, typer.Option(help="Catalog model pair.")] = "smollm2-135m",
+    host: Annotated[str, typer.Option(help="Interface for the edge's OpenAI API.")] = DEFAULT_HOST,
+    port: Annotated[
+        int, typer.Option(help="Edge HTTP port.", envvar="TANDEM_EDGE_PORT")
+    ] = DEFAULT_PORT,
+    nats_port: Annotated[
+        int, typer.Option(help="NATS client port (0: any free port).")
+    ] = DEFAULT_NATS_PORT,
+    model: Annotated[str, typer.Option(help="Catalog model pair.")] = DEFAULT_PAIR,
     cloud: Annotated[bool, typer.Option(help="Also run a vLLM cloud worker.")] = True,
     engine: Annotated[
-        str,
+        EngineKind,
         typer.Option(help="'real' (llama.cpp + vLLM), or 'sim': SIMULATED engines for scale runs."),
-    ] = "real",
+    ] = EngineKind.REAL,
 ) -> None:
     """Run NATS, a cloud worker (vLLM) and an edge daemon on this machine until Ctrl-C.
 
@@ -32,9 +40,7 @@ def up(
     from tandem.up import Role, cloud_role, edge_role, run_mesh
 
     configure_logging("info")
-    if engine not in ("real", "sim"):
-        fail(f"--engine must be 'real' or 'sim', not {engine!r}")
-    simulated = engine == "sim"
+    simulated = engine == EngineKind.SIM
 
     def ready(nats_url: str) -> None:
         typer.secho(
