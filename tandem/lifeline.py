@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _POLL_S = 0.05
+_KILL_WAIT_S = 5.0
 
 
 def process_start(pid: int) -> int | None:
@@ -100,17 +101,26 @@ class Group:
                 os.killpg(self.pgid, signal.SIGKILL)
 
 
-def end_groups(groups: list[Group]) -> None:
-    """SIGTERM each live group's leader, then SIGKILL each group still alive after its grace."""
+def end_groups(groups: list[Group], *, drain: bool = True) -> None:
+    """SIGTERM each live group's leader, SIGKILL each group still alive after its grace.
+
+    Returns once every group is empty. ``drain=False`` kills at once (a crash). A
+    group is killed again on every poll past its deadline, which also catches a
+    process forked while it was being killed; one that still lives ``_KILL_WAIT_S``
+    later (stuck in the kernel) is given up on.
+    """
     pending = [group for group in groups if group.alive()]
-    for group in pending:
-        group.signal_leader(signal.SIGTERM)
-    started = time.monotonic()
+    if drain:
+        for group in pending:
+            group.signal_leader(signal.SIGTERM)
+    start = time.monotonic()
+    kill_at = {group: start + (group.grace_s if drain else 0.0) for group in pending}
     while pending:
-        overdue = [g for g in pending if time.monotonic() - started >= g.grace_s]
-        for group in overdue:
-            group.kill()
-        pending = [g for g in pending if g not in overdue and g.alive()]
+        now = time.monotonic()
+        for group in pending:
+            if now >= kill_at[group]:
+                group.kill()
+        pending = [g for g in pending if g.alive() and now < kill_at[g] + _KILL_WAIT_S]
         if pending:
             time.sleep(_POLL_S)
 

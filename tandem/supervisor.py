@@ -34,7 +34,7 @@ registration, and a lifeline killed together with its supervisor; the pid
 files below cover the latter.
 
 **Stale reaping.** With ``run_dir`` (``tandem up`` uses ``$TANDEM_HOME/run``),
-each process started or guarded is recorded in ``<name>.pid``: its pid, its
+each process started or guarded is recorded in ``<name>.<pid>.pid``: its pid, its
 start time and the boot it belongs to, and the same for the supervisor that
 owns it. At open, a supervisor reaps what a dead supervisor left behind (a
 nats-server still holding port 4222, say), but only a process whose pid *and*
@@ -133,7 +133,8 @@ class Child:
 
     def kill9(self) -> None:
         """SIGKILL the child and everything in its group at once (a crash, for failover tests)."""
-        self.terminate(grace_s=0)
+        end_groups([self.group], drain=False)  # no SIGTERM first: a crash does not drain
+        self.popen.wait()
 
     def _failure(self, what: str) -> str:
         where = f"; log {self.log_path}:\n{self.log()[-_LOG_TAIL_CHARS:]}" if self.log_path else ""
@@ -260,7 +261,10 @@ class Supervisor:
             start = -1
         group = Group(pid, start, grace_s)
         assert self._lifeline_pipe is not None
-        self._lifeline_pipe.write(f"{pid} {start} {grace_s}\n".encode())
+        try:
+            self._lifeline_pipe.write(f"{pid} {start} {grace_s}\n".encode())
+        except BrokenPipeError:  # someone killed the watcher; the child still runs, uncovered
+            logger.warning("lifeline gone: %s (pid %s) may outlive a killed supervisor", name, pid)
         if self._run_dir is not None:
             self._records.append(_write_record(self._run_dir, name, group))
         return group
@@ -281,7 +285,7 @@ def _is_running(identity: Mapping[str, Any]) -> bool:
 
 def _write_record(run_dir: Path, name: str, group: Group) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f"{name}.pid"
+    path = run_dir / f"{name}.{group.pgid}.pid"  # the pid too: a name may be reused
     record = {
         "name": name,
         "process": _identity(group.pgid),

@@ -153,6 +153,19 @@ def test_stopping_the_supervisor_stops_every_child_and_grandchild() -> None:
     assert supervisor.lifeline_pid is None
 
 
+def test_kill9_ends_the_whole_group_at_once_without_a_drain(tmp_path: Path) -> None:
+    drained = tmp_path / "drained"
+    # The shell would write the file if it got a SIGTERM (a drain) before dying.
+    argv = ["sh", "-c", f"trap 'touch {drained}; exit 0' TERM; sleep 300 & wait"]
+    with Supervisor() as supervisor:
+        child = supervisor.start("crash", argv)
+        _eventually(lambda: len(group_members(child.pid)) == 2, 10, "grandchild forked")
+        child.kill9()
+        assert child.returncode == -signal.SIGKILL
+        assert group_members(child.pid) == []
+    assert not drained.exists()
+
+
 def test_a_child_that_exits_while_starting_fails_with_its_log(tmp_path: Path) -> None:
     with Supervisor() as supervisor:
         child = supervisor.start(
@@ -204,7 +217,7 @@ def test_a_pid_file_naming_an_unrelated_process_is_left_alone(
     # ...and their pid was reused by an unrelated process: the record's start time is not its.
     unrelated = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
-        record_path = run_dir / "0.pid"
+        (record_path,) = run_dir.glob("0.*.pid")  # the first child's
         record = json.loads(record_path.read_text())
         assert record["process"]["start"] != process_start(unrelated.pid)
         record["process"]["pid"] = unrelated.pid
