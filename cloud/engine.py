@@ -9,6 +9,7 @@ prompt then enters the engine as token ids.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -21,7 +22,8 @@ import numpy as np
 from cloud.errors import BadGenerateRequestError, EngineFailedError
 from cloud.settings import CloudSettings
 from cloud.speculative import Verdict, verify_greedy, verify_sampled
-from mesh.protocol import DraftDistribution
+from mesh.grammar import tool_call_grammar
+from mesh.protocol import DraftDistribution, OutputConstraint
 from mesh.protocol import SamplingParams as WireSampling
 from mesh.sampling import TARGET_TOP_K, top_k_distribution
 from models.catalog import Catalog, ModelPair
@@ -145,6 +147,31 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
             raise BadGenerateRequestError(f"messages.{i}: a message needs content or tool_calls")
 
 
+def structured_outputs(constraint: OutputConstraint | None) -> Any:
+    """vLLM's structured-output parameters (xgrammar) for a mesh output constraint.
+
+    JSON goes to vLLM as a schema (or ``json_object``); enforced tool calls as an
+    EBNF grammar: xgrammar's own grammar of the call schema, wrapped into Hermes
+    blocks by ``mesh.grammar.tool_call_grammar``, as the edge wraps llama.cpp's.
+    """
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    schema = constraint.json_schema
+    if not constraint.tool_calls:
+        if schema is None:
+            return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json=schema)
+    import xgrammar
+
+    try:
+        json_grammar = str(xgrammar.Grammar.from_json_schema(json.dumps(schema)))
+    except (RuntimeError, ValueError) as exc:
+        raise BadGenerateRequestError(f"the tool schema cannot be enforced: {exc}") from exc
+    return StructuredOutputsParams(grammar=tool_call_grammar(json_grammar, constraint.tool_calls))
+
+
 class VllmEngine:
     """One vLLM ``AsyncLLM`` serving the target model of a catalog pair."""
 
@@ -239,6 +266,7 @@ class VllmEngine:
                 seed=wire.seed,
                 stop=wire.stop or None,
                 output_kind=RequestOutputKind.DELTA,
+                structured_outputs=structured_outputs(wire.constraint),
             )
         except (ValueError, TypeError) as exc:
             raise BadGenerateRequestError(f"invalid sampling parameters: {exc}") from exc
@@ -254,6 +282,11 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if resume_ids and sampling.constraint is not None:
+            # The grammar would restart mid-answer: refuse rather than break the format.
+            raise BadGenerateRequestError(
+                "a constrained answer cannot continue on another worker after a failure"
+            )
         full_prompt = prompt_ids + resume_ids
         params = self._sampling(sampling, len(full_prompt), len(resume_ids))
         try:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.constraints import llama_grammar
 from edge.errors import EngineError
 from edge.escalation import last_logits, token_logprob
 from edge.generation import (
@@ -197,6 +198,8 @@ class LlamaEngine:
         at the next token and frees the slot.
         """
         stats = GenerationStats(prompt_tokens=len(request.prompt_tokens))
+        if request.sampling.constraint is not None:
+            llama_grammar(request.sampling.constraint)  # a bad schema fails here, as a 400
         queued_at = time.perf_counter()
         slot = await self._queue.acquire()
         stats.queue_s = time.perf_counter() - queued_at
@@ -355,6 +358,7 @@ class SlotRun:
             top_k=0,  # OpenAI semantics: no top-k, no min-p unless asked
             min_p=0.0,
             repeat_penalty=1.0,
+            grammar=llama_grammar(params.constraint) if params.constraint else None,
         )
         watch = request.confidence
         for token in tokens:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.sampling import SamplingParams
+from mesh.grammar import MAX_TOOL_CALLS, tool_call_schema, unsupported_keyword
+from mesh.protocol import OutputConstraint
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +116,38 @@ class NamedToolChoice(BaseModel):
     function: dict[str, str]
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the answer must follow."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _check_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        keyword = unsupported_keyword(schema)
+        if keyword is not None:
+            raise ValueError(
+                f"the schema keyword {keyword!r} is not supported by constrained decoding"
+            )
+        return schema
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type 'json_schema' needs a json_schema object")
+        return self
+
+
 class StreamOptions(BaseModel):
     """``stream_options``: only ``include_usage`` is meaningful."""
 
@@ -178,6 +213,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
@@ -193,6 +229,26 @@ class ChatCompletionRequest(_SamplingFields):
             tools = [t for t in tools if t["function"]["name"] == wanted]
         return tools
 
+    def to_sampling_params(self, *, default_max_tokens: int) -> SamplingParams:
+        """The engine's sampling parameters, with the answer's output constraint."""
+        params = super().to_sampling_params(default_max_tokens=default_max_tokens)
+        return replace(params, constraint=self.output_constraint())
+
+    def output_constraint(self) -> OutputConstraint | None:
+        """How decoding is constrained: enforced tool calls win over ``response_format``."""
+        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
+            tools = self.active_tools() or []
+            # One call unless parallel calls are asked for explicitly: under a grammar a
+            # small model repeats its call rather than stop after the first.
+            calls = MAX_TOOL_CALLS if self.parallel_tool_calls else 1
+            return OutputConstraint(json_schema=tool_call_schema(tools), tool_calls=calls)
+        spec = self.response_format
+        if spec is None or spec.type == "text":
+            return None
+        if spec.type == "json_object" or spec.json_schema is None:
+            return OutputConstraint()
+        return OutputConstraint(json_schema=spec.json_schema.schema_)
+
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -202,6 +258,14 @@ class ChatCompletionRequest(_SamplingFields):
                 raise ValueError(f"tool_choice names function {wanted!r}, which is not in tools")
         if self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice 'required' needs at least one tool in tools")
+        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
+            for tool in self.active_tools() or []:  # their parameters become a grammar
+                keyword = unsupported_keyword(tool["function"].get("parameters") or {})
+                if keyword is not None:
+                    raise ValueError(
+                        f"tool {tool['function']['name']!r}: the parameters keyword {keyword!r} "
+                        "is not supported by constrained decoding (tool_choice enforces it)"
+                    )
         return self
 
 

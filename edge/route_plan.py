@@ -28,6 +28,9 @@ from edge.routing import (
 )
 from router.policy import Escalation, Route, RoutingPolicy, base_model, decide
 
+# Appended to the rule of a constrained request the policy sent to the speculative route.
+CONSTRAINED_TO_CLOUD = "+constrained-to-cloud"
+
 
 @dataclass(frozen=True)
 class EdgeLoad:
@@ -106,10 +109,19 @@ def plan_chat(
     metrics.route_decisions.labels(decision.route, decision.rule).inc()
     if decision.fail_reason is not None:
         raise CloudBudgetExceededError(decision.fail_reason)
-    escalates = decision.route == "edge" and decision.escalate and policy.escalation.enabled
+    route, rule = decision.route, decision.rule
+    constrained = body.output_constraint() is not None
+    if constrained and route == "speculative":
+        # Drafts are verified against the unconstrained target: a constrained answer
+        # would not be exactly the cloud's. It goes to the cloud, and the rule says so.
+        route, rule = "cloud", f"{rule}{CONSTRAINED_TO_CLOUD}"
+    # A hand-over mid-answer would restart the grammar: constrained answers stay put.
+    escalates = (
+        route == "edge" and decision.escalate and policy.escalation.enabled and not constrained
+    )
     return RoutePlan(
-        route=decision.route,
-        rule=decision.rule,
+        route=route,
+        rule=rule,
         revision=snapshot.revision,
         cloud_unavailable=policy.fallbacks.cloud_unavailable,
         max_draft_tokens=decision.max_draft_tokens,

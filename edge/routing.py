@@ -13,7 +13,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from edge.generation import GenerationStats
 from edge.openai_protocol import ChatCompletionRequest, NamedToolChoice
@@ -113,9 +113,7 @@ def _tool_choice(body: ChatCompletionRequest) -> ToolChoice | None:
 
 
 def _response_format(body: ChatCompletionRequest) -> ResponseFormat:
-    spec: Any = (body.model_extra or {}).get("response_format")
-    kind = spec.get("type") if isinstance(spec, dict) else None
-    return kind if kind in ("json_object", "json_schema") else "text"
+    return body.response_format.type if body.response_format else "text"
 
 
 def chat_features(

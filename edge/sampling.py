@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mesh.protocol import OutputConstraint
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -14,6 +16,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    constraint: OutputConstraint | None = None  # JSON or enforced tool calls
 
     @property
     def greedy(self) -> bool:

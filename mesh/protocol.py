@@ -30,6 +30,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mesh.errors import ProtocolError
+from mesh.grammar import MAX_TOOL_CALLS
 from mesh.sampling import DRAFT_TOP_K
 
 
@@ -98,6 +99,19 @@ class NodeHeartbeat(WireMessage):
 # -- cloud streaming --------------------------------------------------------------------------
 
 
+class OutputConstraint(WireMessage):
+    """Decoding constrained to JSON, or to tool calls (``mesh.grammar`` says exactly how).
+
+    ``json_schema`` None: any JSON object. ``tool_calls`` > 0: the answer is 1 to
+    that many Hermes blocks ``<tool_call>\n{...}\n</tool_call>``, each object valid
+    against ``json_schema`` (which names the function and its arguments).
+    """
+
+    kind: Literal["output_constraint"] = "output_constraint"
+    json_schema: dict[str, Any] | None = None
+    tool_calls: int = Field(default=0, ge=0, le=MAX_TOOL_CALLS)
+
+
 class SamplingParams(WireMessage):
     """Sampling settings of a generation; ``None`` means the engine's default."""
 
@@ -107,6 +121,7 @@ class SamplingParams(WireMessage):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: list[str] | None = None
+    constraint: OutputConstraint | None = None
 
 
 class GenerateRequest(WireMessage):

@@ -139,6 +139,71 @@ def test_cloud_answer_equals_direct_greedy_and_is_marked(mesh_edge: EdgeProcess)
     assert on_edge.headers["x-tandem-route"] == "edge"
 
 
+_PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["cloud", "speculative"])
+def test_constrained_answers_on_the_cloud_parse_and_follow_their_schema(
+    mesh_edge: EdgeProcess, stream: bool, route: str
+) -> None:
+    """vLLM's structured outputs through the mesh; a constrained request the policy (here
+    the client's header) sends to the speculative route is served by the cloud, and the
+    rule says so."""
+    client = mesh_edge.client()
+    common: dict[str, Any] = dict(
+        model=MODEL, temperature=0, max_tokens=96, extra_headers={"x-tandem-route": route}
+    )
+    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": _PERSON}}
+    person_msgs = [{"role": "user", "content": "Describe a person."}]
+    weather_msgs = [{"role": "user", "content": "How warm is it in Lyon?"}]
+    if not stream:
+        raw = client.chat.completions.with_raw_response.create(
+            messages=person_msgs, response_format=schema, **common
+        )
+        content = raw.parse().choices[0].message.content or ""
+        called = client.chat.completions.create(
+            messages=weather_msgs, tools=[_WEATHER], tool_choice="required", **common
+        )
+        calls = called.choices[0].message.tool_calls or []
+        finish = called.choices[0].finish_reason
+    else:
+        raw = client.chat.completions.with_raw_response.create(
+            messages=person_msgs, response_format=schema, stream=True, **common
+        )
+        content = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        chunks = list(
+            client.chat.completions.create(
+                messages=weather_msgs, tools=[_WEATHER], tool_choice="required", stream=True,
+                **common,
+            )
+        )  # fmt: skip
+        calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+        finish = next(c.choices[0].finish_reason for c in chunks[::-1] if c.choices)
+    assert raw.headers["x-tandem-route"] == "cloud"
+    rule = raw.headers["x-tandem-rule"]
+    assert rule == ("header" if route == "cloud" else "header+constrained-to-cloud")
+    person = json.loads(content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+    assert finish == "tool_calls" and [c.function.name for c in calls] == ["get_weather"]
+    assert isinstance(json.loads(calls[0].function.arguments)["city"], str)
+
+
 async def test_two_workers_share_load_through_the_queue_group(mesh_edge: EdgeProcess) -> None:
     async with mesh_edge.async_client() as client:
         answers = await asyncio.gather(

@@ -105,3 +105,19 @@ async def test_a_revision_applied_mid_answer_does_not_change_that_answer(
         async for _ in served_2.events:
             pass
     assert plan_2.escalation is not None and plan_2.escalation.route == "cloud"
+
+
+def test_a_constrained_answer_is_planned_without_escalation(state: EdgeState) -> None:
+    """A hand-over mid-answer would restart the grammar: the plan keeps it on its route."""
+    assert state.live.apply(_stored(3, REVISION_1))
+    free = {
+        "model": state.model_id,
+        "messages": [{"role": "user", "content": "Describe the sea."}],
+    }
+    body = ChatCompletionRequest.model_validate(free)
+    constrained = ChatCompletionRequest.model_validate(
+        {**free, "response_format": {"type": "json_object"}}
+    )
+    assert _plan(state, body, state.prompts.chat_tokens(body)).escalation is not None
+    plan = _plan(state, constrained, state.prompts.chat_tokens(constrained))
+    assert (plan.route, plan.escalation) == ("edge", None)

@@ -1,0 +1,184 @@
+"""Structured outputs and enforced tool choice on the edge route, through the openai client.
+
+The default 135M model answers prose to these prompts when decoding is free; under
+the grammar every answer must parse and follow its schema, streamed or not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from models.catalog import DEFAULT_PAIR
+from tandem.local import EdgeProcess
+
+EDGE = {"x-tandem-route": "edge"}
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+        },
+    },
+}
+
+
+def _chat(edge: EdgeProcess, stream: bool, **kwargs: Any) -> tuple[str, list[Any], str]:
+    """(content, tool calls, finish_reason) of one greedy answer."""
+    client = edge.client()
+    kwargs = {"model": DEFAULT_PAIR, "temperature": 0, "max_tokens": 96, **kwargs}
+    if not stream:
+        answer = client.chat.completions.create(extra_headers=EDGE, **kwargs)
+        choice = answer.choices[0]
+        return choice.message.content or "", choice.message.tool_calls or [], choice.finish_reason
+    parts: list[str] = []
+    calls: list[Any] = []
+    finish = ""
+    for chunk in client.chat.completions.create(extra_headers=EDGE, stream=True, **kwargs):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            parts.append(delta.content or "")
+            calls.extend(delta.tool_calls or [])
+            finish = chunk.choices[0].finish_reason or finish
+    return "".join(parts), calls, finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_answers_parse_and_follow_the_schema(edge: EdgeProcess, stream: bool) -> None:
+    content, _, finish = _chat(
+        edge,
+        stream,
+        messages=[{"role": "user", "content": "Describe a person."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+    )
+    person = json.loads(content)
+    assert set(person) == {"name", "age"}
+    assert isinstance(person["name"], str) and isinstance(person["age"], int)
+    assert finish == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_object_answers_are_one_json_object(edge: EdgeProcess, stream: bool) -> None:
+    content, _, _ = _chat(
+        edge,
+        stream,
+        messages=[{"role": "user", "content": "List three colours."}],
+        response_format={"type": "json_object"},
+        max_tokens=200,
+    )
+    assert isinstance(json.loads(content), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_yields_a_valid_call(edge: EdgeProcess, stream: bool) -> None:
+    content, calls, finish = _chat(
+        edge,
+        stream,
+        messages=[{"role": "user", "content": "What time is it in Berlin?"}],
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+    )
+    assert finish == "tool_calls" and len(calls) == 1 and not content
+    call = calls[0].function
+    arguments = json.loads(call.arguments)
+    if call.name == "get_weather":
+        assert isinstance(arguments["city"], str)
+    else:
+        assert call.name == "get_time" and arguments["zone"] in ("UTC", "CET")
+
+
+def test_named_tool_choice_calls_that_tool(edge: EdgeProcess) -> None:
+    _, calls, finish = _chat(
+        edge,
+        False,
+        messages=[{"role": "user", "content": "Hello there!"}],  # nothing asks for a tool
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    assert finish == "tool_calls" and [c.function.name for c in calls] == ["get_weather"]
+    assert isinstance(json.loads(calls[0].function.arguments)["city"], str)
+
+
+def test_free_decoding_is_unchanged_without_a_constraint(edge: EdgeProcess) -> None:
+    """The same prompt without tool_choice: prose, and no call (the parser finds none)."""
+    content, calls, finish = _chat(
+        edge, False, messages=[{"role": "user", "content": "Hello there!"}], tools=[WEATHER]
+    )
+    assert content and not calls and finish in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "not": {}}},
+                }
+            },
+            "'not'",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "json_schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "patternProperties": {}},
+                        },
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "'patternProperties'",
+        ),
+    ],
+)
+def test_unsupported_constraints_are_a_400_naming_the_problem(
+    edge: EdgeProcess, body: dict[str, Any], named: str
+) -> None:
+    request = {"model": DEFAULT_PAIR, "messages": [{"role": "user", "content": "Hi"}], **body}
+    reply = httpx.post(f"{edge.base_url}/v1/chat/completions", json=request, timeout=30)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and named in error["message"]
+
+
+def test_the_openai_client_sees_the_400(edge: EdgeProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        edge.client().chat.completions.create(
+            model=DEFAULT_PAIR,
+            messages=[{"role": "user", "content": "Hi"}],
+            response_format={  # type: ignore[typeddict-item]
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"if": {}}},
+            },
+        )
+    assert "'if'" in str(caught.value)
