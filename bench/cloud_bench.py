@@ -33,7 +33,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import openai
 
 from cloud.engine import VllmEngine
@@ -43,7 +42,7 @@ from mesh.server import free_port
 from models.catalog import DEFAULT_PAIR, Catalog
 from models.chat_template import load_template
 from models.convert import prepare_cloud_weights
-from tandem.local import EdgeProcess, WorkerProcess, local_nats, wait_heard
+from tandem.local import EdgeProcess, WorkerProcess, answers, local_nats, wait_heard
 from tandem.supervisor import Supervisor
 
 MODEL = DEFAULT_PAIR
@@ -189,7 +188,7 @@ def server_mode(prompts: list[list[dict[str, str]]], n: int, repeats: int) -> di
             grace_s=30,
         )
         base = f"http://127.0.0.1:{port}"
-        server.wait_ready(lambda: _answers(f"{base}/health"), 900, poll_s=1.0)
+        server.wait_ready(lambda: answers(f"{base}/health"), 900, poll_s=1.0)
 
         async def go() -> dict[str, list]:
             async with openai.AsyncOpenAI(
@@ -222,13 +221,6 @@ def direct_mode(prompts: list[list[dict[str, str]]], n: int, repeats: int) -> di
             engine.shutdown()
 
     return asyncio.run(go())
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _load() -> str:

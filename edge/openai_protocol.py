@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import replace
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -232,10 +233,13 @@ class ChatCompletionRequest(_SamplingFields):
     def to_sampling_params(self, *, default_max_tokens: int) -> SamplingParams:
         """The engine's sampling parameters, with the answer's output constraint."""
         params = super().to_sampling_params(default_max_tokens=default_max_tokens)
-        return replace(params, constraint=self.output_constraint())
+        return replace(params, constraint=self.output_constraint)
 
+    @cached_property
     def output_constraint(self) -> OutputConstraint | None:
-        """How decoding is constrained: enforced tool calls win over ``response_format``."""
+        """How decoding is constrained: enforced tool calls win over ``response_format``.
+
+        Cached: the plan, the edge's sampling and the cloud's wire request all ask."""
         if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
             tools = self.active_tools() or []
             # One call unless parallel calls are asked for explicitly: under a grammar a

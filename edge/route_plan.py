@@ -28,6 +28,8 @@ from edge.routing import (
 )
 from router.policy import Escalation, Route, RoutingPolicy, base_model, decide
 
+logger = logging.getLogger(__name__)
+
 # Appended to the rule of a constrained request the policy sent to the speculative route.
 CONSTRAINED_TO_CLOUD = "+constrained-to-cloud"
 
@@ -39,9 +41,6 @@ class EdgeLoad:
     queue: int
     slots: int
     cloud_workers: int | None  # None: not on a mesh
-
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def plan_chat(
     if decision.fail_reason is not None:
         raise CloudBudgetExceededError(decision.fail_reason)
     route, rule = decision.route, decision.rule
-    constrained = body.output_constraint() is not None
+    constrained = body.output_constraint is not None
     if constrained and route == "speculative":
         # Drafts are verified against the unconstrained target: a constrained answer
         # would not be exactly the cloud's. It goes to the cloud, and the rule says so.

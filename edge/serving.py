@@ -122,7 +122,7 @@ async def serve_cloud(
                 top_p=body.top_p,
                 seed=body.seed,
                 stop=body.stop_list() or None,
-                constraint=body.output_constraint(),
+                constraint=body.output_constraint,
             ),
             session_id=call.session_id,
             deadline=deadline_in(state.settings.cloud_timeout_s),
