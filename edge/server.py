@@ -280,31 +280,47 @@ async def handle_list_models(request: Request) -> ModelList:
     return ModelList(data=[card])
 
 
-async def handle_chat_completion(request: Request) -> Response:
-    """``POST /v1/chat/completions``: plan once, serve on the route, answer."""
-    _check_auth(request)
-    state = _state(request)
-    body = await parse_body(request, ChatCompletionRequest)
-    snapshot = state.policy_snapshot()  # the one read of the live policy
+async def plan_request(
+    request: Request, state: EdgeState, body: ChatCompletionRequest
+) -> tuple[RoutePlan, list[int]]:
+    """Check the model, render the prompt and plan the route: the one read of the live
+    policy. Chat and the Responses API both go through here."""
+    snapshot = state.policy_snapshot()
     check_model(snapshot, state.model_id, body.model)
     prompt = await asyncio.to_thread(state.prompts.chat_tokens, body)
     plan = plan_chat(
         snapshot, body, prompt, request.headers, load=state.load(),
         observations=state.observations, classifier=state.classifier, metrics=state.metrics,
     )  # fmt: skip
-    served = await serving.serve_chat(state, _call(request), plan, body, prompt)
+    return plan, prompt
+
+
+def chat_context(
+    state: EdgeState, body: ChatCompletionRequest, plan: RoutePlan, route: str
+) -> AnswerContext:
+    """The answer context of a chat request served on ``route``."""
     tools = body.active_tools()
-    ctx = AnswerContext(
+    return AnswerContext(
         model=body.model,
         node_id=state.settings.node_id,
         metrics=state.metrics,
         endpoint="chat",
-        route=served.route,
+        route=route,
         rule=plan.rule,
         include_usage=body.include_usage(),
         tool_names={t["function"]["name"] for t in tools} if tools else None,
         on_done=_observer(state, plan),
     )
+
+
+async def handle_chat_completion(request: Request) -> Response:
+    """``POST /v1/chat/completions``: plan once, serve on the route, answer."""
+    _check_auth(request)
+    state = _state(request)
+    body = await parse_body(request, ChatCompletionRequest)
+    plan, prompt = await plan_request(request, state, body)
+    served = await serving.serve_chat(state, _call(request), plan, body, prompt)
+    ctx = chat_context(state, body, plan, served.route)
     if body.stream:
         return _streaming(answers.stream_chat(served.events, ctx), ctx)
     answer = await _unless_disconnected(request, answers.collect_chat(served.events, ctx))
