@@ -5,6 +5,7 @@ EdgeError                      base; ``status``, ``type`` and ``code`` shape the
 │   └── ContextLengthError     400: prompt (plus max_tokens) does not fit the context window
 ├── AuthenticationError        401: missing or wrong API key
 ├── ModelNotFoundError         404: the ``model`` is not served here
+├── ResponseNotFoundError      404: no stored response has that id (Responses API)
 ├── PayloadTooLargeError       413: request body over the configured limit
 ├── QueueFullError             429: the engine queue is full; carries ``retry_after_s``
 ├── CloudBudgetExceededError   429: the tenant's cloud-token budget is spent (policy: fail)
@@ -73,6 +74,14 @@ class ModelNotFoundError(EdgeError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class ResponseNotFoundError(EdgeError):
+    """No stored response has the id a request names (unknown, unstored or evicted)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "response_not_found"
 
 
 class PayloadTooLargeError(EdgeError):

@@ -17,6 +17,7 @@ from edge.metrics import EdgeMetrics
 from edge.openai_protocol import unix_now
 from edge.prompts import PromptBuilder
 from edge.registration import MeshRegistration
+from edge.responses import ResponseStore
 from edge.route_plan import EdgeLoad, PolicySnapshot
 from edge.routing import ComplexityScorer, Observations
 from edge.settings import EdgeSettings
@@ -41,6 +42,7 @@ class EdgeState:
     created: int
     live: LivePolicy  # the routing policy in force; swapped whole on a new revision
     observations: Observations
+    responses: ResponseStore  # stored Responses API answers, for previous_response_id
     classifier: ComplexityScorer | None = None  # loaded when a policy needs it
     registration: MeshRegistration | None = None
 
@@ -111,6 +113,7 @@ def build_state(settings: EdgeSettings) -> EdgeState:
         created=unix_now(),
         live=live,
         observations=Observations(),
+        responses=ResponseStore(),
         classifier=_load_classifier(),
     )
 
