@@ -249,7 +249,8 @@ class ResponsesRequest(OpenAIRequest):
         except ValidationError as exc:
             first = exc.errors()[0]
             param = _responses_param(".".join(str(p) for p in first["loc"])) or None
-            message = f"{param}: {first['msg']}" if param else first["msg"]
+            msg = first["msg"].removeprefix("Value error, ")  # as the chat handler reports it
+            message = f"{param}: {msg}" if param else msg
             raise InvalidRequestError(message, param=param) from exc
 
 
