@@ -23,7 +23,7 @@ from cloud.errors import BadGenerateRequestError, EngineFailedError
 from cloud.settings import CloudSettings
 from cloud.speculative import Verdict, verify_greedy, verify_sampled
 from mesh.grammar import tool_call_grammar
-from mesh.protocol import DraftDistribution, OutputConstraint
+from mesh.protocol import DraftDistribution, OutputConstraint, TokenLogprob
 from mesh.protocol import SamplingParams as WireSampling
 from mesh.sampling import TARGET_TOP_K, top_k_distribution
 from models.catalog import Catalog, ModelPair
@@ -93,6 +93,18 @@ class Delta:
     cached_tokens: int
     # Simulated engines only, on the last delta: modelled queue + compute seconds.
     engine_s: float | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
+
+
+def token_logprob(position: dict[int, Any], token: int, k: int) -> TokenLogprob:
+    """OpenAI's logprobs entry of ``token`` from a position's vLLM logprobs (a dict of
+    token id to ``Logprob`` holding the top tokens and the chosen one)."""
+    top = sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)[:k]
+    return TokenLogprob(
+        logprob=position[token].logprob,
+        top_ids=[t for t, _ in top],
+        top_logprobs=[lp.logprob for _, lp in top],
+    )
 
 
 def _rank1(position: dict[int, Any]) -> int:
@@ -112,6 +124,34 @@ def _target_row(position: dict[int, Any], wire: WireSampling) -> tuple[np.ndarra
     logprobs = np.fromiter((lp.logprob for lp in position.values()), dtype=np.float64)
     temperature = wire.temperature or 1.0
     return top_k_distribution(ids, logprobs, temperature, wire.top_p or 1.0, TARGET_TOP_K)
+
+
+def _delta_logprobs(completion: Any, k: int | None) -> list[TokenLogprob] | None:
+    """The logprobs of a delta's new tokens (vLLM's are aligned with its token ids)."""
+    if k is None or completion.logprobs is None:
+        return None
+    return [
+        token_logprob(position, token, k)
+        for token, position in zip(completion.token_ids, completion.logprobs, strict=True)
+    ]
+
+
+def _with_logprobs(
+    verdict: Verdict,
+    draft: list[int],
+    positions: list[dict[int, Any]],
+    final: Any,
+    sampling: WireSampling | None,
+) -> Verdict:
+    """The verdict with the target's logprobs of the tokens it emits (the accepted drafts,
+    then the next token: a draft position's on rejection, the bonus's otherwise)."""
+    k = None if sampling is None else sampling.logprobs
+    if k is None:
+        return verdict
+    emitted = [*draft[: verdict.accepted], verdict.next_token]
+    rows = [*positions, final.outputs[0].logprobs[0]]
+    entries = [token_logprob(rows[i], token, k) for i, token in enumerate(emitted)]
+    return replace(verdict, logprobs=tuple(entries))
 
 
 def _stat_logger_factory(load: EngineLoad) -> Any:
@@ -265,6 +305,7 @@ class VllmEngine:
                 top_p=1.0 if wire.top_p is None else wire.top_p,
                 seed=wire.seed,
                 stop=wire.stop or None,
+                logprobs=wire.logprobs,
                 output_kind=RequestOutputKind.DELTA,
                 structured_outputs=structured_outputs(wire.constraint),
             )
@@ -300,6 +341,7 @@ class VllmEngine:
                         text=completion.text,
                         finish_reason=completion.finish_reason,
                         cached_tokens=out.num_cached_tokens or 0,
+                        logprobs=_delta_logprobs(completion, sampling.logprobs),
                     )
         except BadGenerateRequestError:
             raise
@@ -350,7 +392,8 @@ class VllmEngine:
         if not sampled:
             verdict = verify_greedy(draft, [*map(_rank1, positions), bonus])
             margins = [*map(_margin, positions), _margin(final.outputs[0].logprobs[0])]
-            return replace(verdict, margins=tuple(margins)), cached
+            verdict = replace(verdict, margins=tuple(margins))
+            return _with_logprobs(verdict, draft, positions, final, sampling), cached
         assert sampling is not None and draft_distributions is not None
         vocab = self.vocab_size
         target = np.zeros((len(draft) + 1, vocab))
@@ -369,7 +412,8 @@ class VllmEngine:
                 for i in range(len(draft) + 1)
             ]
         )
-        return verify_sampled(draft, drafted, target, rngs), cached
+        verdict = verify_sampled(draft, drafted, target, rngs)
+        return _with_logprobs(verdict, draft, positions, final, sampling), cached
 
     async def _score(
         self, request_id: str, tokens: list[int], *, read_cache: bool, sampling: WireSampling | None
@@ -393,15 +437,17 @@ class VllmEngine:
                 top_p=sampling.top_p or 1.0,
                 seed=None if seed is None else seed % 2**31,
                 prompt_logprobs=TARGET_TOP_K,
+                logprobs=sampling.logprobs,  # the bonus token's, when the answer wants them
                 detokenize=False,
                 skip_reading_prefix_cache=not read_cache,
             )
         else:
+            top = max(2, (sampling.logprobs or 0) if sampling is not None else 0)
             params = SamplingParams(
                 max_tokens=1,
                 temperature=0.0,
-                prompt_logprobs=2,
-                logprobs=2,
+                prompt_logprobs=top,  # the top 2 give the verdict and its margins
+                logprobs=top,
                 detokenize=False,
                 skip_reading_prefix_cache=not read_cache,
             )

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mesh.protocol import TokenLogprob
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -37,6 +39,8 @@ class Verdict:
     accepted: int
     next_token: int
     margins: tuple[float, ...] = ()
+    # The target's logprobs of the accepted drafts and the next token, when asked for.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def verify_greedy(draft: list[int], target_argmax: list[int]) -> Verdict:

@@ -48,6 +48,7 @@ from mesh.protocol import (
     NodeLoad,
     StreamUsage,
     TokenChunk,
+    TokenLogprob,
     VerifyReply,
     VerifyRequest,
 )
@@ -218,7 +219,7 @@ class CloudWorker:
                     request.request_id,
                     request.context_token_ids,
                     request.draft_token_ids,
-                    request.sampling if request.sampled else None,
+                    request.sampling,
                     request.draft_distributions,
                 )
         except TimeoutError:
@@ -245,6 +246,7 @@ class CloudWorker:
                 next_token=verdict.next_token,
                 cached_tokens=cached,
                 margins=list(verdict.margins),
+                logprobs=None if verdict.logprobs is None else list(verdict.logprobs),
             ).to_bytes()
         )
 
@@ -305,6 +307,9 @@ class CloudWorker:
         # of ``stream_interval`` tokens, and whatever is held goes out before the end.
         held_ids: list[int] = []
         held_text: list[str] = []
+        held_logprobs: list[TokenLogprob] | None = (
+            [] if request.sampling.logprobs is not None else None
+        )
         interval, first = self.settings.stream_interval, True
         async for delta in self.engine.generate(
             request.request_id, prompt, request.sampling, request.resume_token_ids
@@ -316,11 +321,16 @@ class CloudWorker:
             engine_s = delta.engine_s if delta.engine_s is not None else engine_s
             held_ids.extend(delta.token_ids)
             held_text.append(delta.text)
+            if held_logprobs is not None:
+                held_logprobs.extend(delta.logprobs or [])
             if (held_ids or delta.text) and (first or len(held_ids) >= interval):
-                await stream.send(token_ids=held_ids, text="".join(held_text))
+                await stream.send(
+                    token_ids=held_ids, text="".join(held_text), logprobs=held_logprobs
+                )
                 held_ids, held_text, first = [], [], False
+                held_logprobs = None if held_logprobs is None else []
         if held_ids or any(held_text):
-            await stream.send(token_ids=held_ids, text="".join(held_text))
+            await stream.send(token_ids=held_ids, text="".join(held_text), logprobs=held_logprobs)
         _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), checked)
         await stream.send(
             is_end=True,

@@ -7,10 +7,11 @@ the exact OpenAI objects (``chat.completion``, ``chat.completion.chunk``,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from edge.errors import EdgeError, EngineError
@@ -23,8 +24,11 @@ from edge.openai_protocol import (
     ChatCompletionChunk,
     ChatDelta,
     ChatMessageOut,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     EscalationUsage,
     FunctionCall,
     PromptTokensDetails,
@@ -32,11 +36,13 @@ from edge.openai_protocol import (
     TandemUsage,
     ToolCall,
     ToolCallDelta,
+    TopLogprob,
     Usage,
     new_id,
     unix_now,
 )
 from edge.tool_calls import ParsedToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
+from mesh.protocol import TokenLogprob
 
 # ``system_fingerprint`` of answers a simulated engine produced (scale runs only).
 SIMULATED_FINGERPRINT = "tandem-simulated-engine"
@@ -57,11 +63,15 @@ class AnswerContext:
     rule: str | None = None
     include_usage: bool = False
     tool_names: set[str] | None = None  # None: the request has no active tools
+    # Set when the request asks for logprobs: a token id's bytes (event-loop thread only).
+    token_bytes: Callable[[int], bytes] | None = None
+    index: int = 0  # the choice this context answers, of ``n``
     id: str = field(default_factory=lambda: new_id("chatcmpl"))
     created: int = field(default_factory=unix_now)
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     n_tokens: int = 0
+    stats: GenerationStats | None = None  # once the answer is done
     # Told of every finished answer (the router learns cloud latency, acceptance, budgets).
     on_done: Callable[[AnswerContext, GenerationStats], None] | None = None
 
@@ -75,6 +85,7 @@ class AnswerContext:
 
     def on_finish(self, stats: GenerationStats, status: str = "200") -> None:
         """Record the end of the request in the metrics."""
+        self.stats = stats
         now = time.perf_counter()
         m = self.metrics
         m.e2e.observe(now - self.started)
@@ -181,14 +192,65 @@ def _tool_calls(parsed: ToolCallParse) -> list[ToolCall] | None:
     ]
 
 
-async def _drain(events: Events, ctx: AnswerContext) -> tuple[str, FinishEvent]:
-    """Collect all text of a generation.
+def chat_logprobs(
+    entries: Sequence[tuple[int, TokenLogprob]], token_bytes: Callable[[int], bytes]
+) -> list[ChatTokenLogprob]:
+    """OpenAI's ``logprobs.content`` entries of (token id, its logprobs) pairs."""
+
+    def alternative(token: int, logprob: float) -> TopLogprob:
+        raw = token_bytes(token)
+        return TopLogprob(token=raw.decode("utf-8", "replace"), logprob=logprob, bytes=list(raw))
+
+    out = []
+    for token, lp in entries:
+        raw = token_bytes(token)
+        out.append(
+            ChatTokenLogprob(
+                token=raw.decode("utf-8", "replace"),
+                logprob=lp.logprob,
+                bytes=list(raw),
+                top_logprobs=[
+                    alternative(t, v) for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)
+                ],
+            )
+        )
+    return out
+
+
+def completion_logprobs(
+    entries: Sequence[tuple[int, TokenLogprob]], token_bytes: Callable[[int], bytes], offset: int
+) -> CompletionLogprobs:
+    """The legacy completions ``logprobs`` object; ``offset``: characters before these."""
+    out = CompletionLogprobs()
+    for entry in chat_logprobs(entries, token_bytes):
+        out.tokens.append(entry.token)
+        out.token_logprobs.append(entry.logprob)
+        out.top_logprobs.append({alt.token: alt.logprob for alt in entry.top_logprobs})
+        out.text_offset.append(offset)
+        offset += len(entry.token)
+    return out
+
+
+def _logprob_entries(event: TokenEvent) -> list[tuple[int, TokenLogprob]]:
+    return list(zip(event.token_ids, event.logprobs or [], strict=False))
+
+
+@dataclass
+class _Drained:
+    text: str
+    finish: FinishEvent
+    logprobs: list[tuple[int, TokenLogprob]]
+
+
+async def _drain(events: Events, ctx: AnswerContext) -> _Drained:
+    """Collect all text (and logprobs) of a generation.
 
     Every consumer runs the event stream to its end (it ends right after the
     finish event), so the generator's clean-up (freeing a slot, unsubscribing)
     runs now, not whenever the garbage collector finalizes it.
     """
     parts: list[str] = []
+    logprobs: list[tuple[int, TokenLogprob]] = []
     finish: FinishEvent | None = None
     async for event in events:
         parts.append(event.text)
@@ -197,22 +259,33 @@ async def _drain(events: Events, ctx: AnswerContext) -> tuple[str, FinishEvent]:
             finish = event
         else:
             ctx.on_token(event)
+            if event.logprobs:
+                logprobs.extend(_logprob_entries(event))
     if finish is None:
         raise EngineError("the generation ended without a finish event")
-    return "".join(parts), finish
+    return _Drained("".join(parts), finish, logprobs)
 
 
 async def collect_chat(events: Events, ctx: AnswerContext) -> ChatCompletion:
     """A whole ``chat.completion`` body."""
-    text, finish = await _drain(events, ctx)
-    stats = finish.stats
-    parsed = ctx.parse_tools(text, finish)
+    drained = await _drain(events, ctx)
+    stats = drained.finish.stats
+    parsed = ctx.parse_tools(drained.text, drained.finish)
     message = ChatMessageOut(content=parsed.content, tool_calls=_tool_calls(parsed))
+    logprobs = None
+    if ctx.token_bytes is not None:
+        logprobs = ChoiceLogprobs(content=chat_logprobs(drained.logprobs, ctx.token_bytes))
+    choice = ChatChoice(
+        index=ctx.index,
+        message=message,
+        finish_reason=_finish_reason(stats, parsed),
+        logprobs=logprobs,
+    )
     return ChatCompletion(
         id=ctx.id,
         created=ctx.created,
         model=ctx.model,
-        choices=[ChatChoice(message=message, finish_reason=_finish_reason(stats, parsed))],
+        choices=[choice],
         usage=ctx.usage(stats),
         system_fingerprint=SIMULATED_FINGERPRINT if stats.simulated else None,
     )
@@ -220,12 +293,48 @@ async def collect_chat(events: Events, ctx: AnswerContext) -> ChatCompletion:
 
 async def collect_completion(events: Events, ctx: AnswerContext) -> Completion:
     """A whole ``text_completion`` body."""
-    text, finish = await _drain(events, ctx)
-    stats = finish.stats
-    choice = CompletionChoice(text=text, finish_reason=stats.finish_reason or "stop")
+    drained = await _drain(events, ctx)
+    stats = drained.finish.stats
+    logprobs = None
+    if ctx.token_bytes is not None:
+        logprobs = completion_logprobs(drained.logprobs, ctx.token_bytes, 0)
+    choice = CompletionChoice(
+        index=ctx.index,
+        text=drained.text,
+        finish_reason=stats.finish_reason or "stop",
+        logprobs=logprobs,
+    )
     return Completion(
         id=ctx.id, created=ctx.created, model=ctx.model, choices=[choice], usage=ctx.usage(stats)
     )
+
+
+def merged_usage(contexts: Sequence[AnswerContext]) -> Usage:
+    """The usage of an ``n``-choice answer, as OpenAI counts it: the prompt once, the
+    completion tokens of every choice; Tandem's route facts are the first choice's."""
+    first = contexts[0]
+    assert first.stats is not None, "merged_usage needs finished choices"
+    usage = first.usage(first.stats)
+    completion = sum(c.stats.completion_tokens for c in contexts if c.stats is not None)
+    return usage.model_copy(
+        update={"completion_tokens": completion, "total_tokens": usage.prompt_tokens + completion}
+    )
+
+
+def merge_choices(
+    answers: Sequence[ChatCompletion], contexts: Sequence[AnswerContext]
+) -> ChatCompletion:
+    """One ``chat.completion`` of ``n`` choices (each answered with its own context)."""
+    choices = [choice for answer in answers for choice in answer.choices]
+    return answers[0].model_copy(update={"choices": choices, "usage": merged_usage(contexts)})
+
+
+def merge_completions(
+    answers: Sequence[Completion], contexts: Sequence[AnswerContext]
+) -> Completion:
+    """One ``text_completion`` of ``n`` choices."""
+    choices = [choice for answer in answers for choice in answer.choices]
+    return answers[0].model_copy(update={"choices": choices, "usage": merged_usage(contexts)})
 
 
 def sse(payload: dict[str, object] | str) -> bytes:
@@ -239,55 +348,118 @@ def sse(payload: dict[str, object] | str) -> bytes:
 
 
 class _ChatChunks:
-    """Builds ``chat.completion.chunk`` events in OpenAI's exact shape."""
+    """Builds ``chat.completion.chunk`` events of one choice in OpenAI's exact shape."""
 
     def __init__(self, ctx: AnswerContext) -> None:
         self.ctx = ctx
 
-    def chunk(self, delta: ChatDelta, finish_reason: str | None = None) -> bytes:
+    def chunk(
+        self,
+        delta: ChatDelta,
+        finish_reason: str | None = None,
+        logprobs: list[tuple[int, TokenLogprob]] | None = None,
+    ) -> bytes:
+        ctx = self.ctx
+        choice = ChatChunkChoice(index=ctx.index, delta=delta, finish_reason=finish_reason)
+        if logprobs and ctx.token_bytes is not None:
+            choice.logprobs = ChoiceLogprobs(content=chat_logprobs(logprobs, ctx.token_bytes))
         body = ChatCompletionChunk(
-            id=self.ctx.id,
-            created=self.ctx.created,
-            model=self.ctx.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
-        ).model_dump(exclude={"usage"} if not self.ctx.include_usage else set())
+            id=ctx.id, created=ctx.created, model=ctx.model, choices=[choice]
+        ).model_dump(exclude={"usage"} if not ctx.include_usage else set())
         # OpenAI omits unset delta fields rather than sending nulls.
         body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)
         return sse(body)
 
-    def usage_chunk(self, stats: GenerationStats) -> bytes:
-        body = ChatCompletionChunk(
-            id=self.ctx.id,
-            created=self.ctx.created,
-            model=self.ctx.model,
-            choices=[],
-            usage=self.ctx.usage(stats),
-            system_fingerprint=SIMULATED_FINGERPRINT if stats.simulated else None,
-        )
-        return sse(body.model_dump())
+
+def _chat_usage_chunk(ctx: AnswerContext, usage: Usage) -> bytes:
+    simulated = ctx.stats is not None and ctx.stats.simulated
+    body = ChatCompletionChunk(
+        id=ctx.id,
+        created=ctx.created,
+        model=ctx.model,
+        choices=[],
+        usage=usage,
+        system_fingerprint=SIMULATED_FINGERPRINT if simulated else None,
+    )
+    return sse(body.model_dump())
 
 
-async def stream_chat(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
-    """SSE chunks of a chat answer, ending with ``[DONE]``."""
+async def chat_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
+    """One choice's chunks: its role, content (with logprobs), tool calls and finish
+    reason; the stream's usage chunk and ``[DONE]`` come from ``stream_chat``."""
     chunks = _ChatChunks(ctx)
     tools = ToolCallStream(ctx.tool_names) if ctx.tool_names is not None else None
     try:
         yield chunks.chunk(ChatDelta(role="assistant", content=""))
         async for event in events:
             text = tools.push(event.text) if tools else event.text
-            if text:
-                yield chunks.chunk(ChatDelta(content=text))
             if isinstance(event, FinishEvent):
+                if text:
+                    yield chunks.chunk(ChatDelta(content=text))
                 for item in _stream_tail(chunks, tools, event):
                     yield item
                 ctx.on_finish(event.stats)
-            else:
-                ctx.on_token(event)
+                continue
+            ctx.on_token(event)
+            logprobs = _logprob_entries(event) if event.logprobs else None
+            if text or logprobs:
+                yield chunks.chunk(ChatDelta(content=text or None), logprobs=logprobs)
     except EdgeError as exc:
         # Headers are gone already; the error travels as an event, like vLLM does.
         ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
         yield sse(exc.body())
+
+
+def stream_chat(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
+    """SSE chunks of a one-choice chat answer, ending with ``[DONE]``."""
+    return stream_chat_choices([chat_chunks(events, ctx)], [ctx])
+
+
+async def stream_chat_choices(
+    streams: Sequence[AsyncIterator[bytes]], contexts: Sequence[AnswerContext]
+) -> AsyncIterator[bytes]:
+    """SSE chunks of ``n`` choices (their ``chat_chunks`` streams, interleaved as they
+    come), the usage chunk summed over them if asked for, and ``[DONE]``."""
+    async for item in interleave(streams):
+        yield item
+    if contexts[0].include_usage and all(c.stats is not None for c in contexts):
+        yield _chat_usage_chunk(contexts[0], merged_usage(contexts))
     yield sse("[DONE]")
+
+
+async def interleave(streams: Sequence[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """The items of several streams as they come (the choices of ``n`` run together).
+
+    Closing the result closes every stream (a client disconnect cancels all choices)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[bytes]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+            await queue.put(None)
+        except Exception as exc:  # surfaced to the consumer, never lost
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        running = len(tasks)
+        while running:
+            got = await queue.get()
+            if got is None:
+                running -= 1
+            elif isinstance(got, Exception):
+                raise got
+            else:
+                yield got
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _stream_tail(
@@ -307,33 +479,57 @@ def _stream_tail(
         )
         out.append(chunks.chunk(ChatDelta(tool_calls=[delta])))
     out.append(chunks.chunk(ChatDelta(), finish_reason=_finish_reason(stats, parsed)))
-    if chunks.ctx.include_usage:
-        out.append(chunks.usage_chunk(stats))
     return out
 
 
-async def stream_completion(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
-    """SSE chunks of a text completion, ending with ``[DONE]``."""
+def _completion_chunk(
+    ctx: AnswerContext,
+    text: str,
+    finish: str | None,
+    usage: Usage | None = None,
+    logprobs: CompletionLogprobs | None = None,
+) -> bytes:
+    choices = (
+        [CompletionChoice(index=ctx.index, text=text, finish_reason=finish, logprobs=logprobs)]
+        if usage is None
+        else []
+    )
+    body = Completion(id=ctx.id, created=ctx.created, model=ctx.model, choices=choices, usage=usage)
+    return sse(body.model_dump(exclude={"usage"} if not ctx.include_usage else set()))
 
-    def chunk(text: str, finish: str | None, usage: Usage | None = None) -> bytes:
-        choices = [CompletionChoice(text=text, finish_reason=finish)] if usage is None else []
-        body = Completion(
-            id=ctx.id, created=ctx.created, model=ctx.model, choices=choices, usage=usage
-        )
-        return sse(body.model_dump(exclude={"usage"} if not ctx.include_usage else set()))
 
+async def completion_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
+    """One choice's ``text_completion`` chunks (usage and ``[DONE]``: ``stream_completion``)."""
+    offset = 0
     try:
         async for event in events:
             if isinstance(event, FinishEvent):
-                yield chunk(event.text, event.stats.finish_reason or "stop")
-                if ctx.include_usage:
-                    yield chunk("", None, ctx.usage(event.stats))
+                yield _completion_chunk(ctx, event.text, event.stats.finish_reason or "stop")
                 ctx.on_finish(event.stats)
                 continue
             ctx.on_token(event)
-            if event.text:
-                yield chunk(event.text, None)
+            logprobs = None
+            if event.logprobs and ctx.token_bytes is not None:
+                logprobs = completion_logprobs(_logprob_entries(event), ctx.token_bytes, offset)
+            if event.text or logprobs:
+                yield _completion_chunk(ctx, event.text, None, logprobs=logprobs)
+            offset += len(event.text)
     except EdgeError as exc:
         ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
         yield sse(exc.body())
+
+
+def stream_completion(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
+    """SSE chunks of a one-choice text completion, ending with ``[DONE]``."""
+    return stream_completion_choices([completion_chunks(events, ctx)], [ctx])
+
+
+async def stream_completion_choices(
+    streams: Sequence[AsyncIterator[bytes]], contexts: Sequence[AnswerContext]
+) -> AsyncIterator[bytes]:
+    """SSE chunks of ``n`` text completion choices, as ``stream_chat_choices``."""
+    async for item in interleave(streams):
+        yield item
+    if contexts[0].include_usage and all(c.stats is not None for c in contexts):
+        yield _completion_chunk(contexts[0], "", None, merged_usage(contexts))
     yield sse("[DONE]")

@@ -27,7 +27,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from edge.drafter import Draft, Verifier
+from edge.drafter import Confirmed, Draft, Verifier
 from edge.errors import CloudRequestError, CloudUnavailableError
 from edge.generation import FinishEvent, GenerationStats, TokenEvent
 from edge.sampling import SamplingParams as EdgeSampling
@@ -239,19 +239,22 @@ class CloudRoute:
         selects the rejection-sampling rule (the drafts carry q)."""
         wire = (
             None
-            if sampling.greedy
+            if sampling.greedy and sampling.logprobs is None
             else SamplingParams(
-                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                logprobs=sampling.logprobs,
             )
         )
 
-        async def verdict(context: list[int], draft: Draft) -> tuple[int, int]:
+        async def verdict(context: list[int], draft: Draft) -> Confirmed:
             reply = await self.verify(
                 context, draft, sampling=wire, session_id=session_id, deadline=deadline
             )
-            return reply.accepted, reply.next_token
+            return Confirmed(reply.accepted, reply.next_token, reply.logprobs)
 
-        def verify(context: list[int], draft: Draft) -> Future[tuple[int, int]]:
+        def verify(context: list[int], draft: Draft) -> Future[Confirmed]:
             return asyncio.run_coroutine_threadsafe(verdict(context, draft), loop)
 
         return verify
@@ -303,7 +306,7 @@ class CloudRoute:
                     raise CloudRequestError(c.error)
                 if c.token_ids or c.text:
                     received.extend(c.token_ids)
-                    yield TokenEvent(token_ids=list(c.token_ids), text=c.text)
+                    yield TokenEvent(list(c.token_ids), c.text, c.logprobs)
                 if c.is_end:
                     yield FinishEvent(
                         text="", stats=_stats(c, len(received), worker), tool_calls=c.tool_calls

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec
 
 import numpy as np
 
@@ -45,7 +45,7 @@ from edge.errors import EngineError
 from edge.generation import GenerationRequest
 from edge.sessions import common_prefix_len
 from edge.text import TextAssembler
-from mesh.protocol import DraftDistribution
+from mesh.protocol import DraftDistribution, TokenLogprob
 from mesh.sampling import DRAFT_TOP_K, top_k_distribution
 
 if TYPE_CHECKING:
@@ -81,9 +81,18 @@ class Draft:
         return len(self.tokens)
 
 
-# (context token ids, draft) -> a future of (accepted drafts, the target's next token).
-# It returns at once: the round trip runs elsewhere while the slot drafts ahead.
-Verifier = Callable[[list[int], Draft], "Future[tuple[int, int]]"]
+class Confirmed(NamedTuple):
+    """The target's verdict on a draft: how many drafts it keeps, the token it adds, and
+    (when the request asks for them) its logprobs of those accepted + 1 tokens."""
+
+    accepted: int
+    next_token: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+# (context token ids, draft) -> a future of the target's verdict. It returns at
+# once: the round trip runs elsewhere while the slot drafts ahead.
+Verifier = Callable[[list[int], Draft], "Future[Confirmed]"]
 
 
 def greedy_pick(logits: np.ndarray, position: int) -> tuple[int, DraftDistribution | None]:
@@ -185,7 +194,7 @@ def draft_ahead(
     limit: int,
     is_eog: Callable[[int], bool],
     pick: Pick,
-    pending: Future[tuple[int, int]],
+    pending: Future[Confirmed],
 ) -> Draft:
     """Draft the block after ``draft`` while its verification is ``pending``.
 
@@ -202,8 +211,8 @@ def draft_ahead(
             return False
         if pending.exception() is not None:
             return True
-        accepted, next_token = pending.result()
-        return accepted < len(draft) or next_token != ahead.tokens[0]
+        verdict = pending.result()
+        return verdict.accepted < len(draft) or verdict.next_token != ahead.tokens[0]
 
     return draft_block(llama, limit, is_eog, pick, stop=disproved)
 
@@ -279,7 +288,7 @@ class SpeculativeDecoder:
             limit = min(length.k + 1, room - len(draft) - 1)
             ahead = timer.draft(draft_ahead, llama, draft, limit, run.is_eog, pick, pending)
             try:
-                accepted, next_token = _checked(pending.result(), draft, run.n_vocab)
+                accepted, next_token, logprobs = _checked(pending.result(), draft, run.n_vocab)
             except Exception as exc:
                 if not self.fallback_to_edge:
                     raise
@@ -297,8 +306,8 @@ class SpeculativeDecoder:
             kept = continues(draft, ahead, accepted, next_token)
             if not kept:
                 rollback(llama, len(context), accepted)  # drops the block ahead too
-            for token in [*draft.tokens[:accepted], next_token]:
-                reason = run.accept(token, assembler, budget)
+            for i, token in enumerate([*draft.tokens[:accepted], next_token]):
+                reason = run.accept(token, assembler, budget, logprobs[i] if logprobs else None)
                 if reason is not None:
                     stats.finish_reason = reason
                     return assembler.finish()
@@ -313,18 +322,20 @@ class SpeculativeDecoder:
             draft = timer.draft(draft_block, llama, k, run.is_eog, pick)
 
 
-def _checked(verdict: tuple[int, int], draft: Draft, n_vocab: int) -> tuple[int, int]:
+def _checked(verdict: Confirmed, draft: Draft, n_vocab: int) -> Confirmed:
     """The verdict, if it can belong to this draft: a token outside the vocabulary
     would crash llama.cpp, so such a reply counts as a failed verification."""
-    accepted, next_token = verdict
+    accepted, next_token, logprobs = verdict
     if not (0 <= accepted <= len(draft) and 0 <= next_token < n_vocab):
         raise EngineError(f"verify reply out of range: {accepted} accepted, {next_token}")
-    return accepted, next_token
+    if logprobs is not None and len(logprobs) != accepted + 1:
+        raise EngineError(f"verify reply has {len(logprobs)} logprobs for {accepted + 1} tokens")
+    return verdict
 
 
 def _send_for_verification(
     verifier: Verifier, context: list[int], draft: Draft
-) -> tuple[Future[tuple[int, int]], Callable[[], float]]:
+) -> tuple[Future[Confirmed], Callable[[], float]]:
     """Start a verification; also a function giving its round trip once it is done."""
     sent = time.perf_counter()
     arrived: list[float] = []

@@ -29,7 +29,7 @@ import numpy as np
 
 from edge.constraints import llama_grammar
 from edge.errors import EngineError
-from edge.escalation import last_logits, token_logprob
+from edge.escalation import last_logits
 from edge.generation import (
     EngineConfig,
     FinishEvent,
@@ -40,6 +40,8 @@ from edge.generation import (
 from edge.sessions import SavedState, SessionCache, common_prefix_len
 from edge.slot_queue import SlotQueue
 from edge.text import TextAssembler
+from mesh.protocol import TokenLogprob
+from mesh.sampling import top_logprobs
 from models.llama_loader import load_llama
 from models.token_cache import CachedTokenizer, cached_llama_tokenizer
 from models.vocab import llama_token_bytes
@@ -106,6 +108,7 @@ class LlamaEngine:
         self._slots = [_Slot(i, self._load(config)) for i in range(config.slots)]
         self._vocab = self._load(config, vocab_only=True)
         self._tokenize_cached = cached_llama_tokenizer(self._vocab)
+        self._loop_token_bytes = llama_token_bytes(self._vocab)  # its buffer: one thread
         self._queue = SlotQueue(list(self._slots), config.max_queue)
         self._sessions = SessionCache(config.session_cache_bytes)
         # Monotonic counters, written by slot threads, read by metrics and heartbeats.
@@ -158,6 +161,10 @@ class LlamaEngine:
         a slot's context mid-generation.
         """
         return self._tokenize_cached(text)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token id (answers' logprobs). Event-loop thread only."""
+        return self._loop_token_bytes(token)
 
     def perf_counters(self) -> dict[str, int]:
         """llama.cpp's own prompt/generation eval counters, summed over slots."""
@@ -327,13 +334,20 @@ class SlotRun:
         self.engine.cancelled_generations += 1
         return True
 
-    def accept(self, token: int, assembler: TextAssembler, budget: int) -> str | None:
+    def accept(
+        self,
+        token: int,
+        assembler: TextAssembler,
+        budget: int,
+        logprob: TokenLogprob | None = None,
+    ) -> str | None:
         """Emit one generated token; the finish reason if generation must stop here."""
         if self.is_eog(token):
             return "stop"
         self.stats.completion_tokens += 1
         self.engine.generated_tokens += 1
-        self._emit(TokenEvent([token], assembler.push(self._slot.token_bytes(token))))
+        text = assembler.push(self._slot.token_bytes(token))
+        self._emit(TokenEvent([token], text, None if logprob is None else [logprob]))
         if assembler.stopped:
             return "stop"
         if self.stats.completion_tokens >= budget:
@@ -360,16 +374,20 @@ class SlotRun:
             repeat_penalty=1.0,
             grammar=llama_grammar(params.constraint) if params.constraint else None,
         )
-        watch = request.confidence
+        watch, top_k = request.confidence, params.logprobs
         for token in tokens:
             if self.cancelled():
                 break
-            if watch is not None and watch.observe(
-                token_logprob(last_logits(llama), token), self.stats.completion_tokens
-            ):
-                self.stats.finish_reason = "escalate"  # the doubtful token is not emitted
-                break
-            reason = self.accept(token, assembler, budget)
+            logprob = None
+            if watch is not None or top_k is not None:
+                # The logits this token was sampled from (the grammar does not touch them).
+                chosen, ids, values = top_logprobs(last_logits(llama), token, top_k or 0)
+                if top_k is not None:
+                    logprob = TokenLogprob(logprob=chosen, top_ids=ids, top_logprobs=values)
+                if watch is not None and watch.observe(chosen, self.stats.completion_tokens):
+                    self.stats.finish_reason = "escalate"  # the doubtful token is not emitted
+                    break
+            reason = self.accept(token, assembler, budget, logprob)
             if reason is not None:
                 self.stats.finish_reason = reason
                 break

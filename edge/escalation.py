@@ -17,12 +17,6 @@ from typing import Any
 import numpy as np
 
 
-def token_logprob(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token], computed stably (the model's own temperature-1 view)."""
-    top = float(logits.max())
-    return float(logits[token]) - top - float(np.log(np.exp(logits - top).sum()))
-
-
 def last_logits(llama: Any) -> np.ndarray:
     """The logits llama.cpp sampled the latest token from (valid until the next eval)."""
     import llama_cpp

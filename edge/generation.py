@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from edge.escalation import ConfidenceWatch
 from edge.sampling import SamplingParams
+from mesh.protocol import TokenLogprob
 from models.catalog import DEFAULT_N_CTX
 from models.token_cache import CachedTokenizer
 
@@ -91,10 +92,12 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Newly generated tokens and the text they made final (may be empty)."""
+    """Newly generated tokens and the text they made final (may be empty); with their
+    log-probabilities (one per token) when the request asked for them."""
 
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class EdgeEngine(Protocol):
     @property
     def token_cache(self) -> CachedTokenizer: ...
     def tokenize(self, text: str) -> list[int]: ...
+    def token_bytes(self, token: int) -> bytes: ...
     def perf_counters(self) -> dict[str, int]: ...
     def generate(self, request: GenerationRequest) -> AsyncGenerator[Event, None]: ...
     async def close(self) -> None: ...

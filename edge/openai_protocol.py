@@ -14,11 +14,19 @@ from dataclasses import replace
 from functools import cached_property
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from edge.sampling import SamplingParams
 from mesh.grammar import MAX_TOOL_CALLS, tool_call_schema, unsupported_keyword
 from mesh.protocol import OutputConstraint
+from mesh.sampling import MAX_TOP_LOGPROBS
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +34,8 @@ logger = logging.getLogger(__name__)
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_STOP_SEQUENCES = 16
 MAX_MESSAGES = 10_000
+# ``n``: a hard ceiling; the daemon's own bound (``EdgeSettings.max_n``) is usually lower.
+MAX_N = 128
 
 
 class _OpenAIRequest(BaseModel):
@@ -168,7 +178,7 @@ class _SamplingFields(_OpenAIRequest):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices to generate")
     user: str | None = None
 
     @field_validator("stop")
@@ -199,7 +209,17 @@ class _SamplingFields(_OpenAIRequest):
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
             stop=self.stop_list(),
+            logprobs=self.logprobs_k(),
         )
+
+    def logprobs_k(self) -> int | None:
+        """How many top alternatives each token's logprobs carry; None: no logprobs."""
+        return None
+
+    def choice_seed(self, index: int) -> int | None:
+        """The seed of choice ``index`` of ``n``: each choice draws its own numbers (a
+        seeded request stays reproducible, and its choices still differ)."""
+        return None if self.seed is None else self.seed + index
 
     def include_usage(self) -> bool:
         """Whether a streamed answer ends with a usage chunk."""
@@ -215,6 +235,19 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    def logprobs_k(self) -> int | None:
+        """``top_logprobs`` alternatives per token when ``logprobs`` is on."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
@@ -278,6 +311,12 @@ class CompletionRequest(_SamplingFields):
 
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False  # accepted so that ``echo: true`` gets a clear 400, not silence
+    # The legacy API's logprobs: how many alternatives per token (OpenAI allows up to 5).
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_k(self) -> int | None:
+        """``logprobs`` alternatives per token, when asked for."""
+        return self.logprobs
 
     @field_validator("echo")
     @classmethod
@@ -354,6 +393,36 @@ class Usage(BaseModel):
     tandem: TandemUsage | None = None
 
 
+class TopLogprob(BaseModel):
+    """One alternative token at a position, as OpenAI's ``top_logprobs`` entries."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """One generated token's ``logprobs.content`` entry."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """A chat choice's ``logprobs``."""
+
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """A text completion choice's ``logprobs`` (the legacy shape)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class ChatMessageOut(BaseModel):
     """The assistant message of a non-streamed answer."""
 
@@ -368,7 +437,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -406,7 +475,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -427,7 +496,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -17,6 +17,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     constraint: OutputConstraint | None = None  # JSON or enforced tool calls
+    logprobs: int | None = None  # None: none; k: each token's logprob and its top k
 
     @property
     def greedy(self) -> bool:

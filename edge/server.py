@@ -21,8 +21,9 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge import answers, serving
+from edge import answers, responses, serving
 from edge.answers import AnswerContext
 from edge.errors import (
     AuthenticationError,
@@ -40,7 +41,7 @@ from edge.errors import (
     PayloadTooLargeError,
     QueueFullError,
 )
-from edge.generation import GenerationRequest, GenerationStats
+from edge.generation import Events, GenerationRequest, GenerationStats
 from edge.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -49,9 +50,10 @@ from edge.openai_protocol import (
     new_id,
 )
 from edge.registration import MeshRegistration
+from edge.responses_protocol import ResponsesRequest
 from edge.route_plan import RoutePlan, check_model, plan_chat
 from edge.routing import ROUTE_HEADER, RULE_HEADER
-from edge.serving import Call
+from edge.serving import Call, Served
 from edge.settings import EdgeSettings
 from edge.state import EdgeState, build_state
 from mesh.runtime import freeze_startup_objects
@@ -140,7 +142,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
-    return f"{loc}: {first['msg']}" if loc else first["msg"], loc or None
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix says nothing
+    return f"{loc}: {msg}" if loc else msg, loc or None
 
 
 async def parse_body(request: Request, model: type[T]) -> T:
@@ -246,8 +249,11 @@ def _install_routes(app: FastAPI) -> None:
     for path, handler in (
         ("/v1/chat/completions", handle_chat_completion),
         ("/v1/completions", handle_completion),
+        ("/v1/responses", handle_create_response),
     ):
         app.add_api_route(path, handler, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/responses/{response_id}", handle_get_response, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}", handle_delete_response, methods=["DELETE"])
 
 
 async def handle_health(request: Request) -> dict[str, Any]:
@@ -296,9 +302,10 @@ async def plan_request(
 
 
 def chat_context(
-    state: EdgeState, body: ChatCompletionRequest, plan: RoutePlan, route: str
+    state: EdgeState, body: ChatCompletionRequest, plan: RoutePlan, route: str, **fields: Any
 ) -> AnswerContext:
-    """The answer context of a chat request served on ``route``."""
+    """The answer context of a chat request served on ``route`` (``fields``: e.g. the
+    choice ``index`` and the shared ``id`` of an ``n``-choice answer)."""
     tools = body.active_tools()
     return AnswerContext(
         model=body.model,
@@ -309,22 +316,118 @@ def chat_context(
         rule=plan.rule,
         include_usage=body.include_usage(),
         tool_names={t["function"]["name"] for t in tools} if tools else None,
+        token_bytes=state.engine.token_bytes if body.logprobs_k() is not None else None,
         on_done=_observer(state, plan),
+        **fields,
     )
 
 
+def _check_n(state: EdgeState, n: int) -> None:
+    if n > state.settings.max_n:
+        raise InvalidRequestError(
+            f"n is {n}; this edge generates at most {state.settings.max_n} choices per request",
+            param="n",
+        )
+
+
+@dataclass(frozen=True)
+class _AnswerKind:
+    """How an endpoint's choices become an answer: chat or text completion."""
+
+    chunks: Callable[[Events, AnswerContext], AsyncIterator[bytes]]
+    stream: Callable[
+        [Sequence[AsyncIterator[bytes]], Sequence[AnswerContext]], AsyncIterator[bytes]
+    ]
+    collect: Callable[[Events, AnswerContext], Awaitable[Any]]
+    merge: Callable[[Sequence[Any], Sequence[AnswerContext]], BaseModel]
+
+
+_CHAT = _AnswerKind(
+    answers.chat_chunks, answers.stream_chat_choices, answers.collect_chat, answers.merge_choices
+)
+_COMPLETION = _AnswerKind(
+    answers.completion_chunks,
+    answers.stream_completion_choices,
+    answers.collect_completion,
+    answers.merge_completions,
+)
+
+
+async def _plain(work: Awaitable[Any]) -> Any:
+    return await work
+
+
+async def _respond(
+    request: Request,
+    kind: _AnswerKind,
+    stream: bool,
+    first: Served,
+    contexts: list[AnswerContext],
+    serve_choice: Callable[[int, Call], Awaitable[Served]],
+) -> Response:
+    """The answer of ``len(contexts)`` choices: the first already served (so its errors
+    got an HTTP status), the others served now, all running together."""
+    head = contexts[0]
+
+    async def events_of(i: int) -> Events:
+        if i == 0:
+            return first.events
+        # Only the first choice watches for a disconnect; closing the answer stops all.
+        served = await serve_choice(i, Call(head_call.session_id, _plain))
+        contexts[i].route = served.route
+        return served.events
+
+    async def later_chunks(i: int) -> AsyncIterator[bytes]:
+        try:
+            events = await events_of(i)
+        except EdgeError as exc:
+            yield answers.sse(exc.body())
+            return
+        async for item in kind.chunks(events, contexts[i]):
+            yield item
+
+    head_call = _call(request)
+    if stream:
+        streams = [kind.chunks(first.events, head), *map(later_chunks, range(1, len(contexts)))]
+        return _streaming(kind.stream(streams, contexts), head)
+
+    async def collect(i: int) -> Any:
+        return await kind.collect(await events_of(i), contexts[i])
+
+    tasks = [asyncio.ensure_future(collect(i)) for i in range(len(contexts))]
+    try:
+        done = await _unless_disconnected(request, asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    answer = done[0] if len(done) == 1 else kind.merge(done, contexts)
+    return JSONResponse(answer.model_dump(), headers=_route_headers(head))
+
+
 async def handle_chat_completion(request: Request) -> Response:
-    """``POST /v1/chat/completions``: plan once, serve on the route, answer."""
+    """``POST /v1/chat/completions``: plan once, serve each choice on the route, answer."""
     _check_auth(request)
     state = _state(request)
     body = await parse_body(request, ChatCompletionRequest)
+    _check_n(state, body.n)
     plan, prompt = await plan_request(request, state, body)
-    served = await serving.serve_chat(state, _call(request), plan, body, prompt)
-    ctx = chat_context(state, body, plan, served.route)
-    if body.stream:
-        return _streaming(answers.stream_chat(served.events, ctx), ctx)
-    answer = await _unless_disconnected(request, answers.collect_chat(served.events, ctx))
-    return JSONResponse(answer.model_dump(), headers=_route_headers(ctx))
+    # Choice i samples with its own seed (``choice_seed``); the plan is the same for all.
+    bodies = [body] + [
+        body.model_copy(update={"seed": body.choice_seed(i)}) for i in range(1, body.n)
+    ]
+
+    def serve_choice(i: int, call: Call) -> Awaitable[Served]:
+        return serving.serve_chat(state, call, plan, bodies[i], prompt)
+
+    first = await serve_choice(0, _call(request))
+    head = chat_context(state, body, plan, first.route)
+    contexts = [head] + [
+        chat_context(state, bodies[i], plan, first.route, index=i, id=head.id)
+        for i in range(1, body.n)
+    ]
+    return await _respond(request, _CHAT, body.stream, first, contexts, serve_choice)
 
 
 async def handle_completion(request: Request) -> Response:
@@ -332,28 +435,67 @@ async def handle_completion(request: Request) -> Response:
     _check_auth(request)
     state = _state(request)
     body = await parse_body(request, CompletionRequest)
+    _check_n(state, body.n)
     check_model(state.policy_snapshot(), state.model_id, body.model)
     prompt = await asyncio.to_thread(state.prompts.completion_tokens, body)
     max_tokens = state.prompts.completion_budget(len(prompt), body.max_tokens)
-    ctx = AnswerContext(
-        model=state.model_id,
-        node_id=state.settings.node_id,
-        metrics=state.metrics,
-        endpoint="completions",
-        include_usage=body.include_usage(),
-        id=new_id("cmpl"),
-        rule="text-completions",  # the policy routes chat; text completions stay here
-    )
-    generation = GenerationRequest(
-        prompt_tokens=prompt,
-        sampling=body.to_sampling_params(default_max_tokens=max_tokens),
-        session_id=request.headers.get(SESSION_HEADER),
-    )
-    served = await serving.serve_edge(state, _call(request), generation)
+    sampling = body.to_sampling_params(default_max_tokens=max_tokens)
+    completion_id = new_id("cmpl")
+    contexts = [
+        AnswerContext(
+            model=state.model_id,
+            node_id=state.settings.node_id,
+            metrics=state.metrics,
+            endpoint="completions",
+            include_usage=body.include_usage(),
+            token_bytes=state.engine.token_bytes if body.logprobs_k() is not None else None,
+            index=i,
+            id=completion_id,
+            rule="text-completions",  # the policy routes chat; text completions stay here
+        )
+        for i in range(body.n)
+    ]
+
+    def serve_choice(i: int, call: Call) -> Awaitable[Served]:
+        generation = GenerationRequest(
+            prompt_tokens=prompt,
+            sampling=replace(sampling, seed=body.choice_seed(i)),
+            session_id=call.session_id,
+        )
+        return serving.serve_edge(state, call, generation)
+
+    first = await serve_choice(0, _call(request))
+    return await _respond(request, _COMPLETION, body.stream, first, contexts, serve_choice)
+
+
+async def handle_create_response(request: Request) -> Response:
+    """``POST /v1/responses``: served as a chat, on chat's route plan and routes."""
+    _check_auth(request)
+    state = _state(request)
+    body = await parse_body(request, ResponsesRequest)
+    turn = responses.Turn(body, state.responses.history(body.previous_response_id))
+    chat = body.to_chat(turn.history)
+    plan, prompt = await plan_request(request, state, chat)
+    served = await serving.serve_chat(state, _call(request), plan, chat, prompt)
+    ctx = replace(chat_context(state, chat, plan, served.route), endpoint="responses", id=turn.id)
     if body.stream:
-        return _streaming(answers.stream_completion(served.events, ctx), ctx)
-    answer = await _unless_disconnected(request, answers.collect_completion(served.events, ctx))
-    return JSONResponse(answer.model_dump(), headers=_route_headers(ctx))
+        return _streaming(responses.stream_response(served.events, ctx, turn, state.responses), ctx)
+    answer = await _unless_disconnected(request, answers.collect_chat(served.events, ctx))
+    response = state.responses.remember(turn, responses.from_chat(turn, answer))
+    return JSONResponse(response.dump(), headers=_route_headers(ctx))
+
+
+async def handle_get_response(request: Request, response_id: str) -> JSONResponse:
+    """``GET /v1/responses/{id}``: a stored response (404 when unknown or evicted)."""
+    _check_auth(request)
+    return JSONResponse(_state(request).responses.get(response_id).response.dump())
+
+
+async def handle_delete_response(request: Request, response_id: str) -> JSONResponse:
+    """``DELETE /v1/responses/{id}``: forget a stored response."""
+    _check_auth(request)
+    _state(request).responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
 def serve(settings: EdgeSettings) -> None:

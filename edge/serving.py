@@ -123,6 +123,7 @@ async def serve_cloud(
                 seed=body.seed,
                 stop=body.stop_list() or None,
                 constraint=body.output_constraint,
+                logprobs=body.logprobs_k(),
             ),
             session_id=call.session_id,
             deadline=deadline_in(state.settings.cloud_timeout_s),

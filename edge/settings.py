@@ -40,6 +40,7 @@ class EdgeSettings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="requests that may wait for a slot before 429")
     session_cache_mb: int = Field(512, ge=0, description="RAM for saved conversation KV states")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_n: int = Field(8, ge=1, le=128, description="most choices (n) one request may ask for")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>'")
     nats_url: str | None = Field(None, description="join the mesh at this NATS URL")
     node_id: str = Field(default_factory=lambda: f"edge-{socket.gethostname()}")

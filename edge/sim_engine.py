@@ -79,6 +79,10 @@ class SimEngine:
         """Token ids of ``text`` with the real vocabulary (blocking: call from a thread)."""
         return self._vocab.tokenize(text)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token id of the simulated vocabulary."""
+        return self._vocab.token_bytes(token)
+
     def perf_counters(self) -> dict[str, int]:
         """The modelled counterparts of llama.cpp's prompt/generation eval counters."""
         return {"n_p_eval": self._prompt_tokens_evaluated, "n_eval": self.generated_tokens}

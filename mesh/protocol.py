@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mesh.errors import ProtocolError
 from mesh.grammar import MAX_TOOL_CALLS
-from mesh.sampling import DRAFT_TOP_K
+from mesh.sampling import DRAFT_TOP_K, MAX_TOP_LOGPROBS
 
 
 def _describe(exc: ValidationError) -> str:
@@ -122,6 +122,18 @@ class SamplingParams(WireMessage):
     seed: int | None = None
     stop: list[str] | None = None
     constraint: OutputConstraint | None = None
+    # Return log-probabilities of the chosen tokens and this many alternatives each.
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class TokenLogprob(WireMessage):
+    """The target model's log-probability of one emitted token, and its top alternatives
+    (most probable first): OpenAI's ``logprobs.content`` entry, as token ids."""
+
+    kind: Literal["token_logprob"] = "token_logprob"
+    logprob: float
+    top_ids: list[int] = Field(default_factory=list, max_length=MAX_TOP_LOGPROBS)
+    top_logprobs: list[float] = Field(default_factory=list, max_length=MAX_TOP_LOGPROBS)
 
 
 class GenerateRequest(WireMessage):
@@ -225,6 +237,7 @@ class TokenChunk(WireMessage):
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     usage: StreamUsage | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
     is_end: bool = False
     error: ErrorInfo | None = None
 
@@ -313,6 +326,9 @@ class VerifyReply(WireMessage):
     next_token: int = Field(ge=0)
     cached_tokens: int = Field(ge=0)
     margins: list[float] = Field(default_factory=list)
+    # When the sampling asks for logprobs: one per emitted token (the accepted drafts,
+    # then next_token), from the target model.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class CancelRequest(WireMessage):

@@ -48,3 +48,24 @@ def top_k_distribution(
     # Tokens that underflowed to probability 0 cannot be sampled: leave them out.
     positive = probs > 0
     return token_ids[top[positive]], probs[positive]
+
+
+# OpenAI's bound on ``top_logprobs``; the edge, the cloud and the wire all keep to it.
+MAX_TOP_LOGPROBS = 20
+
+
+def top_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[int], list[float]]:
+    """The model's log-probability of ``token`` and its ``k`` most probable tokens'.
+
+    ``logits`` are one position's raw logits: like vLLM's default (``raw_logprobs``),
+    the values are the model's own distribution, before temperature, top-p or a
+    grammar. Returns (logprob of token, top ids, top logprobs), most probable first.
+    """
+    scores = logits.astype(np.float64)
+    log_z = float(scores.max()) + float(np.log(np.exp(scores - scores.max()).sum()))
+    chosen = float(scores[token]) - log_z
+    if k <= 0:
+        return chosen, [], []
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return chosen, [int(i) for i in top], [float(scores[i]) - log_z for i in top]

@@ -631,6 +631,74 @@ async def test_speculative_route_gives_the_cloud_models_greedy_answer(
     assert metrics["tandem_edge_speculative_accepted_tokens_total"] > 0
 
 
+# Logprobs of the same greedy tokens on the speculative and cloud routes: verification
+# scores a block of positions in one pass, cloud-only decoding one per step; in fp32 they
+# round differently by ~1e-5 nats. This bound is far above that and far below any real
+# difference of distributions (a wrong position or model would be off by > 0.1).
+LOGPROB_TOLERANCE_NATS = 1e-3
+
+
+def _logprob_answer(client: Any, route: str, stream: bool) -> tuple[str, list[Any], int]:
+    """(content, logprobs entries, completion tokens) of a greedy answer on ``route``."""
+    common: dict[str, Any] = dict(
+        model=MODEL, messages=[{"role": "user", "content": SPEC_PROMPTS[1]}], max_tokens=16,
+        temperature=0, logprobs=True, top_logprobs=4, extra_headers={"x-tandem-route": route},
+    )  # fmt: skip
+    if not stream:
+        answer = client.chat.completions.create(**common)
+        choice = answer.choices[0]
+        return choice.message.content or "", choice.logprobs.content, answer.usage.completion_tokens
+    content, entries, usage = "", [], None
+    for chunk in client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **common
+    ):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            entries.extend(choice.logprobs.content if choice.logprobs else [])
+    assert usage is not None
+    return content, entries, usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_on_the_cloud_and_speculative_routes_are_the_targets(
+    mesh_edge: EdgeProcess, stream: bool
+) -> None:
+    """vLLM's logprobs through the mesh; on the speculative route the target's, from the
+    verification pass, equal to cloud-only decoding's within LOGPROB_TOLERANCE_NATS."""
+    client = mesh_edge.client()
+    cloud_text, cloud, cloud_tokens = _logprob_answer(client, "cloud", stream)
+    spec_text, spec, spec_tokens = _logprob_answer(client, "speculative", stream)
+    for text, entries, tokens in (
+        (cloud_text, cloud, cloud_tokens),
+        (spec_text, spec, spec_tokens),
+    ):
+        assert len(entries) == tokens
+        spelled = b"".join(bytes(e.bytes) for e in entries).decode()
+        # vLLM counts the end-of-turn token it stopped on, and gives its logprob too.
+        assert spelled in (text, text + "<|im_end|>")
+        for entry in entries:
+            assert len(entry.top_logprobs) == 4
+            assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)
+    compared = 0
+    for a, b in zip(cloud, spec, strict=False):
+        if a.token != b.token:
+            break  # a near-tie flipped (see test_speculative_route_gives_...); stop here
+        assert abs(a.logprob - b.logprob) < LOGPROB_TOLERANCE_NATS, (a, b)
+        assert [t.token for t in a.top_logprobs][:2] == [t.token for t in b.top_logprobs][:2]
+        compared += 1
+    assert compared >= 4, f"the routes' answers diverged at once: {cloud_text!r} / {spec_text!r}"
+
+
+def test_n_on_the_cloud_route_sums_usage(mesh_edge: EdgeProcess) -> None:
+    answer = mesh_edge.client().chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=8, temperature=0, n=2, extra_headers=CLOUD
+    )
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.choices[0].message.content == answer.choices[1].message.content  # greedy
+    assert answer.usage.completion_tokens == 16
+
+
 FRUIT = [{"role": "user", "content": "Name one fruit. Answer with a single word."}]
 
 

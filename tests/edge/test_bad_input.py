@@ -34,7 +34,7 @@ BAD_BODIES = [
     ("max-tokens-negative", _chat(max_tokens=-5), 400, "max_tokens"),
     ("max-tokens-absurd", _chat(max_tokens=10**12), 400, "max_tokens"),
     ("max-tokens-over-context", _chat(max_tokens=100_000), 400, "Reduce max_tokens"),
-    ("n-two", _chat(n=2), 400, "n"),
+    ("n-over-the-bound", _chat(n=9), 400, "n"),
     ("unknown-model", _chat(model="gpt-9"), 404, "gpt-9"),
     ("empty-stop", _chat(stop=[""]), 400, "stop"),
     (

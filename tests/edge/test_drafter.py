@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 
 from cloud.speculative import verify_greedy
-from edge.drafter import Draft, DraftLength, SpeculativeDecoder, Verifier
+from edge.drafter import Confirmed, Draft, DraftLength, SpeculativeDecoder, Verifier
 from edge.engine import LlamaEngine
 from edge.generation import EngineConfig, FinishEvent, GenerationRequest, TokenEvent
 from edge.sampling import SamplingParams
@@ -44,17 +44,17 @@ class ScriptedTarget:
         self.pool = ThreadPoolExecutor(4)
         self.calls = 0
 
-    def verify(self, context: list[int], block: Draft) -> Future[tuple[int, int]]:
+    def verify(self, context: list[int], block: Draft) -> Future[Confirmed]:
         self.calls += 1
         draft = block.tokens
         start = len(context) - self.prompt_len
         assert context[self.prompt_len :] == self.target[:start], "context left the target"
         wanted = self.target[start : start + len(draft) + 1]
 
-        def answer() -> tuple[int, int]:
+        def answer() -> Confirmed:
             time.sleep(self.delay_s)
             verdict = verify_greedy(draft, wanted)
-            return verdict.accepted, verdict.next_token
+            return Confirmed(verdict.accepted, verdict.next_token)
 
         return self.pool.submit(answer)
 
@@ -119,8 +119,8 @@ async def test_a_verdict_outside_the_vocabulary_is_a_failed_verification(
     own, _ = await _run(engine, prompt, 12, None)
     pool = ThreadPoolExecutor(1)
 
-    def corrupt(context: list[int], draft: Draft) -> Future[tuple[int, int]]:
-        return pool.submit(lambda: (0, engine.n_vocab + 5))
+    def corrupt(context: list[int], draft: Draft) -> Future[Confirmed]:
+        return pool.submit(lambda: Confirmed(0, engine.n_vocab + 5))
 
     request = GenerationRequest(prompt, SamplingParams(max_tokens=12, temperature=0.0))
     request.decoder = SpeculativeDecoder(corrupt, fallback_to_edge=True)

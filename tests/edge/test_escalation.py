@@ -10,18 +10,24 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.escalation import ConfidenceWatch, token_logprob
+from edge.escalation import ConfidenceWatch
+from mesh.sampling import top_logprobs
 from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess
 
 
-def test_token_logprob_is_log_softmax() -> None:
+def test_top_logprobs_are_log_softmax_most_probable_first() -> None:
     logits = np.array([2.0, 1.0, -1.0, 1000.0 - 1000.0], dtype=np.float32)
     expected = logits - math.log(float(np.exp(logits).sum()))
     for token in range(4):
-        assert token_logprob(logits, token) == pytest.approx(expected[token], abs=1e-5)
+        assert top_logprobs(logits, token, 0)[0] == pytest.approx(expected[token], abs=1e-5)
+    chosen, ids, values = top_logprobs(logits, 2, 3)
+    assert ids == [0, 1, 3]
+    assert values == pytest.approx([expected[0], expected[1], expected[3]], abs=1e-5)
+    assert chosen == pytest.approx(expected[2], abs=1e-5)
     huge = np.array([1000.0, 999.0], dtype=np.float32)  # no overflow
-    assert token_logprob(huge, 1) == pytest.approx(-1.3133, abs=1e-3)
+    assert top_logprobs(huge, 1, 0)[0] == pytest.approx(-1.3133, abs=1e-3)
+    assert top_logprobs(huge, 1, 5)[1] == [0, 1]  # k beyond the vocabulary: all of it
 
 
 def test_watch_fires_on_a_low_window_mean_only_after_the_warmup() -> None:
