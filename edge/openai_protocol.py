@@ -38,13 +38,13 @@ MAX_MESSAGES = 10_000
 MAX_N = 128
 
 
-class _OpenAIRequest(BaseModel):
+class OpenAIRequest(BaseModel):
     """Base for request bodies: unknown fields are kept and logged, not rejected."""
 
     model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="after")
-    def _log_unknown_fields(self) -> _OpenAIRequest:
+    def _log_unknown_fields(self) -> OpenAIRequest:
         if self.model_extra:
             logger.debug("ignoring unsupported request fields: %s", sorted(self.model_extra))
         return self
@@ -167,7 +167,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(_OpenAIRequest):
+class _SamplingFields(OpenAIRequest):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1)

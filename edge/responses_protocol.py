@@ -30,7 +30,7 @@ from pydantic import (
 
 from edge.errors import InvalidRequestError
 from edge.openai_protocol import MAX_TOKENS_LIMIT, ChatCompletionRequest, TandemUsage
-from edge.openai_protocol import _OpenAIRequest as OpenAIRequest
+from edge.openai_protocol import OpenAIRequest
 
 # -- input items ---------------------------------------------------------------------
 
@@ -208,7 +208,11 @@ class ResponsesRequest(OpenAIRequest):
     """``POST /v1/responses``."""
 
     model: str = Field(min_length=1)
-    input: Annotated[list[InputItem], BeforeValidator(_message_items)]
+    # A string is one user message; the schema shows both forms.
+    input: Annotated[
+        list[InputItem],
+        BeforeValidator(_message_items, json_schema_input_type=str | list[InputItem]),
+    ]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice = "auto"

@@ -49,6 +49,7 @@ from edge.openai_protocol import (
     ModelList,
     new_id,
 )
+from edge.openapi import install_openapi
 from edge.registration import MeshRegistration
 from edge.responses_protocol import ResponsesRequest
 from edge.route_plan import RoutePlan, check_model, plan_chat
@@ -84,6 +85,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     app = FastAPI(title="Tandem edge", lifespan=lifespan)
     _install_error_handlers(app)
     _install_routes(app)
+    install_openapi(app)
     if settings.engine == "sim":
         from edge.sim_engine import SimulatedEngineHeader
 
