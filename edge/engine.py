@@ -22,12 +22,13 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edge.constraints import llama_grammar
+from edge.constraints import grammar_first, llama_grammar
 from edge.errors import EngineError
 from edge.escalation import last_logits
 from edge.generation import (
@@ -365,31 +366,42 @@ class SlotRun:
             params.max_tokens, self.n_ctx - len(request.prompt_tokens)
         )
         self.stats.finish_reason = "length"
-        tokens = llama.generate(
-            request.prompt_tokens,
-            temp=params.temperature,
-            top_p=params.top_p,
-            top_k=0,  # OpenAI semantics: no top-k, no min-p unless asked
-            min_p=0.0,
-            repeat_penalty=1.0,
-            grammar=llama_grammar(params.constraint) if params.constraint else None,
-        )
-        watch, top_k = request.confidence, params.logprobs
+        grammar = llama_grammar(params.constraint) if params.constraint else None
+        with grammar_first(llama, grammar) if grammar is not None else nullcontext():
+            tokens = llama.generate(
+                request.prompt_tokens,
+                temp=params.temperature,
+                top_p=params.top_p,
+                top_k=0,  # OpenAI semantics: no top-k, no min-p unless asked
+                min_p=0.0,
+                repeat_penalty=1.0,
+                grammar=None,  # a constraint samples through grammar_first's sampler
+            )
+            try:
+                self._emit_tokens(request, tokens, assembler, budget)
+            finally:
+                tokens.close()
+        return assembler.finish()
+
+    def _emit_tokens(
+        self, request: GenerationRequest, tokens: Any, assembler: TextAssembler, budget: int
+    ) -> None:
+        """Emit ``llama.generate``'s tokens (with logprobs, under the confidence watch)
+        until one of them ends the answer."""
+        watch, top_k = request.confidence, request.sampling.logprobs
         for token in tokens:
             if self.cancelled():
-                break
+                return
             logprob = None
             if watch is not None or top_k is not None:
                 # The logits this token was sampled from (the grammar does not touch them).
-                chosen, ids, values = top_logprobs(last_logits(llama), token, top_k or 0)
+                chosen, ids, values = top_logprobs(last_logits(self.llama), token, top_k or 0)
                 if top_k is not None:
                     logprob = TokenLogprob(logprob=chosen, top_ids=ids, top_logprobs=values)
                 if watch is not None and watch.observe(chosen, self.stats.completion_tokens):
                     self.stats.finish_reason = "escalate"  # the doubtful token is not emitted
-                    break
+                    return
             reason = self.accept(token, assembler, budget, logprob)
             if reason is not None:
                 self.stats.finish_reason = reason
-                break
-        tokens.close()
-        return assembler.finish()
+                return
