@@ -8,6 +8,8 @@ on BFCL's own simulator classes and their results go back as tool messages.
 When a step yields no usable call, the step is recorded as invalid and the
 ground-truth call runs instead, so the session progresses as the scenario
 intends. Each turn ends with one more call for the model's answer in words.
+Steps are marked ``expects_call``, so the runner can enforce a call on them
+(``tool_choice: "required"``) while the answers in words stay free.
 
 Fitting the default models' 2048-token context: a session offers the tools its
 ground truth uses plus other tools of the same classes up to ``max_tool_chars``
@@ -244,7 +246,7 @@ class BfclSession:
             messages += question
             for expected in truth:
                 expected_args = sim.keyword_args(expected)
-                reply = await call(messages, self.tools)
+                reply = await call(messages, self.tools, expects_call=True)
                 check, args = check_call(reply, offered, expected_args, expected.name)
                 outcome.checks.append(check)
                 if args is not None:  # the model's own call runs, right or wrong

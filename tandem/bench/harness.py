@@ -87,6 +87,14 @@ def _notes(options: BenchOptions) -> list[str]:
             f"{options.bfcl.max_result_chars} chars (the default models have "
             f"{DEFAULT_N_CTX}-token contexts)"
         )
+        if options.plan.enforce_tool_choice:
+            notes.append(
+                "BFCL tool calls, free against enforced: free is the measured window (no "
+                "tool_choice sent); enforced is a pass after it over the same scenarios, each "
+                "step whose ground truth is a call sent with tool_choice 'required' "
+                "(constrained decoding; the speculative route sends those to the cloud), not "
+                "in the latency or cost figures; both under the same max_tokens"
+            )
     return notes
 
 
@@ -131,6 +139,7 @@ def run(
         rtt_ms=options.layout.rtt_ms if options.start_mesh else None,
         max_tokens=options.max_tokens,
         temperature=options.temperature,
+        enforce_tool_choice=options.plan.enforce_tool_choice,
         cost_model=options.cost,
     )
     report = BenchReport(

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tandem.bench.cost import CostModel
-from tandem.bench.schema import Headline, ModeResult, Percentiles, Quality
+from tandem.bench.schema import EnforcedQuality, Headline, ModeResult, Percentiles, Quality
 from tandem.bench.workloads import CallCheck
 
 
@@ -30,6 +30,8 @@ class CallRecord:
     completion_tokens: int
     drafted: int = 0
     accepted: int = 0
+    tool_choice: str | None = None  # what the call enforced; None: free decoding
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -83,15 +85,38 @@ def _per_mtok(seconds: float | None, tokens: int) -> float | None:
     return None if seconds is None or tokens <= 0 else seconds * 1e6 / tokens
 
 
-def quality(sessions: Sequence[SessionRecord], agreement: tuple[int, float | None]) -> Quality:
-    """BFCL validity and accuracy over every checked step, plus the given agreement."""
+def quality(
+    sessions: Sequence[SessionRecord],
+    agreement: tuple[int, float | None],
+    enforced: Sequence[SessionRecord] | None = None,
+) -> Quality:
+    """BFCL validity and accuracy over every checked step, plus the given agreement and,
+    when the mode had an enforced pass, that pass's sessions."""
     checks = [c for s in sessions for c in s.checks]
     return Quality(
         bfcl_steps=len(checks),
         tool_call_validity=_ratio(sum(c.valid for c in checks), len(checks)),
         tool_call_accuracy=_ratio(sum(c.correct for c in checks), len(checks)),
+        enforced=enforced_quality(enforced) if enforced else None,
         agreement_compared=agreement[0],
         agreement_with_cloud=agreement[1],
+    )
+
+
+def enforced_quality(sessions: Sequence[SessionRecord]) -> EnforcedQuality:
+    """BFCL validity and accuracy of a pass that enforced tool choice on its call steps."""
+    checks = [c for s in sessions for c in s.checks]
+    enforced = [c for s in sessions for c in s.calls if c.tool_choice is not None]
+    errors = [s.error for s in sessions if s.error is not None]
+    return EnforcedQuality(
+        sessions=len(sessions) - len(errors),
+        failed_sessions=len(errors),
+        error_samples=sorted(set(errors))[:5],
+        bfcl_steps=len(checks),
+        tool_call_validity=_ratio(sum(c.valid for c in checks), len(checks)),
+        tool_call_accuracy=_ratio(sum(c.correct for c in checks), len(checks)),
+        cut_by_max_tokens=sum(c.finish_reason == "length" for c in enforced),
+        route_mix=dict(sorted(Counter(c.route for c in enforced).items())),
     )
 
 
@@ -108,8 +133,10 @@ def summarize(
     engine: EngineSeconds,
     cost: CostModel,
     agreement_result: tuple[int, float | None],
+    enforced: Sequence[SessionRecord] | None = None,
 ) -> ModeResult:
-    """Every per-mode quantity of the report from the sessions one mode played."""
+    """Every per-mode quantity of the report from the sessions one mode played (and, when
+    it had one, its enforced-tool-choice pass: quality only)."""
     calls = [c for s in sessions for c in s.calls]
     prompt = sum(c.prompt_tokens for c in calls)
     completion = sum(c.completion_tokens for c in calls)
@@ -165,7 +192,7 @@ def summarize(
         edge_engine_s_per_mtok=_per_mtok(engine.edge, tokens),
         cloud_engine_s_per_mtok=_per_mtok(engine.cloud, tokens),
         cost_usd_per_mtok=cost_per_mtok,
-        quality=quality(sessions, agreement_result),
+        quality=quality(sessions, agreement_result, enforced),
     )
 
 

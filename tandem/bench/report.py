@@ -26,9 +26,9 @@ def _triple(p: Percentiles) -> str:
     return f"{_num(p.p50)} / {_num(p.p95)} / {_num(p.p99)}"
 
 
-def _mix(r: ModeResult) -> str:
-    total = sum(r.route_mix.values()) or 1
-    return ", ".join(f"{route} {n / total:.0%}" for route, n in r.route_mix.items()) or "-"
+def _shares(counts: dict[str, int]) -> str:
+    total = sum(counts.values()) or 1
+    return ", ".join(f"{route} {n / total:.0%}" for route, n in counts.items()) or "-"
 
 
 def latency_table(results: Sequence[ModeResult]) -> str:
@@ -49,20 +49,44 @@ def latency_table(results: Sequence[ModeResult]) -> str:
 
 
 def cost_table(results: Sequence[ModeResult]) -> str:
-    """Routes, caches, engine time, cost and quality per mode and concurrency."""
+    """Routes, caches, engine time, cost and agreement per mode and concurrency."""
     rows = [
         "| mode | conc | route mix | spec. accept | prefix hits | edge s/Mtok | cloud s/Mtok "
-        "| $/Mtok | BFCL valid | BFCL exact | agrees w/ cloud (n) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| $/Mtok | agrees w/ cloud (n) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         q = r.quality
         rows.append(
-            f"| {r.mode} | {r.concurrency} | {_mix(r)} | {_pct(r.speculative_acceptance)} "
+            f"| {r.mode} | {r.concurrency} | {_shares(r.route_mix)} "
+            f"| {_pct(r.speculative_acceptance)} "
             f"| {_pct(r.prefix_cache_hit_rate)} | {_num(r.edge_engine_s_per_mtok)} "
             f"| {_num(r.cloud_engine_s_per_mtok)} | {_num(r.cost_usd_per_mtok, 4)} "
-            f"| {_pct(q.tool_call_validity)} | {_pct(q.tool_call_accuracy)} "
             f"| {_pct(q.agreement_with_cloud)} ({q.agreement_compared}) |"
+        )
+    return "\n".join(rows)
+
+
+def tool_call_table(results: Sequence[ModeResult]) -> str:
+    """BFCL tool calls per mode: free decoding against enforced tool choice."""
+    rows = [
+        "| mode | conc | steps | free: valid | free: exact | required: valid "
+        "| required: exact | required: cut at max_tokens | required: routes "
+        "| required: sessions (failed) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        q, e = r.quality, r.quality.enforced
+        enforced = (
+            "| - | - | - | - | - |"
+            if e is None
+            else f"| {_pct(e.tool_call_validity)} | {_pct(e.tool_call_accuracy)} "
+            f"| {e.cut_by_max_tokens} | {_shares(e.route_mix)} "
+            f"| {e.sessions} ({e.failed_sessions}) |"
+        )
+        rows.append(
+            f"| {r.mode} | {r.concurrency} | {q.bfcl_steps} | {_pct(q.tool_call_validity)} "
+            f"| {_pct(q.tool_call_accuracy)} {enforced}"
         )
     return "\n".join(rows)
 
@@ -87,6 +111,11 @@ def headline_table(report: BenchReport) -> str:
     )
 
 
+def has_bfcl(results: Sequence[ModeResult]) -> bool:
+    """Whether any mode played BFCL steps (the tool-call table has something to say)."""
+    return any(r.quality.bfcl_steps or r.quality.enforced for r in results)
+
+
 def markdown(report: BenchReport) -> str:
     """The whole report as markdown."""
     c = report.config
@@ -101,6 +130,7 @@ def markdown(report: BenchReport) -> str:
         headline_table(report),
         latency_table(report.results),
         cost_table(report.results),
+        *([tool_call_table(report.results)] if has_bfcl(report.results) else []),
         *[f"- {note}" for note in report.notes],
     ]
     return "\n\n".join(parts) + "\n"

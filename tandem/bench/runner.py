@@ -15,6 +15,12 @@ short tag of the mode, so no mode is served from prefix caches another mode
 warmed. After a mode's measured window (and its engine-time reading), every
 call it served off the cloud is sent again, unchanged, on the cloud route:
 agreement is the share answered identically.
+Then, unless the plan says otherwise, the mode plays its BFCL sessions once more
+with enforced tool choice: every step whose ground truth is a call is sent with
+``tool_choice: "required"`` (constrained decoding on the edge and the cloud), the
+answers in words free as before. That pass is quality only: it runs after the
+mode's engine-time reading, so the mode's latency, throughput and cost are free
+decoding's, and its validity and accuracy sit beside free decoding's in the same run.
 Arrival is a closed loop (``concurrency`` sessions in flight) or Poisson
 (sessions arrive at ``rate_per_s``, at most ``concurrency`` in flight).
 """
@@ -55,6 +61,7 @@ logger = logging.getLogger(__name__)
 _DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 _EDGE_BUSY_METRIC = "tandem_edge_engine_busy_seconds_total"
 _HEARTBEAT_SETTLE_S = 1.5  # one heartbeat interval and a margin: the last beat covers the mode
+ENFORCED_TOOL_CHOICE = "required"  # what the enforced pass sends on steps that expect a call
 
 
 @dataclass(frozen=True)
@@ -118,13 +125,25 @@ def tagged(messages: Sequence[Message], tag: str) -> list[Message]:
 
 
 class Caller:
-    """Sends one mode's calls through the official openai client and records them."""
+    """Sends one mode's calls through the official openai client and records them.
 
-    def __init__(self, client: openai.AsyncOpenAI, target: Target, mode: Mode, tag: str) -> None:
+    With ``tool_choice`` set (the enforced pass), steps that expect a call send it."""
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        target: Target,
+        mode: Mode,
+        tag: str,
+        tool_choice: str | None = None,
+    ) -> None:
         self._client, self._target, self._mode, self._tag = client, target, mode, tag
+        self._tool_choice = tool_choice
         self._one_at_a_time = asyncio.Semaphore(1) if mode.one_at_a_time else None
         # Requests served off the cloud, with their answers: replayed on the cloud later.
         self.off_cloud: list[tuple[list[Message], list[Tool] | None, str]] = []
+        # Sessions with a step that expected a call: the ones an enforced pass plays again.
+        self.expecting_calls: set[str] = set()
 
     async def call(
         self,
@@ -132,18 +151,22 @@ class Caller:
         session_id: str,
         messages: list[Message],
         tools: list[Tool] | None,
+        expects_call: bool = False,
     ) -> Reply:
         """One streamed chat completion, appended to ``record``."""
         sent = tagged(messages, self._tag)
         headers = {"x-session-id": session_id}
         if self._mode.route is not None:
             headers["x-tandem-route"] = self._mode.route
+        if expects_call:
+            self.expecting_calls.add(record.key)
+        tool_choice = self._tool_choice if expects_call else None
         started = time.perf_counter()
         gate = self._one_at_a_time or contextlib.nullcontext()
         async with gate:
-            reply, call = await self._stream(sent, tools, headers, started)
-        record.calls.append(CallRecord(session_key=record.key, **call))
-        if call["route"] != "cloud":
+            reply, call = await self._stream(sent, tools, headers, started, tool_choice)
+        record.calls.append(CallRecord(session_key=record.key, tool_choice=tool_choice, **call))
+        if call["route"] != "cloud" and self._tool_choice is None:
             self.off_cloud.append((sent, tools, _answer(reply)))
         return reply
 
@@ -172,11 +195,13 @@ class Caller:
         tools: list[Tool] | None,
         headers: dict[str, str],
         started: float,
+        tool_choice: str | None = None,
     ) -> tuple[Reply, dict[str, Any]]:
         first: float | None = None
         content: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         usage: Any = None
+        finish: str | None = None
         try:
             # Messages and tools are plain dicts; openai's TypedDicts accept them at run time.
             stream = await self._client.chat.completions.create(  # type: ignore[call-overload]
@@ -188,6 +213,7 @@ class Caller:
                 stream_options={"include_usage": True},
                 extra_headers=headers,
                 tools=tools if tools else openai.omit,
+                tool_choice=tool_choice if tool_choice else openai.omit,
             )
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -195,6 +221,7 @@ class Caller:
                 if not chunk.choices:
                     continue
                 delta = chunk.choices[0].delta
+                finish = chunk.choices[0].finish_reason or finish
                 if first is None and (delta.content or delta.tool_calls):
                     first = time.perf_counter()
                 if delta.content:
@@ -227,6 +254,7 @@ class Caller:
             "completion_tokens": n_out,
             "drafted": int(speculative.get("drafted", 0)),
             "accepted": int(speculative.get("accepted", 0)),
+            "finish_reason": finish,
         }
 
 
@@ -374,6 +402,7 @@ class RunPlan:
     rate_per_s: float | None = None
     duration_s: float | None = None
     seed: int = 0
+    enforce_tool_choice: bool = True  # each mode's BFCL sessions again, tool_choice required
 
     def check(self) -> None:
         """Raise BenchConfigError on options that cannot work."""
@@ -388,6 +417,19 @@ class RunPlan:
             raise BenchConfigError("poisson arrival needs --rate > 0 (sessions per second)")
 
 
+@dataclass(frozen=True)
+class _Played:
+    """What one mode at one concurrency did: its window, and its enforced pass if any."""
+
+    mode: Mode
+    concurrency: int
+    records: list[SessionRecord]
+    wall_s: float
+    engine: EngineSeconds
+    agreed: tuple[int, float | None]
+    enforced: list[SessionRecord] | None
+
+
 async def run_modes(
     target: Target,
     sessions: Sequence[Session],
@@ -399,9 +441,7 @@ async def run_modes(
     highest concurrency, its turn latencies in ms (for the CDF plot)."""
     plan.check()
     progress = progress or NoProgress()
-    played: list[
-        tuple[Mode, int, list[SessionRecord], float, EngineSeconds, tuple[int, float | None]]
-    ] = []
+    played: list[_Played] = []
     async with (
         openai.AsyncOpenAI(
             base_url=f"{target.base_url}/v1",
@@ -416,45 +456,79 @@ async def run_modes(
         try:
             for concurrency in plan.concurrency:
                 for name in plan.modes:
-                    mode = MODES[name]
-                    label = f"{name} c={concurrency}"
-                    tag = hashlib.sha256(f"{plan.seed}:{label}".encode()).hexdigest()[:8]
-                    caller = Caller(client, target, mode, tag)
-                    progress.start_mode(label, len(sessions))
-                    rng = random.Random(plan.seed)
-                    before = await meter.read()
-                    started = time.perf_counter()
-                    records = await _drive(
-                        sessions,
-                        functools.partial(
-                            _play, caller=caller, tag=tag, progress=progress, label=label
-                        ),
-                        concurrency,
-                        plan.arrival,
-                        plan.rate_per_s,
-                        plan.duration_s,
-                        rng,
-                    )
-                    wall = time.perf_counter() - started
-                    await meter.settle()
-                    used = engine_seconds(before, await meter.read())
-                    pairs = await caller.replay_on_cloud(concurrency)
-                    if caller.off_cloud:  # the next mode's first reading must include the replay
-                        await meter.settle()
-                    played.append((mode, concurrency, records, wall, used, agreement(pairs)))
+                    run = _ModeRun(client, target, MODES[name], concurrency, plan, progress)
+                    played.append(await run.play(sessions, meter))
         finally:
             await meter.close()
     results = [
-        summarize(mode.name, concurrency, records, wall, used, cost, agreed)
-        for mode, concurrency, records, wall, used, agreed in played
+        summarize(
+            p.mode.name, p.concurrency, p.records, p.wall_s, p.engine, cost, p.agreed, p.enforced
+        )
+        for p in played
     ]
     top = max(plan.concurrency)
     curves = {
-        mode.name: [c.latency_s * 1000 for s in recs for c in s.calls]
-        for mode, concurrency, recs, _, _, _ in played
-        if concurrency == top
+        p.mode.name: [c.latency_s * 1000 for s in p.records for c in s.calls]
+        for p in played
+        if p.concurrency == top
     }
     return results, curves
+
+
+@dataclass(frozen=True)
+class _ModeRun:
+    """One mode at one concurrency: the measured window, the cloud replay, the enforced pass."""
+
+    client: openai.AsyncOpenAI
+    target: Target
+    mode: Mode
+    concurrency: int
+    plan: RunPlan
+    progress: Progress
+
+    async def play(self, sessions: Sequence[Session], meter: EngineMeter) -> _Played:
+        """Play the window between two engine readings, then what is measured after it."""
+        label = f"{self.mode.name} c={self.concurrency}"
+        # A tag per mode and concurrency: no mode is served from prefix caches another warmed.
+        tag = hashlib.sha256(f"{self.plan.seed}:{label}".encode()).hexdigest()[:8]
+        caller = Caller(self.client, self.target, self.mode, tag)
+        before = await meter.read()
+        started = time.perf_counter()
+        records = await self._drive(sessions, caller, tag, label, window=True)
+        wall = time.perf_counter() - started
+        await meter.settle()
+        used = engine_seconds(before, await meter.read())
+        pairs = await caller.replay_on_cloud(self.concurrency)
+        enforced = None
+        if self.plan.enforce_tool_choice and caller.expecting_calls:
+            # The sessions of the window that expected calls: both decodings are judged
+            # on the same scenarios.
+            # They keep the window's tag: the pass is not timed, and the prefix its
+            # steps share with the window's need not be evaluated again.
+            again = [s for s in sessions if s.key in caller.expecting_calls]
+            enforcing = Caller(self.client, self.target, self.mode, tag, ENFORCED_TOOL_CHOICE)
+            label = f"{label} tool_choice={ENFORCED_TOOL_CHOICE}"
+            enforced = await self._drive(again, enforcing, tag, label, window=False)
+        if caller.off_cloud or enforced:  # the next mode's first reading must include them
+            await meter.settle()
+        return _Played(self.mode, self.concurrency, records, wall, used, agreement(pairs), enforced)
+
+    async def _drive(
+        self, sessions: Sequence[Session], caller: Caller, tag: str, label: str, window: bool
+    ) -> list[SessionRecord]:
+        """The window follows the plan's arrival and duration; the enforced pass, which is
+        not timed, plays all its sessions in a closed loop."""
+        self.progress.start_mode(label, len(sessions))
+        plan = self.plan
+        return await _drive(
+            sessions,
+            functools.partial(_play, caller=caller, tag=tag, progress=self.progress, label=label),
+            self.concurrency,
+            plan.arrival if window else "closed",
+            plan.rate_per_s,
+            plan.duration_s if window else None,
+            random.Random(plan.seed),
+        )
 
 
 async def _play(
@@ -464,8 +538,10 @@ async def _play(
     record = SessionRecord(key=session.key, workload=session.workload, latency_s=0.0)
     session_id = f"{tag}-{session.key}"
 
-    async def call(messages: list[Message], tools: list[Tool] | None) -> Reply:
-        return await caller.call(record, session_id, messages, tools)
+    async def call(
+        messages: list[Message], tools: list[Tool] | None, expects_call: bool = False
+    ) -> Reply:
+        return await caller.call(record, session_id, messages, tools, expects_call)
 
     started = time.perf_counter()
     try:

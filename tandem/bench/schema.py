@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.bench.cost import CostModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: quality.enforced, config.enforce_tool_choice
 
 
 class _Model(BaseModel):
@@ -34,17 +34,58 @@ class Percentiles(_Model):
     p99: float | None
 
 
+class EnforcedQuality(_Model):
+    """BFCL tool calls of one mode when every step that expects a call enforces one.
+
+    A pass of its own after the mode's measured window: the same BFCL sessions
+    again, each step whose ground truth is a call sent with ``tool_choice:
+    "required"`` (the edge and the cloud then decode under a grammar that only
+    allows a call of an offered tool with arguments valid for its parameters),
+    the answers in words free as before. Not part of the mode's latency or cost.
+    """
+
+    sessions: int = Field(description="BFCL sessions of the pass that finished")
+    failed_sessions: int
+    error_samples: list[str] = Field(
+        description="e.g. an HTTP 400 for a tool schema constrained decoding cannot enforce"
+    )
+    bfcl_steps: int = Field(description="enforced steps that had a ground-truth call to match")
+    tool_call_validity: float | None = Field(
+        description="share of enforced steps answered with a parsable call of an offered "
+        "tool (a call cut short by max_tokens is not); null without steps"
+    )
+    tool_call_accuracy: float | None = Field(
+        description="share of enforced steps whose call equals the ground truth (name and "
+        "arguments); null without steps"
+    )
+    cut_by_max_tokens: int = Field(
+        description="enforced steps whose answer stopped at max_tokens (finish_reason "
+        "'length'), which cuts a call short"
+    )
+    route_mix: dict[str, int] = Field(
+        description="enforced steps per route that served them (the speculative route "
+        "sends constrained requests to the cloud)"
+    )
+
+
 class Quality(_Model):
     """Answer-quality proxies of one mode."""
 
-    bfcl_steps: int = Field(description="model steps that had a ground-truth call to match")
+    bfcl_steps: int = Field(
+        description="model steps of the measured window that had a ground-truth call to match"
+    )
     tool_call_validity: float | None = Field(
-        description="share of BFCL steps answered with a parsable call of an offered tool; "
-        "null without BFCL steps"
+        description="free decoding (no tool_choice sent): share of BFCL steps answered with "
+        "a parsable call of an offered tool; null without BFCL steps"
     )
     tool_call_accuracy: float | None = Field(
-        description="share of BFCL steps whose call equals the ground truth (name and "
-        "arguments); null without BFCL steps"
+        description="free decoding: share of BFCL steps whose call equals the ground truth "
+        "(name and arguments); null without BFCL steps"
+    )
+    enforced: EnforcedQuality | None = Field(
+        description="the same BFCL sessions with tool_choice enforced on every step that "
+        "expects a call; null when the run did not enforce (--no-enforce-tool-choice) or the "
+        "mode played no BFCL session"
     )
     agreement_compared: int = Field(
         description="calls served off the cloud (edge, fallback, speculative) that were "
@@ -131,6 +172,9 @@ class BenchConfig(_Model):
     rtt_ms: float | None = Field(description="emulated edge-cloud RTT; null: the edge's own")
     max_tokens: int
     temperature: float
+    enforce_tool_choice: bool = Field(
+        description="each mode's BFCL sessions were also played with tool_choice 'required'"
+    )
     cost_model: CostModel
 
 

@@ -35,9 +35,15 @@ class Reply:
 
 
 class LlmCall(Protocol):
-    """The runner's call function: one chat completion, timed and recorded."""
+    """The runner's call function: one chat completion, timed and recorded.
 
-    async def __call__(self, messages: list[Message], tools: list[Tool] | None) -> Reply: ...
+    ``expects_call`` marks a step whose ground truth is a tool call (BFCL): the
+    runner's enforced pass sends that step with ``tool_choice: "required"``.
+    """
+
+    async def __call__(
+        self, messages: list[Message], tools: list[Tool] | None, expects_call: bool = False
+    ) -> Reply: ...
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ _FIELDS: dict[str, dict[str, str]] = {
     "plan": {
         **{name: name for name in ("modes", "concurrency", "arrival", "duration_s", "seed")},
         "rate": "rate_per_s",
+        "enforce_tool_choice": "enforce_tool_choice",
     },
     "bfcl": {"bfcl_max_turns": "max_turns", "bfcl_max_tool_chars": "max_tool_chars"},
     "synthetic": {
@@ -177,6 +178,13 @@ def run(
     temperature: Annotated[
         float | None, typer.Option(help="Sampling temperature (0: greedy).")
     ] = None,
+    enforce_tool_choice: Annotated[
+        bool | None,
+        typer.Option(
+            help="BFCL: after each mode's window, play its BFCL sessions again with "
+            "tool_choice 'required' on every step that expects a call (quality only)."
+        ),
+    ] = None,
     bfcl_max_turns: Annotated[
         int | None, typer.Option(help="BFCL: user turns played per scenario.")
     ] = None,
@@ -208,14 +216,16 @@ def run(
     """Drive agentic sessions through every mode in one run; write JSON, markdown and plots.
 
     Modes: hybrid (the edge's policy), cloud (cloud-only), edge (edge-only),
-    naive (cloud-only, one call at a time), speculative (optional). Unset options
-    take the library's defaults (shown in the report's config).
+    naive (cloud-only, one call at a time), speculative (optional). BFCL tool-call
+    validity and accuracy are reported for free decoding and, unless
+    --no-enforce-tool-choice, for enforced tool choice. Unset options take the
+    library's defaults (shown in the report's config).
     Example: tandem bench run --start-mesh --concurrency 1,4 --sessions 4
     """
     args = dict(locals())
     from tandem.bench.errors import BenchError
     from tandem.bench.harness import run as run_bench
-    from tandem.bench.report import headline_table, latency_table, write
+    from tandem.bench.report import has_bfcl, headline_table, latency_table, tool_call_table, write
 
     command = "tandem bench run " + shlex.join(
         sys.argv[3:] if sys.argv[1:3] == ["bench", "run"] else []
@@ -249,4 +259,6 @@ def run(
         signal.signal(signal.SIGTERM, previous)
     console.print(headline_table(report))
     console.print(latency_table(report.results))
+    if has_bfcl(report.results):
+        console.print(tool_call_table(report.results))
     typer.echo("\n".join(str(p) for p in paths))

@@ -3,6 +3,7 @@
 The mesh here has no cloud worker, so cloud-routed calls are served by the
 edge's fallback and replays never reach a cloud: the report must say so with
 nulls exactly where a quantity does not apply, and numbers everywhere else.
+Each mode's BFCL session is played a second time with tool_choice 'required'.
 """
 
 from __future__ import annotations
@@ -43,27 +44,37 @@ def _null_paths(value: Any, path: str = "") -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def bench_edge(nats_server: EmbeddedNats) -> Iterator[EdgeProcess]:
+    """One edge (one llama.cpp slot) on the test NATS, for every run of this module."""
+    with EdgeProcess(nats_url=nats_server.url, slots=1, max_queue=64) as edge:
+        yield edge
+
+
+def _run(edge: EdgeProcess, nats_url: str, out: Path, *args: str) -> BenchReport:
+    proc = _bench(
+        "--base-url", edge.base_url, "--nats-url", nats_url, "--out", str(out), *args, timeout=560
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return BenchReport.model_validate_json((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
 def report(
-    nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[BenchReport, Path]]:
+    bench_edge: EdgeProcess, nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[BenchReport, Path]:
     """One short run of all four modes on all three workloads."""
     out = tmp_path_factory.mktemp("bench")
-    with EdgeProcess(nats_url=nats_server.url, slots=1, max_queue=64) as edge:
-        proc = _bench(
-            "--base-url", edge.base_url,
-            "--nats-url", nats_server.url,
-            "--workload", "mtbench,bfcl,synthetic",
-            "--sessions", "3",
-            "--concurrency", "2",
-            "--max-tokens", "8",
-            "--bfcl-max-turns", "1",
-            "--synthetic-steps", "2",
-            "--synthetic-think-time-s", "0",
-            "--out", str(out),
-            timeout=560,
-        )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    yield BenchReport.model_validate_json((out / "report.json").read_text()), out
+    result = _run(
+        bench_edge, nats_server.url, out,
+        "--workload", "mtbench,bfcl,synthetic",
+        "--sessions", "3",
+        "--concurrency", "2",
+        "--max-tokens", "8",
+        "--bfcl-max-turns", "1",
+        "--synthetic-steps", "2",
+        "--synthetic-think-time-s", "0",
+    )  # fmt: skip
+    return result, out
 
 
 @pytest.mark.slow
@@ -76,10 +87,12 @@ def test_run_writes_json_markdown_and_plots(report: tuple[BenchReport, Path]) ->
         ("edge", 2),
         ("naive", 2),
     ]
+    assert result.schema_version == 2 and result.config.enforce_tool_choice
     for name in ("latency_cdf.png", "throughput.png", "route_mix.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     markdown = (out / "report.md").read_text()
     assert "| hybrid | 2 |" in markdown and "+420%" in markdown
+    assert "| mode | conc | steps | free: valid | free: exact | required: valid" in markdown
 
 
 @pytest.mark.slow
@@ -121,15 +134,58 @@ def test_numbers_are_consistent(report: tuple[BenchReport, Path]) -> None:
         assert r.cost_usd_per_mtok is not None and r.cost_usd_per_mtok > 0
         assert r.quality.bfcl_steps > 0
         assert 0 <= (r.quality.tool_call_accuracy or 0) <= (r.quality.tool_call_validity or 0) <= 1
+        enforced = r.quality.enforced
+        assert enforced is not None
+        assert (enforced.sessions, enforced.failed_sessions) == (1, 0), enforced.error_samples
+        assert enforced.bfcl_steps == r.quality.bfcl_steps  # the same scenario's steps
+        # 8 tokens cannot hold a Hermes call: every enforced step is cut short, invalid.
+        assert enforced.cut_by_max_tokens == enforced.bfcl_steps
+        assert enforced.tool_call_validity == 0.0
+        assert sum(enforced.route_mix.values()) == enforced.bfcl_steps
     # The policy keeps short chats on the edge and sends tools to the cloud (here: fallback).
     assert by_mode["hybrid"].route_mix.keys() == {"edge", "edge-fallback"}
     assert by_mode["edge"].route_mix.keys() == {"edge"}
     assert by_mode["cloud"].route_mix.keys() == {"edge-fallback"}
+    routes = {
+        r.mode: set(r.quality.enforced.route_mix) for r in result.results if r.quality.enforced
+    }
+    assert routes == {
+        "hybrid": {"edge-fallback"},  # tools: the cloud, here its fallback
+        "cloud": {"edge-fallback"},
+        "edge": {"edge"},
+        "naive": {"edge-fallback"},
+    }
     # Off-cloud calls were replayed, but no cloud answered them.
     assert by_mode["edge"].quality.agreement_compared == 0
     h = result.headline
     assert h.max_concurrent_sessions == 2
     assert h.agentic_session_p95_ms == by_mode["hybrid"].session_latency_ms_by_workload["bfcl"].p95
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_enforced_tool_choice_gives_valid_calls_where_they_fit(
+    bench_edge: EdgeProcess, nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """With room for a call, every enforced step is a valid call of an offered tool."""
+    result = _run(
+        bench_edge, nats_server.url, tmp_path,
+        "--workload", "bfcl",
+        "--modes", "edge",
+        "--sessions", "1",
+        "--concurrency", "1",
+        "--max-tokens", "40",
+        "--bfcl-max-turns", "1",
+    )  # fmt: skip
+    (r,) = result.results
+    enforced = r.quality.enforced
+    assert enforced is not None and enforced.failed_sessions == 0, enforced
+    assert enforced.bfcl_steps == r.quality.bfcl_steps > 0
+    assert enforced.cut_by_max_tokens == 0
+    assert enforced.tool_call_validity == 1.0  # the grammar allows nothing else
+    assert 0 <= (enforced.tool_call_accuracy or 0) <= 1
+    assert enforced.route_mix == {"edge": enforced.bfcl_steps}
+    assert "| edge | 1 |" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -148,3 +204,13 @@ def test_bad_options_are_one_clear_line(args: list[str], message: str) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_enforced_pass_is_on_unless_switched_off() -> None:
+    import inspect
+
+    from tandem.commands.bench import bench_options, run
+
+    unset: dict[str, Any] = {name: None for name in inspect.signature(run).parameters}
+    assert bench_options(unset).plan.enforce_tool_choice
+    assert not bench_options(unset | {"enforce_tool_choice": False}).plan.enforce_tool_choice

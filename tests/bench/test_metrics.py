@@ -13,6 +13,7 @@ from tandem.bench.metrics import (
     EngineSeconds,
     SessionRecord,
     agreement,
+    enforced_quality,
     headline,
     percentile,
     percentiles,
@@ -59,8 +60,8 @@ def test_cost_model_prices_engine_hours_per_million_tokens() -> None:
         CostModel(cloud_usd_per_engine_hour=-1)
 
 
-def _call(route: str, latency: float, **kw: float) -> CallRecord:
-    fields = {
+def _call(route: str, latency: float, **kw: float | str) -> CallRecord:
+    fields: dict[str, float | str] = {
         "ttft_s": latency / 2,
         "tpot_s": 0.01,
         "prompt_tokens": 100,
@@ -117,6 +118,45 @@ def test_summary_of_known_sessions() -> None:
     assert (q.agreement_compared, q.agreement_with_cloud) == (2, 0.5)
 
 
+def test_enforced_pass_is_judged_apart_from_the_window() -> None:
+    """The window's checks stay free decoding's; the pass's own go to quality.enforced."""
+    enforced = [
+        SessionRecord(
+            "a",
+            "bfcl",
+            3.0,
+            [
+                _call("cloud", 1.0, tool_choice="required", finish_reason="tool_calls"),
+                _call("edge-fallback", 1.0, tool_choice="required", finish_reason="length"),
+                _call("cloud", 1.0, finish_reason="stop"),  # the answer in words: free
+            ],
+            [CallCheck(True, True), CallCheck(False, False)],
+        ),
+        SessionRecord("d", "bfcl", 1.0, [], [], error="HTTP 400: tool 'f': 'not'"),
+    ]
+    r = summarize(
+        "speculative",
+        2,
+        _sessions(),
+        4.0,
+        EngineSeconds(1.0, 1.0),
+        CostModel(),
+        (0, None),
+        enforced,
+    )
+    q = r.quality
+    assert (q.bfcl_steps, q.tool_call_validity, q.tool_call_accuracy) == (4, 0.5, 0.25)
+    e = q.enforced
+    assert e is not None
+    assert (e.sessions, e.failed_sessions, e.error_samples) == (1, 1, ["HTTP 400: tool 'f': 'not'"])
+    assert (e.bfcl_steps, e.tool_call_validity, e.tool_call_accuracy) == (2, 0.5, 0.5)
+    assert e.cut_by_max_tokens == 1
+    assert e.route_mix == {"cloud": 1, "edge-fallback": 1}  # enforced steps only
+    # The window's figures ignore the pass: its calls are not the mode's requests.
+    assert r.requests == 4 and r.route_mix == {"cloud": 2, "edge": 1, "speculative": 1}
+    assert enforced_quality([SessionRecord("x", "bfcl", 1.0)]).tool_call_validity is None
+
+
 def test_unknown_engine_time_leaves_cost_unknown() -> None:
     r = summarize(
         "edge", 1, _sessions(), 1.0, EngineSeconds(edge=1.0, cloud=None), CostModel(), (0, None)
@@ -130,6 +170,7 @@ def test_no_speculative_route_means_no_acceptance() -> None:
     r = summarize("edge", 1, sessions, 1.0, EngineSeconds(0.5, 0.0), CostModel(), (0, None))
     assert r.speculative_acceptance is None
     assert r.quality.tool_call_validity is None  # no BFCL steps
+    assert r.quality.enforced is None  # no enforced pass
 
 
 def test_agreement_counts_equal_answers() -> None:

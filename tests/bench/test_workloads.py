@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from mesh.grammar import unsupported_keyword
 from tandem.bench.bfcl import (
     BfclWorkload,
     GroundTruthCall,
@@ -72,6 +73,8 @@ def test_every_bfcl_tool_converts_to_openai_tools_with_json_schema_types() -> No
         assert tool["function"]["parameters"]["type"] == "object"
         assert "response" not in tool["function"]
         assert _types(tool["function"]["parameters"]) <= JSON_SCHEMA_TYPES, tool
+        # tool_choice 'required' makes the parameters a grammar: none may be refused.
+        assert unsupported_keyword(tool["function"]["parameters"]) is None, tool
 
 
 def test_scenarios_join_their_ground_truth() -> None:
@@ -161,6 +164,27 @@ def test_bfcl_workload_draws_distinct_fitting_scenarios_by_seed() -> None:
     assert [s.key for s in workload.sessions(5, random.Random(2))] != [s.key for s in a]
 
 
+async def test_bfcl_steps_expect_calls_and_answers_in_words_do_not() -> None:
+    """Each ground-truth call is one step marked expects_call; each turn ends with a free
+    answer. A step answered in words runs the ground truth, so every session plays alike."""
+    workload = BfclWorkload(max_turns=2)
+    (session,) = workload.sessions(1, random.Random(4))
+    truth = session.scenario.ground_truth[:2]
+    marks: list[bool] = []
+
+    async def call(
+        messages: list[dict[str, object]], tools: object, expects_call: bool = False
+    ) -> Reply:
+        assert tools == session.tools
+        marks.append(expects_call)
+        return Reply("I cannot call tools.")
+
+    outcome = await session.play(call)
+    assert marks == [m for turn in truth for m in [True] * len(turn) + [False]]
+    assert len(outcome.checks) == sum(len(turn) for turn in truth)
+    assert not any(c.valid for c in outcome.checks)
+
+
 def test_mtbench_questions_load() -> None:
     questions = load_questions()
     assert len(questions) == 80
@@ -187,6 +211,7 @@ async def test_synthetic_sessions_send_the_same_growing_prompts_for_a_seed() -> 
         async def call(
             messages: list[dict[str, object]],
             tools: object,
+            expects_call: bool = False,
             run: list[list[dict[str, object]]] = run,
         ) -> Reply:
             run.append([dict(m) for m in messages])
