@@ -22,7 +22,7 @@ import numpy as np
 from cloud.errors import BadGenerateRequestError, EngineFailedError
 from cloud.settings import CloudSettings
 from cloud.speculative import Verdict, verify_greedy, verify_sampled
-from mesh.grammar import tool_call_grammar
+from mesh.grammar import TOOL_CALL_TRIGGER, tool_call_grammar
 from mesh.protocol import DraftDistribution, OutputConstraint, TokenLogprob
 from mesh.protocol import SamplingParams as WireSampling
 from mesh.sampling import TARGET_TOP_K, top_k_distribution
@@ -203,6 +203,8 @@ def structured_outputs(constraint: OutputConstraint | None) -> Any:
         if schema is None:
             return StructuredOutputsParams(json_object=True)
         return StructuredOutputsParams(json=schema)
+    if constraint.lazy:
+        return StructuredOutputsParams(structural_tag=json.dumps(_tool_call_tag(schema or {})))
     import xgrammar
 
     try:
@@ -210,6 +212,25 @@ def structured_outputs(constraint: OutputConstraint | None) -> Any:
     except (RuntimeError, ValueError) as exc:
         raise BadGenerateRequestError(f"the tool schema cannot be enforced: {exc}") from exc
     return StructuredOutputsParams(grammar=tool_call_grammar(json_grammar, constraint.tool_calls))
+
+
+def _tool_call_tag(schema: dict[str, Any]) -> dict[str, Any]:
+    """xgrammar's structural tag for lazily constrained calls: free text until the model
+    writes ``<tool_call>``, then one of the tools' Hermes openings, arguments valid
+    against that tool's schema, and the closing (``mesh.grammar.tool_call_schema``'s
+    calls, one structure per tool)."""
+    structures = []
+    for call in schema.get("oneOf", [schema]):
+        properties = call["properties"]
+        name = json.dumps(properties["name"]["const"])
+        structures.append(
+            {
+                "begin": f'{TOOL_CALL_TRIGGER}\n{{"name": {name}, "arguments": ',
+                "schema": properties["arguments"],
+                "end": "}\n</tool_call>",
+            }
+        )
+    return {"type": "structural_tag", "structures": structures, "triggers": [TOOL_CALL_TRIGGER]}
 
 
 class VllmEngine:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -20,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from edge.errors import InvalidRequestError
-from mesh.grammar import tool_call_grammar
+from mesh.grammar import TOOL_CALL_TRIGGER, tool_call_grammar
 from mesh.protocol import OutputConstraint
 
 _CACHED_GRAMMARS = 256
+# llama.cpp matches the whole output so far; the grammar is fed from the group on.
+_LAZY_TRIGGER_PATTERN = rf"[\s\S]*?({re.escape(TOOL_CALL_TRIGGER)}[\s\S]*)"
 
 
 def llama_grammar(constraint: OutputConstraint) -> Any:
@@ -80,15 +83,23 @@ class GrammarFirstSampler:
     SHORTLISTS = (64, 4096)
     REDRAWS = 4
 
-    def __init__(self, llama: Any, chain: Any, grammar: Any, *, greedy: bool) -> None:
+    def __init__(
+        self, llama: Any, chain: Any, grammar: Any, *, greedy: bool, lazy: bool = False
+    ) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
         self._chain = chain
         self._greedy = greedy
-        self._grammar = llama_cpp.llama_sampler_init_grammar(
-            llama._model.vocab, grammar._grammar.encode(), grammar._root.encode()
-        )
+        vocab, text, root = llama._model.vocab, grammar._grammar.encode(), grammar._root.encode()
+        if lazy:  # free until the trigger; from it on the grammar holds (llama.cpp's own)
+            patterns = (ctypes.c_char_p * 1)(_LAZY_TRIGGER_PATTERN.encode())
+            no_tokens = (llama_cpp.llama_token * 1)()
+            self._grammar = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+                vocab, text, root, patterns, 1, no_tokens, 0
+            )
+        else:
+            self._grammar = llama_cpp.llama_sampler_init_grammar(vocab, text, root)
         self._n_vocab = llama.n_vocab()
         self._candidates = (llama_cpp.llama_token_data * self._n_vocab)()
         self._view = np.ctypeslib.as_array(self._candidates)
@@ -161,9 +172,12 @@ class GrammarFirstSampler:
 
 
 @contextmanager
-def grammar_first(llama: Any, grammar: Any) -> Iterator[list[GrammarFirstSampler]]:
+def grammar_first(
+    llama: Any, grammar: Any, *, lazy: bool = False
+) -> Iterator[list[GrammarFirstSampler]]:
     """While open, ``llama.generate`` samples through a ``GrammarFirstSampler`` of
     ``grammar`` (call it with ``grammar=None``); yields the sampler once created.
+    ``lazy``: the grammar holds from the first ``<tool_call>`` the model writes.
 
     ``Llama.generate`` builds its sampler with ``_init_sampler``; shadowing that one
     method on the instance is the seam llama-cpp-python leaves (its lazy-grammar and
@@ -173,7 +187,8 @@ def grammar_first(llama: Any, grammar: Any) -> Iterator[list[GrammarFirstSampler
 
     def init_sampler(**kwargs: Any) -> GrammarFirstSampler:
         chain = plain(**{**kwargs, "grammar": None})
-        sampler = GrammarFirstSampler(llama, chain, grammar, greedy=kwargs.get("temp") == 0.0)
+        greedy = kwargs.get("temp") == 0.0
+        sampler = GrammarFirstSampler(llama, chain, grammar, greedy=greedy, lazy=lazy)
         made.append(sampler)
         return sampler
 

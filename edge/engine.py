@@ -367,7 +367,8 @@ class SlotRun:
         )
         self.stats.finish_reason = "length"
         grammar = llama_grammar(params.constraint) if params.constraint else None
-        with grammar_first(llama, grammar) if grammar is not None else nullcontext():
+        lazy = params.constraint is not None and params.constraint.lazy
+        with grammar_first(llama, grammar, lazy=lazy) if grammar is not None else nullcontext():
             tokens = llama.generate(
                 request.prompt_tokens,
                 temp=params.temperature,

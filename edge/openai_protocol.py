@@ -270,21 +270,30 @@ class ChatCompletionRequest(_SamplingFields):
 
     @cached_property
     def output_constraint(self) -> OutputConstraint | None:
-        """How decoding is constrained: enforced tool calls win over ``response_format``.
+        """How decoding is constrained: enforced tool calls win over ``response_format``,
+        which wins over ``strict`` tools under ``auto`` (constrained once a call starts).
 
         Cached: the plan, the edge's sampling and the cloud's wire request all ask."""
+        # One call unless parallel calls are asked for explicitly: under a grammar a
+        # small model repeats its call rather than stop after the first.
+        calls = MAX_TOOL_CALLS if self.parallel_tool_calls else 1
         if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
             tools = self.active_tools() or []
-            # One call unless parallel calls are asked for explicitly: under a grammar a
-            # small model repeats its call rather than stop after the first.
-            calls = MAX_TOOL_CALLS if self.parallel_tool_calls else 1
             return OutputConstraint(json_schema=tool_call_schema(tools), tool_calls=calls)
         spec = self.response_format
         if spec is None or spec.type == "text":
+            if self.strict_tools_under_auto():
+                schema = tool_call_schema(self.active_tools() or [], strict_only=True)
+                return OutputConstraint(json_schema=schema, tool_calls=calls, lazy=True)
             return None
         if spec.type == "json_object" or spec.json_schema is None:
             return OutputConstraint()
         return OutputConstraint(json_schema=spec.json_schema.schema_)
+
+    def strict_tools_under_auto(self) -> bool:
+        """Whether the model may call tools freely and some of them are ``strict``."""
+        auto = self.tool_choice in (None, "auto")
+        return auto and any(t.function.strict for t in self.tools or [])
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
@@ -295,14 +304,17 @@ class ChatCompletionRequest(_SamplingFields):
                 raise ValueError(f"tool_choice names function {wanted!r}, which is not in tools")
         if self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice 'required' needs at least one tool in tools")
-        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
-            for tool in self.active_tools() or []:  # their parameters become a grammar
-                keyword = unsupported_keyword(tool["function"].get("parameters") or {})
-                if keyword is not None:
-                    raise ValueError(
-                        f"tool {tool['function']['name']!r}: the parameters keyword {keyword!r} "
-                        "is not supported by constrained decoding (tool_choice enforces it)"
-                    )
+        enforced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        for tool in self.active_tools() or []:  # these parameters become a grammar
+            if not (enforced or tool["function"].get("strict")):
+                continue
+            keyword = unsupported_keyword(tool["function"].get("parameters") or {})
+            if keyword is not None:
+                why = "tool_choice enforces it" if enforced else "the tool is strict"
+                raise ValueError(
+                    f"tool {tool['function']['name']!r}: the parameters keyword {keyword!r} "
+                    f"is not supported by constrained decoding ({why})"
+                )
         return self
 
 

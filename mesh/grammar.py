@@ -13,7 +13,10 @@ both sides, so a constrained answer has one shape whatever the route:
 - ``tool_call_grammar``, which wraps a JSON grammar (either dialect: both name
   the start rule ``root`` and quote literals alike) into 1 to N blocks
   ``<tool_call>\\n{...}\\n</tool_call>``, the format the template shows the model
-  and the tool-call parsers read.
+  and the tool-call parsers read;
+- ``TOOL_CALL_TRIGGER``: under ``tool_choice: auto`` with ``strict`` tools the
+  answer is free until the model writes it, and constrained to valid calls from
+  there on (a lazy grammar on the edge, a structural tag in vLLM).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 MAX_TOOL_CALLS = 4  # parallel calls one enforced answer may hold
+TOOL_CALL_TRIGGER = "<tool_call>"  # where a lazy tool-call constraint starts
 
 # Keywords both llama.cpp's json_schema_to_gbnf and xgrammar enforce (or that only
 # annotate). A schema using any other keyword is refused with its name.
@@ -66,14 +70,21 @@ def _subschemas(schema: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         yield from _subschemas(schema.get(key), f"{path}{key}.")
 
 
-def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
-    """The schema of one call of one of ``tools`` (OpenAI tool definitions)."""
+def tool_call_schema(tools: list[dict[str, Any]], *, strict_only: bool = False) -> dict[str, Any]:
+    """The schema of one call of one of ``tools`` (OpenAI tool definitions).
+
+    ``strict_only``: only tools marked ``strict`` have their arguments checked against
+    their parameters; the others' arguments may be any JSON object (``auto``, as vLLM)."""
     calls = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": tool["function"]["name"]},
-                "arguments": tool["function"].get("parameters") or {"type": "object"},
+                "arguments": (
+                    tool["function"].get("parameters") or {"type": "object"}
+                    if tool["function"].get("strict") or not strict_only
+                    else {"type": "object"}
+                ),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,

@@ -104,12 +104,21 @@ class OutputConstraint(WireMessage):
 
     ``json_schema`` None: any JSON object. ``tool_calls`` > 0: the answer is 1 to
     that many Hermes blocks ``<tool_call>\n{...}\n</tool_call>``, each object valid
-    against ``json_schema`` (which names the function and its arguments).
+    against ``json_schema`` (which names the function and its arguments). ``lazy``:
+    the answer is free text until the model writes ``<tool_call>`` and the blocks are
+    constrained from there (``tool_choice: auto`` with ``strict`` tools).
     """
 
     kind: Literal["output_constraint"] = "output_constraint"
     json_schema: dict[str, Any] | None = None
     tool_calls: int = Field(default=0, ge=0, le=MAX_TOOL_CALLS)
+    lazy: bool = False
+
+    @model_validator(mode="after")
+    def _lazy_is_for_tool_calls(self) -> Self:
+        if self.lazy and not self.tool_calls:
+            raise ValueError("a lazy constraint constrains tool calls (tool_calls > 0)")
+        return self
 
 
 class SamplingParams(WireMessage):

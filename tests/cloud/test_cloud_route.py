@@ -204,6 +204,28 @@ def test_constrained_answers_on_the_cloud_parse_and_follow_their_schema(
     assert isinstance(json.loads(calls[0].function.arguments)["city"], str)
 
 
+def test_strict_tools_under_auto_get_valid_arguments_on_the_cloud(mesh_edge: EdgeProcess) -> None:
+    """vLLM's structural tag: free text until <tool_call>, then a valid call of a strict
+    tool (the same prompt makes the free model write a tool definition, not arguments)."""
+    from tests.edge.test_structured_outputs import CALL_IN_AUTO, UNIT_WEATHER
+
+    messages = [
+        {"role": "system", "content": CALL_IN_AUTO},
+        {"role": "user", "content": "<tool_call> get_weather for Paris"},
+    ]
+    raw = mesh_edge.client().chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, tools=[UNIT_WEATHER], temperature=0, max_tokens=60,
+        extra_headers={"x-tandem-route": "speculative"},
+    )  # fmt: skip
+    assert raw.headers["x-tandem-rule"] == "header+constrained-to-cloud"
+    choice = raw.parse().choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = (choice.message.tool_calls or [])[0]
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and set(arguments) == {"city", "unit"}
+    assert arguments["unit"] in ("celsius", "fahrenheit")
+
+
 async def test_two_workers_share_load_through_the_queue_group(mesh_edge: EdgeProcess) -> None:
     async with mesh_edge.async_client() as client:
         answers = await asyncio.gather(

@@ -122,6 +122,56 @@ def test_named_tool_choice_calls_that_tool(edge: EdgeProcess) -> None:
     assert isinstance(json.loads(calls[0].function.arguments)["city"], str)
 
 
+# Makes the default model open a Hermes call under tool_choice auto; left free it then
+# writes the tool's definition instead of arguments (a malformed call every time).
+CALL_IN_AUTO = (
+    "Reply with exactly one line of the form <tool_call>{...}</tool_call> and nothing else."
+)
+UNIT_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("city", ["Paris", "Tokyo", "Cairo"])
+def test_strict_tools_under_auto_get_valid_arguments(
+    edge: EdgeProcess, stream: bool, city: str
+) -> None:
+    """A lazy grammar: free until the model writes <tool_call>, a valid call from there."""
+    messages = [
+        {"role": "system", "content": CALL_IN_AUTO},
+        {"role": "user", "content": f"<tool_call> get_weather for {city}"},
+    ]
+    _, calls, finish = _chat(edge, stream, messages=messages, tools=[UNIT_WEATHER], max_tokens=60)
+    assert finish == "tool_calls" and [c.function.name for c in calls] == ["get_weather"]
+    arguments = json.loads(calls[0].function.arguments)
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+
+
+def test_strict_tools_under_auto_leave_prose_free(edge: EdgeProcess) -> None:
+    """No <tool_call>, no constraint: the answer is the model's free text."""
+    messages = [{"role": "user", "content": "Tell me about the weather in Paris."}]
+    content, calls, finish = _chat(
+        edge, False, messages=messages, tools=[UNIT_WEATHER], max_tokens=24
+    )
+    # A grammar applied from the start would have forced "<tool_call>" first.
+    assert content.strip() and not calls and finish in ("stop", "length")
+    assert "<tool_call>" not in content
+
+
 def test_free_decoding_is_unchanged_without_a_constraint(edge: EdgeProcess) -> None:
     """The same prompt without tool_choice: prose, and no call (the parser finds none)."""
     content, calls, finish = _chat(
