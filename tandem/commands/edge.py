@@ -23,6 +23,7 @@ def serve(
     n_threads: Annotated[int | None, typer.Option(help="llama.cpp threads per slot.")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent llama.cpp contexts.")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429.")] = None,
+    max_n: Annotated[int | None, typer.Option(help="Most choices (n) per request.")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require this Bearer key.")] = None,
     nats_url: Annotated[str | None, typer.Option(help="Join the mesh at this NATS URL.")] = None,
     node_id: Annotated[str | None, typer.Option(help="This node's id on the mesh.")] = None,
