@@ -44,7 +44,8 @@ def gbnf(constraint: OutputConstraint) -> str:
     else:
         try:
             text = json_schema_to_gbnf(json.dumps(schema))
-        except (ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+            # The converter asserts on schemas it does not recognize.
             raise InvalidRequestError(
                 f"the JSON schema cannot be enforced: {exc}", param="response_format"
             ) from exc

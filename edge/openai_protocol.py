@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from edge.sampling import SamplingParams
-from mesh.grammar import MAX_TOOL_CALLS, tool_call_schema, unsupported_keyword
+from mesh.grammar import MAX_TOOL_CALLS, schema_problem, tool_call_schema
 from mesh.protocol import OutputConstraint
 from mesh.sampling import MAX_TOP_LOGPROBS
 
@@ -36,6 +36,15 @@ MAX_STOP_SEQUENCES = 16
 MAX_MESSAGES = 10_000
 # ``n``: a hard ceiling; the daemon's own bound (``EdgeSettings.max_n``) is usually lower.
 MAX_N = 128
+
+
+class FieldError(ValueError):
+    """A request check across fields, naming the one at fault (it becomes the 400's
+    ``param``; pydantic gives errors of model-level checks no location)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
 
 
 class OpenAIRequest(BaseModel):
@@ -138,11 +147,9 @@ class JsonSchemaFormat(BaseModel):
     @field_validator("schema_")
     @classmethod
     def _check_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        keyword = unsupported_keyword(schema)
-        if keyword is not None:
-            raise ValueError(
-                f"the schema keyword {keyword!r} is not supported by constrained decoding"
-            )
+        problem = schema_problem(schema)
+        if problem is not None:
+            raise ValueError(problem)
         return schema
 
 
@@ -301,20 +308,19 @@ class ChatCompletionRequest(_SamplingFields):
             wanted = self.tool_choice.function.get("name")
             names = {t.function.name for t in self.tools or []}
             if wanted not in names:
-                raise ValueError(f"tool_choice names function {wanted!r}, which is not in tools")
+                raise FieldError("tool_choice", f"names function {wanted!r}, which is not in tools")
         if self.tool_choice == "required" and not self.tools:
-            raise ValueError("tool_choice 'required' needs at least one tool in tools")
+            raise FieldError("tool_choice", "'required' needs at least one tool in tools")
         enforced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
-        for tool in self.active_tools() or []:  # these parameters become a grammar
-            if not (enforced or tool["function"].get("strict")):
+        shown = {t["function"]["name"] for t in self.active_tools() or []}
+        for i, tool in enumerate(self.tools or []):  # these parameters become a grammar
+            function = tool.function
+            if function.name not in shown or not (enforced or function.strict):
                 continue
-            keyword = unsupported_keyword(tool["function"].get("parameters") or {})
-            if keyword is not None:
-                why = "tool_choice enforces it" if enforced else "the tool is strict"
-                raise ValueError(
-                    f"tool {tool['function']['name']!r}: the parameters keyword {keyword!r} "
-                    f"is not supported by constrained decoding ({why})"
-                )
+            problem = schema_problem(function.parameters or {})
+            if problem is not None:
+                why = "the tool is strict" if function.strict else "tool_choice enforces it"
+                raise FieldError(f"tools.{i}.function.parameters", f"{problem} ({why})")
         return self
 
 

@@ -45,6 +45,7 @@ from edge.generation import Events, GenerationRequest, GenerationStats
 from edge.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    FieldError,
     ModelCard,
     ModelList,
     new_id,
@@ -145,6 +146,9 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix says nothing
+    cause = first.get("ctx", {}).get("error")
+    if not loc and isinstance(cause, FieldError):  # a check across fields names its field
+        return msg, cause.param
     return f"{loc}: {msg}" if loc else msg, loc or None
 
 

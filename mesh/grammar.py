@@ -56,6 +56,23 @@ def unsupported_keyword(schema: Any, path: str = "") -> str | None:
     return None
 
 
+def schema_problem(schema: Any) -> str | None:
+    """Why ``schema`` cannot constrain decoding (a keyword neither converter enforces,
+    or not a valid JSON Schema at all), or None when it can."""
+    keyword = unsupported_keyword(schema)
+    if keyword is not None:
+        return f"the schema keyword {keyword!r} is not supported by constrained decoding"
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = ".".join(str(p) for p in exc.path)
+        return f"not a valid JSON Schema{f' at {where}' if where else ''}: {exc.message}"
+    return None
+
+
 def _subschemas(schema: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if not isinstance(schema, dict):
         return

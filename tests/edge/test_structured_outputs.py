@@ -180,45 +180,56 @@ def test_free_decoding_is_unchanged_without_a_constraint(edge: EdgeProcess) -> N
     assert content and not calls and finish in ("stop", "length")
 
 
+SCHEMA_PARAM = "response_format.json_schema.schema"
+PATTERN_PROPERTIES = {"type": "object", "patternProperties": {}}
+
+
+def _schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    }
+
+
+def _tool(parameters: dict[str, Any], **function: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", "parameters": parameters, **function}}
+
+
 @pytest.mark.parametrize(
-    ("body", "named"),
+    ("body", "named", "param"),
     [
+        (_schema({"type": "object", "not": {}}), "'not'", SCHEMA_PARAM),
+        (_schema({"type": "nonsense"}), "not a valid JSON Schema", SCHEMA_PARAM),
+        ({"response_format": {"type": "json_schema"}}, "json_schema", "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format", "response_format.type"),
         (
-            {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "x", "schema": {"type": "object", "not": {}}},
-                }
-            },
-            "'not'",
-        ),
-        ({"response_format": {"type": "json_schema"}}, "json_schema"),
-        ({"response_format": {"type": "yaml"}}, "response_format"),
-        (
-            {
-                "tools": [
-                    {
-                        "type": "function",
-                        "function": {
-                            "name": "f",
-                            "parameters": {"type": "object", "patternProperties": {}},
-                        },
-                    }
-                ],
-                "tool_choice": "required",
-            },
+            {"tools": [_tool(PATTERN_PROPERTIES)], "tool_choice": "required"},
             "'patternProperties'",
+            "tools.0.function.parameters",
         ),
+        (  # a strict tool's parameters become a grammar under auto too
+            {"tools": [_tool(PATTERN_PROPERTIES, strict=True)]},
+            "'patternProperties'",
+            "tools.0.function.parameters",
+        ),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "'nope'",
+            "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "at least one tool", "tool_choice"),
     ],
-)
+    ids=["keyword", "invalid", "no-schema", "type", "tool-keyword", "strict-keyword",
+         "unknown-tool", "no-tools"],
+)  # fmt: skip
 def test_unsupported_constraints_are_a_400_naming_the_problem(
-    edge: EdgeProcess, body: dict[str, Any], named: str
+    edge: EdgeProcess, body: dict[str, Any], named: str, param: str
 ) -> None:
     request = {"model": DEFAULT_PAIR, "messages": [{"role": "user", "content": "Hi"}], **body}
     reply = httpx.post(f"{edge.base_url}/v1/chat/completions", json=request, timeout=30)
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and named in error["message"]
+    assert error["param"] == param
 
 
 def test_the_openai_client_sees_the_400(edge: EdgeProcess) -> None:
