@@ -3,6 +3,8 @@
 The engine yields token events; this module applies tool-call parsing, builds
 the exact OpenAI objects (``chat.completion``, ``chat.completion.chunk``,
 ``text_completion``), and records latency and token metrics as they happen.
+A streamed chat answer runs one loop, ``chat_pieces`` (its text as it becomes safe to
+show, then its end), which chat chunks and the Responses event stream both render.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from edge.errors import EdgeError, EngineError
@@ -100,6 +103,10 @@ class AnswerContext:
         m.verify_rounds.inc(stats.verify_rounds)
         if self.on_done is not None:
             self.on_done(self, stats)
+
+    def on_error(self, exc: EdgeError) -> None:
+        """Count a request that failed after its stream began (its status is in the body)."""
+        self.metrics.requests.labels(self.endpoint, self.route, str(exc.status)).inc()
 
     @property
     def ttft_s(self) -> float | None:
@@ -357,12 +364,12 @@ class _ChatChunks:
         self,
         delta: ChatDelta,
         finish_reason: str | None = None,
-        logprobs: list[tuple[int, TokenLogprob]] | None = None,
+        logprobs: list[ChatTokenLogprob] | None = None,
     ) -> bytes:
         ctx = self.ctx
         choice = ChatChunkChoice(index=ctx.index, delta=delta, finish_reason=finish_reason)
-        if logprobs and ctx.token_bytes is not None:
-            choice.logprobs = ChoiceLogprobs(content=chat_logprobs(logprobs, ctx.token_bytes))
+        if logprobs:
+            choice.logprobs = ChoiceLogprobs(content=logprobs)
         body = ChatCompletionChunk(
             id=ctx.id, created=ctx.created, model=ctx.model, choices=[choice]
         ).model_dump(exclude={"usage"} if not ctx.include_usage else set())
@@ -384,29 +391,103 @@ def _chat_usage_chunk(ctx: AnswerContext, usage: Usage) -> bytes:
     return sse(body.model_dump())
 
 
-async def chat_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
-    """One choice's chunks: its role, content (with logprobs), tool calls and finish
-    reason; the stream's usage chunk and ``[DONE]`` come from ``stream_chat``."""
-    chunks = _ChatChunks(ctx)
+@dataclass(frozen=True)
+class AnswerText:
+    """Text of a streamed answer as it becomes safe to show (tool-call markup held back),
+    with the logprobs of the tokens that came with it (text may lag its tokens, or be
+    empty while markup is held)."""
+
+    text: str
+    logprobs: list[ChatTokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AnswerEnd:
+    """The end of a streamed answer (after its last text): its tool calls, its OpenAI
+    ``finish_reason`` and what it cost."""
+
+    calls: list[ParsedToolCall]
+    finish_reason: str
+    stats: GenerationStats
+
+
+AnswerPiece = AnswerText | AnswerEnd
+
+
+async def chat_pieces(events: Events, ctx: AnswerContext) -> AsyncGenerator[AnswerPiece, None]:
+    """One chat answer's text, then its end: the streaming loop chat chunks and
+    Responses events share.
+
+    Tool-call markup is held back and parsed at the end (malformed calls counted, the
+    generator's own calls preferred); token timing and the finish go to ``ctx``, the
+    finish before the end is yielded. The events run to their end (see ``_drain``)."""
     tools = ToolCallStream(ctx.tool_names) if ctx.tool_names is not None else None
+    finished = False
     try:
-        yield chunks.chunk(ChatDelta(role="assistant", content=""))
         async for event in events:
             text = tools.push(event.text) if tools else event.text
             if isinstance(event, FinishEvent):
                 if text:
-                    yield chunks.chunk(ChatDelta(content=text))
-                for item in _stream_tail(chunks, tools, event):
-                    yield item
+                    yield AnswerText(text)
+                parsed = _parse_held(ctx, tools, event)
+                if parsed.content:
+                    yield AnswerText(parsed.content)
                 ctx.on_finish(event.stats)
+                finished = True
+                yield AnswerEnd(parsed.calls, _finish_reason(event.stats, parsed), event.stats)
                 continue
             ctx.on_token(event)
-            logprobs = _logprob_entries(event) if event.logprobs else None
+            logprobs = _event_logprobs(event, ctx.token_bytes)
             if text or logprobs:
-                yield chunks.chunk(ChatDelta(content=text or None), logprobs=logprobs)
+                yield AnswerText(text, logprobs)
+    finally:
+        # Closed early (a client went away): stop the generation now, not at its collection.
+        if isinstance(events, AsyncGenerator):
+            await events.aclose()
+    if not finished:
+        raise EngineError("the generation ended without a finish event")
+
+
+def _event_logprobs(
+    event: TokenEvent, token_bytes: Callable[[int], bytes] | None
+) -> list[ChatTokenLogprob]:
+    if not event.logprobs or token_bytes is None:
+        return []
+    return chat_logprobs(_logprob_entries(event), token_bytes)
+
+
+def _parse_held(
+    ctx: AnswerContext, tools: ToolCallStream | None, finish: FinishEvent
+) -> ToolCallParse:
+    """The held-back text, parsed: its ``content`` is the text not streamed yet."""
+    if tools is None:
+        return ToolCallParse(content=None)
+    parsed = tools.finish()
+    ctx.metrics.malformed_tool_calls.inc(len(parsed.malformed))
+    return with_generator_calls(parsed, finish)
+
+
+async def chat_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
+    """One choice's chunks: its role, content (with logprobs), tool calls and finish
+    reason; the stream's usage chunk and ``[DONE]`` come from ``stream_chat``."""
+    chunks = _ChatChunks(ctx)
+    try:
+        yield chunks.chunk(ChatDelta(role="assistant", content=""))
+        async with aclosing(chat_pieces(events, ctx)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, AnswerText):
+                    yield chunks.chunk(
+                        ChatDelta(content=piece.text or None), logprobs=piece.logprobs
+                    )
+                    continue
+                for i, call in enumerate(piece.calls):
+                    function = FunctionCall(name=call.name, arguments=call.arguments)
+                    delta = ToolCallDelta(index=i, id=call.id, function=function)
+                    yield chunks.chunk(ChatDelta(tool_calls=[delta]))
+                yield chunks.chunk(ChatDelta(), finish_reason=piece.finish_reason)
     except EdgeError as exc:
         # Headers are gone already; the error travels as an event, like vLLM does.
-        ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
+        ctx.on_error(exc)
         yield sse(exc.body())
 
 
@@ -462,26 +543,6 @@ async def interleave(streams: Sequence[AsyncIterator[bytes]]) -> AsyncIterator[b
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _stream_tail(
-    chunks: _ChatChunks, tools: ToolCallStream | None, finish: FinishEvent
-) -> list[bytes]:
-    out: list[bytes] = []
-    stats = finish.stats
-    parsed = tools.finish() if tools else ToolCallParse(content=None)
-    if tools:
-        chunks.ctx.metrics.malformed_tool_calls.inc(len(parsed.malformed))
-        parsed = with_generator_calls(parsed, finish)
-    if parsed.content:
-        out.append(chunks.chunk(ChatDelta(content=parsed.content)))
-    for i, call in enumerate(parsed.calls):
-        delta = ToolCallDelta(
-            index=i, id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments)
-        )
-        out.append(chunks.chunk(ChatDelta(tool_calls=[delta])))
-    out.append(chunks.chunk(ChatDelta(), finish_reason=_finish_reason(stats, parsed)))
-    return out
-
-
 def _completion_chunk(
     ctx: AnswerContext,
     text: str,
@@ -515,7 +576,7 @@ async def completion_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator
                 yield _completion_chunk(ctx, event.text, None, logprobs=logprobs)
             offset += len(event.text)
     except EdgeError as exc:
-        ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
+        ctx.on_error(exc)
         yield sse(exc.body())
 
 

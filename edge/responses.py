@@ -3,7 +3,8 @@
 A ``POST /v1/responses`` is served as a chat (``ResponsesRequest.to_chat``) on
 chat's route plan and serving layer; this module turns that chat's answer into
 the ``response`` object, whole (``from_chat``, from ``edge.answers.collect_chat``)
-or as the documented event stream (``stream_response``):
+or as the documented event stream (``stream_response``, from ``edge.answers.chat_pieces``,
+the streaming loop chat's chunks come from too):
 
     response.created, response.in_progress,
     [response.output_item.added (message), response.content_part.added,
@@ -13,6 +14,10 @@ or as the documented event stream (``stream_response``):
      response.function_call_arguments.done, response.output_item.done] ...
     response.completed | response.incomplete   (error, response.failed if it breaks)
 
+With ``include: ["message.output_text.logprobs"]`` the output text carries its tokens'
+logprobs (``top_logprobs`` alternatives each), matched to the text by bytes, so
+they spell it; tool-call markup's tokens are no text and have none.
+
 ``ResponseStore`` keeps stored responses (an LRU of ``STORE_SIZE``), each with its
 whole conversation, so ``previous_response_id`` continues it.
 """
@@ -21,21 +26,22 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edge.answers import AnswerContext, with_generator_calls
-from edge.errors import EdgeError, EngineError, ResponseNotFoundError
-from edge.generation import Event, FinishEvent, GenerationStats
-from edge.openai_protocol import ChatCompletion, Usage, unix_now
+from edge.answers import AnswerContext, AnswerText, chat_pieces
+from edge.errors import EdgeError, ResponseNotFoundError
+from edge.generation import Events
+from edge.openai_protocol import ChatCompletion, ChatTokenLogprob, Usage, unix_now
 from edge.responses_protocol import (
     INPUT_ITEM,
     ArgumentsDeltaEvent,
     ArgumentsDoneEvent,
     ContentPartEvent,
+    DeltaLogprob,
     ErrorEvent,
     FunctionToolCall,
     IncompleteDetails,
@@ -56,7 +62,7 @@ from edge.responses_protocol import (
     TextDeltaEvent,
     TextDoneEvent,
 )
-from edge.tool_calls import ParsedToolCall, ToolCallParse, ToolCallStream
+from edge.tool_calls import ParsedToolCall
 
 # Stored responses kept per edge; the least recently used goes first.
 STORE_SIZE = 1000
@@ -98,26 +104,34 @@ class Turn:
             text=body.text,
             tool_choice=body.tool_choice,
             tools=body.tools or [],
+            top_logprobs=body.top_logprobs,
             top_p=body.top_p,
             user=body.user,
             **fields,
         )
 
-    def message(self, text: str, status: ItemStatus) -> OutputMessage:
+    def message(
+        self, text: str, status: ItemStatus, logprobs: Sequence[ChatTokenLogprob] = ()
+    ) -> OutputMessage:
         """The assistant message item (``status`` in_progress: no content part yet)."""
-        content = [] if status == "in_progress" else [OutputText(text=text)]
+        content = [] if status == "in_progress" else [OutputText(text=text, logprobs=[*logprobs])]
         return OutputMessage(id=self.message_id, status=status, content=content)
 
     def finished(
-        self, content: str | None, calls: Sequence[ParsedToolCall], truncated: bool, usage: Usage
+        self,
+        content: str | None,
+        calls: Sequence[ParsedToolCall],
+        finish_reason: str,
+        usage: Usage,
+        logprobs: Sequence[ChatTokenLogprob] = (),
     ) -> ResponseObject:
         """The final response: a message unless the answer is calls only, then the calls."""
         status: Literal["completed", "incomplete"] = (
-            "incomplete" if truncated and not calls else "completed"
+            "incomplete" if finish_reason == "length" else "completed"
         )
         output: list[OutputItem] = []
         if content or not calls:
-            output.append(self.message(content or "", status))
+            output.append(self.message(content or "", status, logprobs))
         output += [_function_call(c) for c in calls]
         return self.response(
             status,
@@ -154,13 +168,40 @@ def _usage(usage: Usage) -> ResponseUsage:
 def from_chat(turn: Turn, answer: ChatCompletion) -> ResponseObject:
     """The ``response`` of a whole chat answer."""
     choice = answer.choices[0]
+    message = choice.message
     calls = [
         ParsedToolCall(c.id, c.function.name, c.function.arguments)
-        for c in choice.message.tool_calls or []
+        for c in message.tool_calls or []
     ]
-    return turn.finished(
-        choice.message.content, calls, choice.finish_reason == "length", answer.usage
-    )
+    spelled = _Spelling()
+    spelled.push((choice.logprobs.content or []) if choice.logprobs else [])
+    logprobs = spelled.shown(message.content or "")
+    finish_reason = choice.finish_reason or "stop"
+    return turn.finished(message.content, calls, finish_reason, answer.usage, logprobs)
+
+
+class _Spelling:
+    """Matches logprob entries to the text shown, by bytes: an entry goes with the text
+    that completes it; entries of text never shown (tool-call markup) are left over.
+    So an output text's logprobs always spell (a prefix of) its text."""
+
+    def __init__(self) -> None:
+        self._pending: deque[ChatTokenLogprob] = deque()
+        self._room = 0  # bytes shown that no entry covers yet
+
+    def push(self, entries: Iterable[ChatTokenLogprob]) -> None:
+        """Entries of generated tokens, in order."""
+        self._pending.extend(entries)
+
+    def shown(self, text: str) -> list[ChatTokenLogprob]:
+        """The entries ``text`` (shown after all before it) completes."""
+        self._room += len(text.encode())
+        out = []
+        while self._pending and len(self._pending[0].bytes or ()) <= self._room:
+            entry = self._pending.popleft()
+            self._room -= len(entry.bytes or ())
+            out.append(entry)
+        return out
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -221,40 +262,6 @@ class ResponseStore:
 # -- streaming ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Tail:
-    """The end of an answer: its calls and what it cost."""
-
-    calls: list[ParsedToolCall]
-    stats: GenerationStats
-
-
-async def _pieces(
-    events: AsyncGenerator[Event, None], ctx: AnswerContext
-) -> AsyncIterator[str | _Tail]:
-    """The answer's text as it becomes safe to show (tool-call markup held back, as chat
-    streams it), then its tail."""
-    tools = ToolCallStream(ctx.tool_names) if ctx.tool_names is not None else None
-    async with aclosing(events):
-        async for event in events:
-            text = tools.push(event.text) if tools else event.text
-            if text:
-                yield text
-            if not isinstance(event, FinishEvent):
-                ctx.on_token(event)
-                continue
-            parsed = tools.finish() if tools else ToolCallParse(content=None)
-            if tools:
-                ctx.metrics.malformed_tool_calls.inc(len(parsed.malformed))
-                parsed = with_generator_calls(parsed, event)
-            if parsed.content:
-                yield parsed.content
-            ctx.on_finish(event.stats)
-            yield _Tail(parsed.calls, event.stats)
-            return
-    raise EngineError("the generation ended without a finish event")
-
-
 class _Events:
     """Numbers and encodes one stream's events."""
 
@@ -268,35 +275,70 @@ class _Events:
 
 
 async def stream_response(
-    events: AsyncGenerator[Event, None], ctx: AnswerContext, turn: Turn, store: ResponseStore
+    events: Events, ctx: AnswerContext, turn: Turn, store: ResponseStore
 ) -> AsyncIterator[bytes]:
     """The Responses event stream of a chat answer; the final response is stored."""
     emit = _Events()
     for kind in ("response.created", "response.in_progress"):
         yield emit(ResponseEvent, type=kind, response=turn.response("in_progress"))
-    text: list[str] = []
+    message = _StreamedMessage(emit, turn)
     try:
-        async for piece in _pieces(events, ctx):
-            if isinstance(piece, str):
-                if not text:
-                    for chunk in _open_message(emit, turn):
+        async with aclosing(chat_pieces(events, ctx)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, AnswerText):
+                    for chunk in message.add(piece):
                         yield chunk
-                text.append(piece)
-                yield emit(TextDeltaEvent, item_id=turn.message_id, output_index=0, delta=piece)
-                continue
-            truncated = piece.stats.finish_reason == "length"
-            final = turn.finished("".join(text), piece.calls, truncated, ctx.usage(piece.stats))
-            for chunk in _close_items(emit, turn, final, opened=bool(text)):
-                yield chunk
-            store.remember(turn, final)
-            yield emit(ResponseEvent, type=f"response.{final.status}", response=final)
+                    continue
+                final = turn.finished(message.content, piece.calls, piece.finish_reason,
+                                      ctx.usage(piece.stats), message.logprobs)  # fmt: skip
+                for chunk in _close_items(emit, turn, final, opened=message.opened):
+                    yield chunk
+                store.remember(turn, final)
+                yield emit(ResponseEvent, type=f"response.{final.status}", response=final)
     except EdgeError as exc:
         # Headers are gone already: the failure travels as events, as OpenAI sends it.
-        ctx.metrics.requests.labels(ctx.endpoint, ctx.route, str(exc.status)).inc()
+        ctx.on_error(exc)
         yield emit(ErrorEvent, code=exc.code or exc.type, message=exc.message, param=exc.param)
         error = ResponseError(code="server_error", message=exc.message)
         yield emit(ResponseEvent, type="response.failed",
                    response=turn.response("failed", error=error))  # fmt: skip
+
+
+class _StreamedMessage:
+    """The message of a streamed response: its text deltas as they come, with the
+    logprobs that spell them."""
+
+    def __init__(self, emit: _Events, turn: Turn) -> None:
+        self._emit = emit
+        self._turn = turn
+        self._parts: list[str] = []
+        self._spelling = _Spelling()
+        self.logprobs: list[ChatTokenLogprob] = []
+
+    @property
+    def opened(self) -> bool:
+        """Whether the message item is out (its first text was)."""
+        return bool(self._parts)
+
+    @property
+    def content(self) -> str:
+        """The text so far."""
+        return "".join(self._parts)
+
+    def add(self, piece: AnswerText) -> list[bytes]:
+        """The events of a text piece: none while its text is held back or not whole yet."""
+        self._spelling.push(piece.logprobs)
+        if not piece.text:
+            return []
+        out = [] if self.opened else _open_message(self._emit, self._turn)
+        self._parts.append(piece.text)
+        shown = self._spelling.shown(piece.text)
+        self.logprobs += shown
+        out.append(
+            self._emit(TextDeltaEvent, item_id=self._turn.message_id, output_index=0,
+                       delta=piece.text, logprobs=[DeltaLogprob.of(e) for e in shown])
+        )  # fmt: skip
+        return out
 
 
 def _open_message(emit: _Events, turn: Turn) -> list[bytes]:
@@ -317,8 +359,10 @@ def _close_items(emit: _Events, turn: Turn, final: ResponseObject, *, opened: bo
             if not opened:
                 out += _open_message(emit, turn)
             part = item.content[0]
+            logprobs = [DeltaLogprob.of(e) for e in part.logprobs]
             out += [
-                emit(TextDoneEvent, item_id=item.id, output_index=index, text=part.text),
+                emit(TextDoneEvent, item_id=item.id, output_index=index, text=part.text,
+                     logprobs=logprobs),
                 emit(ContentPartEvent, type="response.content_part.done", item_id=item.id,
                      output_index=index, part=part),
             ]  # fmt: skip

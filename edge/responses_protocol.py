@@ -29,8 +29,14 @@ from pydantic import (
 )
 
 from edge.errors import InvalidRequestError
-from edge.openai_protocol import MAX_TOKENS_LIMIT, ChatCompletionRequest, TandemUsage
-from edge.openai_protocol import OpenAIRequest
+from edge.openai_protocol import (
+    MAX_TOKENS_LIMIT,
+    ChatCompletionRequest,
+    ChatTokenLogprob,
+    OpenAIRequest,
+    TandemUsage,
+)
+from mesh.sampling import MAX_TOP_LOGPROBS
 
 # -- input items ---------------------------------------------------------------------
 
@@ -204,6 +210,21 @@ class TextConfig(BaseModel):
     format: TextFormat = Field(default_factory=lambda: TextFormat.model_validate({"type": "text"}))
 
 
+# ``include`` values of the Responses API. Only the output text's logprobs apply here;
+# the others concern tools and inputs this edge does not have and are accepted as no-ops.
+Includable = Literal[
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+]
+TEXT_LOGPROBS: Includable = "message.output_text.logprobs"
+
+
 class ResponsesRequest(OpenAIRequest):
     """``POST /v1/responses``."""
 
@@ -221,17 +242,25 @@ class ResponsesRequest(OpenAIRequest):
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = None
     top_p: float | None = None
+    include: list[Includable] | None = None
+    # Alternatives per token of the output text's logprobs (with ``include`` asking for them).
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
 
+    def wants_logprobs(self) -> bool:
+        """Whether the output text carries its tokens' logprobs (``include``)."""
+        return TEXT_LOGPROBS in (self.include or ())
+
     def to_chat(self, history: Sequence[InputItem] = ()) -> ChatCompletionRequest:
         """The chat request this turn is: ``instructions``, then the stored conversation
         (``history``), then this input. A 400 names the Responses field at fault."""
         system = [{"role": "system", "content": self.instructions}] if self.instructions else []
         choice = self.tool_choice
+        logprobs = self.wants_logprobs()
         chat = {
             "model": self.model,
             "messages": system + chat_messages([*history, *self.input]),
@@ -244,6 +273,9 @@ class ResponsesRequest(OpenAIRequest):
             "max_completion_tokens": self.max_output_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            # As vLLM's Responses API: top_logprobs counts only when logprobs are included.
+            "logprobs": logprobs or None,
+            "top_logprobs": self.top_logprobs if logprobs else None,
             "user": self.user,
         }
         try:
@@ -279,12 +311,33 @@ def _responses_param(chat_loc: str) -> str:
 
 
 class OutputText(BaseModel):
-    """An ``output_text`` content part."""
+    """An ``output_text`` content part; ``logprobs`` (when included) spell its text."""
 
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = []
-    logprobs: list[Any] = []
+    logprobs: list[ChatTokenLogprob] = []
+
+
+class DeltaTopLogprob(BaseModel):
+    """An alternative token in a text event's ``logprobs`` (no bytes, as OpenAI sends it)."""
+
+    token: str
+    logprob: float
+
+
+class DeltaLogprob(BaseModel):
+    """A token's entry in ``response.output_text.delta`` / ``.done`` ``logprobs``."""
+
+    token: str
+    logprob: float
+    top_logprobs: list[DeltaTopLogprob] = []
+
+    @classmethod
+    def of(cls, entry: ChatTokenLogprob) -> DeltaLogprob:
+        """The event form of an output text's logprob entry."""
+        top = [DeltaTopLogprob(token=t.token, logprob=t.logprob) for t in entry.top_logprobs]
+        return cls(token=entry.token, logprob=entry.logprob, top_logprobs=top)
 
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
@@ -375,6 +428,7 @@ class ResponseObject(BaseModel):
     text: TextConfig
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice
     tools: list[FunctionTool]
+    top_logprobs: int | None = None
     top_p: float | None
     usage: ResponseUsage | None = None
     user: str | None
@@ -424,7 +478,7 @@ class TextDeltaEvent(StreamEvent):
     output_index: int
     content_index: int = 0
     delta: str
-    logprobs: list[Any] = []
+    logprobs: list[DeltaLogprob] = []
 
 
 class TextDoneEvent(StreamEvent):
@@ -435,7 +489,7 @@ class TextDoneEvent(StreamEvent):
     output_index: int
     content_index: int = 0
     text: str
-    logprobs: list[Any] = []
+    logprobs: list[DeltaLogprob] = []
 
 
 class ArgumentsDeltaEvent(StreamEvent):

@@ -8,12 +8,19 @@ parse), not wording.
 from __future__ import annotations
 
 import json
+import math
+import time
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from openai.types.responses import Response, ResponseFunctionToolCall
+from openai.types.responses import (
+    Response,
+    ResponseFunctionToolCall,
+    ResponseOutputMessage,
+    ResponseOutputText,
+)
 
 from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess
@@ -194,6 +201,122 @@ def test_a_two_step_function_call_loop(edge: EdgeProcess, stream: bool) -> None:
     assert second.usage.input_tokens == resent.usage.input_tokens
 
 
+def _text_part(response: Response) -> ResponseOutputText:
+    """The output text of a response's message."""
+    [message] = [item for item in response.output if isinstance(item, ResponseOutputMessage)]
+    [part] = message.content
+    assert isinstance(part, ResponseOutputText)
+    return part
+
+
+def _check_logprobs(entries: list[Any], text: str, top: int) -> None:
+    """Entries spell the text; greedy: each chosen token is its position's top-1."""
+    assert entries and b"".join(bytes(e.bytes) for e in entries).decode() == text
+    for entry in entries:
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+        assert len(entry.top_logprobs) == top and entry.logprob <= 0
+        values = [alt.logprob for alt in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-6
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == pytest.approx(values[0], abs=1e-6)
+
+
+LOGPROBS: dict[str, Any] = {
+    "input": "Write one sentence about the sea.",
+    "include": ["message.output_text.logprobs"],
+    "top_logprobs": 3,
+    "max_output_tokens": 16,
+}
+
+
+def test_included_logprobs_spell_the_output_text(edge: EdgeProcess) -> None:
+    response = edge.client().responses.create(**LOGPROBS, **GREEDY)
+    assert response.top_logprobs == 3
+    part = _text_part(response)
+    assert part.logprobs is not None
+    _check_logprobs(part.logprobs, part.text, 3)
+    assert response.usage is not None and len(part.logprobs) == response.usage.output_tokens
+    stored = edge.client().responses.retrieve(response.id)
+    assert _text_part(stored).logprobs == part.logprobs
+
+
+def test_streamed_logprobs_come_with_their_text_deltas(edge: EdgeProcess) -> None:
+    events, final = _streamed(edge, **LOGPROBS)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    streamed = [entry for e in deltas for entry in e.logprobs]
+    part = _text_part(final)
+    assert part.logprobs is not None
+    _check_logprobs(part.logprobs, part.text, 3)
+    # The events' entries are the part's, without bytes, as OpenAI sends them.
+    expected = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+                for e in part.logprobs]  # fmt: skip
+    assert [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs or []])
+            for e in streamed] == expected  # fmt: skip
+    for delta in deltas:  # each delta's entries spell (the start of) its own text
+        assert delta.delta.encode().startswith(b"".join(e.token.encode() for e in delta.logprobs))
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert [e.token for e in done.logprobs] == [e.token for e in part.logprobs]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_with_tools_spell_the_text_and_leave_calls_out(
+    edge: EdgeProcess, stream: bool
+) -> None:
+    """With tools the text passes the tool-call parser (which holds back what may start a
+    call); a required call is no text, so its tokens' logprobs go nowhere."""
+
+    def create(**kwargs: Any) -> Response:
+        ask = {**LOGPROBS, "tools": [WEATHER], "max_output_tokens": 64, **kwargs}
+        if stream:
+            return _streamed(edge, **ask)[1]
+        return edge.client().responses.create(**ask, **GREEDY)
+
+    text = create(input="Hi! Tell me about Paris, then check its weather.")
+    assert not _calls(text)
+    part = _text_part(text)
+    assert part.logprobs is not None
+    _check_logprobs(part.logprobs, part.text, 3)
+    called = create(input="What is the weather in Paris?", tool_choice="required")
+    [call] = _calls(called)
+    assert [item.type for item in called.output] == ["function_call"]
+    assert isinstance(json.loads(call.arguments)["city"], str)
+
+
+def test_logprobs_are_left_out_unless_included(edge: EdgeProcess) -> None:
+    """top_logprobs alone asks for nothing, as in vLLM's Responses API."""
+    plain = {**LOGPROBS, "include": []}
+    response = edge.client().responses.create(**plain, **GREEDY)
+    assert response.output_text and _text_part(response).logprobs == []
+    events, _ = _streamed(edge, **plain)
+    assert all(not e.logprobs for e in events if e.type == "response.output_text.delta")
+
+
+def test_leaving_a_streamed_response_cancels_its_generation(edge: EdgeProcess) -> None:
+    before = edge.metrics()
+    body = {"model": DEFAULT_PAIR, "input": "Tell me a long story about a dragon.",
+            "max_output_tokens": 1500, "temperature": 0, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{edge.base_url}/v1/responses", json=body, headers=EDGE) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("event: response.output_text.delta"):
+                break  # leave after the first text
+    cancelled = before["tandem_edge_cancelled_generations_total"] + 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the slot is freed just after the cancel is counted
+        after = edge.metrics()
+        done = after["tandem_edge_cancelled_generations_total"] == cancelled
+        if done and after["tandem_edge_running_requests"] == 0:
+            break
+        time.sleep(0.05)
+    assert after["tandem_edge_cancelled_generations_total"] == cancelled
+    assert after["tandem_edge_running_requests"] == 0
+    generated = (
+        after["tandem_edge_engine_generated_tokens_total"]
+        - before["tandem_edge_engine_generated_tokens_total"]
+    )
+    assert generated < 200  # stopped near the disconnect, not after 1500 tokens
+
+
 def test_an_unknown_previous_response_id_is_a_404_naming_it(edge: EdgeProcess) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         edge.client().responses.create(input="Hi", previous_response_id="resp_nope", **GREEDY)
@@ -231,6 +354,9 @@ def test_unstored_and_deleted_responses_are_gone(edge: EdgeProcess) -> None:
         ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"tools": [{**WEATHER, "name": "get weather"}]}, "tools.0.name"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"top_logprobs": 21, "include": ["message.output_text.logprobs"]}, "top_logprobs"),
+        ({"top_logprobs": -1}, "top_logprobs"),
+        ({"include": ["message.output_text.logprob"]}, "include.0"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input.0"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
     ],

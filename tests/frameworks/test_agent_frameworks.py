@@ -1,11 +1,12 @@
 """Real agent frameworks against the edge daemon, each with its own request shapes.
 
 Each library drives the edge the way it drives OpenAI: the Agents SDK's function-tool
-loop over chat completions (``tool_choice: "required"``), instructor's named tool choice
-and ``json_schema`` response format, LangChain's ``with_structured_output`` (json_schema)
-and pydantic-ai's output tool (a required tool call). The 135M model calls no tool and
-writes no JSON when decoding is free, so each test fails if the edge ignored the field
-the library relies on. Assertions are on validity and shape, never on wording.
+loop (``tool_choice: "required"``) over chat completions and over the Responses API (its
+default model), instructor's named tool choice and ``json_schema`` response format,
+LangChain's ``with_structured_output`` (json_schema) and pydantic-ai's output tool (a
+required tool call). The 135M model calls no tool and writes no JSON when decoding is
+free, so each test fails if the edge ignored the field the library relies on.
+Assertions are on validity and shape, never on wording.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from agents import (
     MessageOutputItem,
     ModelSettings,
     OpenAIChatCompletionsModel,
+    OpenAIResponsesModel,
     Runner,
     ToolCallItem,
     ToolCallOutputItem,
@@ -59,9 +61,14 @@ def _no_tracing_export() -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", ["chat", "responses"])
 async def test_agents_sdk_tool_loop_runs_the_tool_then_answers(
-    edge: EdgeProcess, stream: bool
+    edge: EdgeProcess, api: str, stream: bool
 ) -> None:
+    """The SDK's default model speaks the Responses API (``OpenAIResponsesModel``: no
+    ``previous_response_id``, it resends the conversation, its function_call items with
+    their ``id`` and ``status``, ``include: []`` and strict tools each turn);
+    ``OpenAIChatCompletionsModel`` speaks chat."""
     cities: list[str] = []
 
     @function_tool
@@ -71,11 +78,16 @@ async def test_agents_sdk_tool_loop_runs_the_tool_then_answers(
         return f"Sunny, 21 C in {city}."
 
     async with edge.async_client(default_headers=EDGE) as client:
+        model = (
+            OpenAIResponsesModel(model=DEFAULT_PAIR, openai_client=client)
+            if api == "responses"
+            else OpenAIChatCompletionsModel(model=DEFAULT_PAIR, openai_client=client)
+        )
         agent = Agent(
             name="weather",
             instructions="Answer with the weather tool.",
             tools=[get_weather],
-            model=OpenAIChatCompletionsModel(model=DEFAULT_PAIR, openai_client=client),
+            model=model,
             # The SDK drops tool_choice after the first tool call, so turn two answers text.
             model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=64),
         )
