@@ -21,6 +21,10 @@ class CloudSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_CLOUD_", extra="forbid")
 
     nats_url: str = DEFAULT_NATS_URL
+    nats_creds: Path | None = Field(
+        None, description="this worker's NATS identity: nkey seed (tandem mesh add-worker)"
+    )
+    nats_tls_ca: Path | None = Field(None, description="CA that signs the NATS servers' certs")
     model: str = Field(DEFAULT_PAIR, description="catalog model pair whose target this serves")
     worker_id: str = Field(
         default_factory=lambda: f"cloud-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"

@@ -37,7 +37,7 @@ from cloud.errors import (
 )
 from cloud.settings import CloudSettings
 from mesh import subjects
-from mesh.connection import connect
+from mesh.connection import MeshCredentials, connect
 from mesh.errors import ProtocolError
 from mesh.heartbeat import Heartbeater
 from mesh.protocol import (
@@ -101,7 +101,8 @@ class CloudWorker:
     async def start(self) -> None:
         """Connect, register the micro service endpoints, start heartbeats."""
         s = self.settings
-        self._nc = await connect(s.nats_url, name=s.worker_id)
+        credentials = MeshCredentials(s.nats_creds, s.nats_tls_ca)
+        self._nc = await connect(s.nats_url, name=s.worker_id, credentials=credentials)
         model = self.engine.pair.name
         self._service = await add_service(
             self._nc,

@@ -14,7 +14,7 @@ from edge.cloud_route import CloudRoute
 from edge.generation import EdgeEngine
 from edge.settings import EdgeSettings
 from mesh import subjects
-from mesh.connection import MeshLink, connect_in_background
+from mesh.connection import MeshCredentials, MeshLink, connect_in_background
 from mesh.heartbeat import FleetView, Heartbeater
 from mesh.protocol import NodeHeartbeat, NodeLoad
 from mesh.version import __version__
@@ -74,9 +74,13 @@ class MeshRegistration:
 
     async def start(self) -> None:
         """Connect in the background and start the heartbeat loop."""
-        assert self._settings.nats_url is not None
+        s = self._settings
+        assert s.nats_url is not None
         self._link = await connect_in_background(
-            self._settings.nats_url, name=self._settings.node_id, on_connect=self._on_connect
+            s.nats_url,
+            name=s.node_id,
+            on_connect=self._on_connect,
+            credentials=MeshCredentials(s.nats_creds, s.nats_tls_ca),
         )
         self._beats = Heartbeater(
             self._link,

@@ -43,6 +43,10 @@ class EdgeSettings(BaseSettings):
     max_n: int = Field(8, ge=1, le=128, description="most choices (n) one request may ask for")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>'")
     nats_url: str | None = Field(None, description="join the mesh at this NATS URL")
+    nats_creds: Path | None = Field(
+        None, description="this edge's NATS identity: nkey seed (tandem mesh add-edge) or .creds"
+    )
+    nats_tls_ca: Path | None = Field(None, description="CA that signs the NATS servers' certs")
     node_id: str = Field(default_factory=lambda: f"edge-{socket.gethostname()}")
     heartbeat_s: float = Field(1.0, gt=0)
     cloud_timeout_s: float = Field(300.0, gt=0, description="deadline of a cloud request")

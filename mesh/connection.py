@@ -12,7 +12,11 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -28,6 +32,60 @@ DEFAULT_NATS_PORT = 4222  # NATS's own default client port
 DEFAULT_NATS_URL = f"nats://127.0.0.1:{DEFAULT_NATS_PORT}"
 
 OnConnect = Callable[[Client], Awaitable[None] | None]
+
+_JWT_CREDS_MARK = "BEGIN NATS USER JWT"
+
+
+@dataclass(frozen=True)
+class MeshCredentials:
+    """How a node proves who it is to NATS, and which servers it trusts.
+
+    ``creds``: the node's nkey seed file (``tandem mesh add-edge NAME`` writes
+    ``creds/NAME.nk``), or a NATS ``.creds`` file (JWT and seed) from an operator's
+    own tooling. The identity's name is the file's stem: it names the node's private
+    inbox prefix (``mesh.security.inbox_prefix``), which its permissions allow.
+    ``tls_ca``: verify the server's certificate against this CA (links are TLS then).
+    """
+
+    creds: Path | None = None
+    tls_ca: Path | None = None
+
+    @classmethod
+    def from_env(cls, creds: Path | None = None, tls_ca: Path | None = None) -> MeshCredentials:
+        """The given paths, else ``TANDEM_NATS_CREDS`` / ``TANDEM_NATS_TLS_CA``."""
+        env_creds, env_ca = (
+            os.environ.get("TANDEM_NATS_CREDS"),
+            os.environ.get("TANDEM_NATS_TLS_CA"),
+        )
+        return cls(
+            creds=creds or (Path(env_creds) if env_creds else None),
+            tls_ca=tls_ca or (Path(env_ca) if env_ca else None),
+        )
+
+    @property
+    def identity(self) -> str | None:
+        """The identity's name (the creds file's stem), or None when anonymous."""
+        return None if self.creds is None else self.creds.stem
+
+    def connect_options(self) -> dict[str, Any]:
+        """nats-py ``connect`` options for these credentials."""
+        from mesh.security import inbox_prefix
+
+        options: dict[str, Any] = {}
+        if self.creds is not None:
+            try:
+                text = self.creds.read_text()
+            except OSError as exc:
+                raise MeshUnavailableError(
+                    f"cannot read NATS credentials {self.creds}: {exc}"
+                ) from exc
+            key = "user_credentials" if _JWT_CREDS_MARK in text else "nkeys_seed"
+            options[key] = str(self.creds)
+            options["inbox_prefix"] = inbox_prefix(self.creds.stem)
+        if self.tls_ca is not None:
+            options["tls"] = ssl.create_default_context(cafile=str(self.tls_ca))
+        return options
+
 
 _DEFAULT_OPTIONS: dict[str, Any] = {
     "allow_reconnect": True,
@@ -103,13 +161,15 @@ async def connect(
     token: str | None = None,
     user: str | None = None,
     password: str | None = None,
-    creds: str | None = None,
+    credentials: MeshCredentials | None = None,
     **overrides: Any,
 ) -> Client:
     """Connect to NATS (reconnecting forever afterwards); ``MeshUnavailableError`` if down."""
     servers = [url] if isinstance(url, str) else list(url)
-    credentials = {"token": token, "user": user, "password": password, "user_credentials": creds}
-    auth: dict[str, Any] = {key: value for key, value in credentials.items() if value is not None}
+    secrets = {"token": token, "user": user, "password": password}
+    auth: dict[str, Any] = {key: value for key, value in secrets.items() if value is not None}
+    if credentials is not None:
+        auth.update(credentials.connect_options())
     seen: list[Exception] = []
     nc = Client()
     options = {**_DEFAULT_OPTIONS, **_callbacks(name, seen, nc), **auth, **overrides}

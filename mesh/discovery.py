@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from mesh.connection import connect
+from mesh.connection import MeshCredentials, connect
 from mesh.heartbeat import FleetView
 from mesh.protocol import NodeHeartbeat
 
 
-async def snapshot(url: str, *, listen_s: float = 1.5) -> list[NodeHeartbeat]:
+async def snapshot(
+    url: str, *, listen_s: float = 1.5, credentials: MeshCredentials | None = None
+) -> list[NodeHeartbeat]:
     """Every node heard from within ``listen_s`` (heartbeats come about once a second)."""
-    nc = await connect(url, name="tandem-status")
+    nc = await connect(url, name="tandem-status", credentials=credentials)
     try:
         fleet = FleetView(nc)
         await fleet.start()

@@ -87,3 +87,21 @@ def cloud_service_name(model: str) -> str:
 def policy_applied() -> str:
     """Where edges report each policy revision they applied (or refused)."""
     return f"{PREFIX}.policy.applied"
+
+
+# -- wildcards, for permissions (mesh.security) -------------------------------------------
+
+
+def cloud_any(verb: str) -> str:
+    """``verb`` (generate, verify, cancel) for every model: ``tandem.v1.cloud.*.<verb>``."""
+    return f"{PREFIX}.cloud.*.{token(verb)}"
+
+
+def worker_any(verb: str) -> str:
+    """``verb`` of every worker's affinity subjects: ``tandem.v1.worker.*.<verb>``."""
+    return f"{PREFIX}.worker.*.{token(verb)}"
+
+
+def worker_all(worker_id: str) -> str:
+    """Every affinity subject of one worker: ``tandem.v1.worker.<id>.>``."""
+    return f"{PREFIX}.worker.{token(worker_id)}.>"

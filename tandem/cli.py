@@ -16,7 +16,7 @@ from __future__ import annotations
 import typer
 
 from mesh.version import __version__
-from tandem.commands import bench, cloud, edge, models, policy, router, status, up
+from tandem.commands import bench, cloud, edge, mesh, models, policy, router, status, up
 
 app = typer.Typer(
     help="Tandem: a hybrid edge-cloud LLM inference mesh.",
@@ -28,6 +28,7 @@ app.add_typer(cloud.app, name="cloud")
 app.add_typer(models.app, name="models")
 app.add_typer(router.app, name="router")
 app.add_typer(policy.app, name="policy")
+app.add_typer(mesh.app, name="mesh")
 app.add_typer(bench.app, name="bench")
 app.command(name="up")(up.up)
 app.command(name="status")(status.status)

@@ -16,6 +16,10 @@ app = typer.Typer(help="Run a cloud worker (vLLM behind NATS).", no_args_is_help
 @app.command()
 def serve(
     nats_url: Annotated[str | None, typer.Option(help="NATS URL of the mesh.")] = None,
+    nats_creds: Annotated[
+        Path | None, typer.Option(help="NATS identity: nkey seed file or .creds.")
+    ] = None,
+    nats_tls_ca: Annotated[Path | None, typer.Option(help="CA of the NATS servers.")] = None,
     model: Annotated[str | None, typer.Option(help="Catalog model pair to serve.")] = None,
     worker_id: Annotated[str | None, typer.Option(help="This worker's id on the mesh.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,

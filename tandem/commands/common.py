@@ -52,3 +52,38 @@ def configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+# NATS identity options of the commands that talk to the mesh as an operator.
+NatsCredsOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="TANDEM_NATS_CREDS",
+        show_default=False,
+        help="NATS identity (nkey seed or .creds); default: $TANDEM_HOME/mesh/creds/operator.nk "
+        "when it exists (tandem up writes it).",
+    ),
+]
+NatsTlsCaOption = Annotated[
+    Path | None,
+    typer.Option(envvar="TANDEM_NATS_TLS_CA", show_default=False, help="CA of the NATS servers."),
+]
+
+
+def local_mesh_dir() -> Path:
+    """The mesh directory ``tandem up`` keeps its hub config and credentials in."""
+    from models.settings import tandem_home
+
+    return tandem_home() / "mesh"
+
+
+def operator_credentials(creds: Path | None, tls_ca: Path | None) -> Any:
+    """The ``MeshCredentials`` of an operator command: the given ones, or the local
+    mesh's operator identity when there is one (anonymous otherwise)."""
+    from mesh.connection import MeshCredentials
+    from mesh.security import MeshDir
+
+    if creds is None:
+        local = MeshDir(local_mesh_dir()).creds("operator")
+        creds = local if local.exists() else None
+    return MeshCredentials(creds, tls_ca)

@@ -26,6 +26,10 @@ def serve(
     max_n: Annotated[int | None, typer.Option(help="Most choices (n) per request.")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require this Bearer key.")] = None,
     nats_url: Annotated[str | None, typer.Option(help="Join the mesh at this NATS URL.")] = None,
+    nats_creds: Annotated[
+        Path | None, typer.Option(help="NATS identity: nkey seed file or .creds.")
+    ] = None,
+    nats_tls_ca: Annotated[Path | None, typer.Option(help="CA of the NATS servers.")] = None,
     node_id: Annotated[str | None, typer.Option(help="This node's id on the mesh.")] = None,
     policy_file: Annotated[Path | None, typer.Option(help="Routing policy YAML.")] = None,
     engine: Annotated[

@@ -46,9 +46,19 @@ from router.errors import (
     RevisionNotFoundError,
 )
 from router.policy import RequestFeatures, RoutingPolicy, explain
-from tandem.commands.common import fail
+from tandem.commands.common import NatsCredsOption, NatsTlsCaOption, fail, operator_credentials
 
 app = typer.Typer(help="Show, edit, roll back and explain the live routing policy.")
+# The operator identity every subcommand connects with (set by the group's options).
+_IDENTITY: dict[str, Path | None] = {"creds": None, "tls_ca": None}
+
+
+@app.callback()
+def _identity(nats_creds: NatsCredsOption = None, nats_tls_ca: NatsTlsCaOption = None) -> None:
+    """Show, edit, roll back and explain the live routing policy."""
+    _IDENTITY.update(creds=nats_creds, tls_ca=nats_tls_ca)
+
+
 T = TypeVar("T")
 
 NatsUrl = Annotated[str, typer.Option(help="NATS URL of the mesh.", envvar="TANDEM_NATS_URL")]
@@ -62,7 +72,8 @@ def _run(nats_url: str, work: Callable[[Any], Awaitable[T]]) -> T:
     from router.store import PolicyStore
 
     async def main() -> T:
-        nc = await connect(nats_url, name="tandem-policy")
+        credentials = operator_credentials(_IDENTITY["creds"], _IDENTITY["tls_ca"])
+        nc = await connect(nats_url, name="tandem-policy", credentials=credentials)
         try:
             return await work(await PolicyStore.open(nc))
         finally:

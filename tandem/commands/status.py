@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.connection import DEFAULT_NATS_URL
-from tandem.commands.common import fail
+from tandem.commands.common import NatsCredsOption, NatsTlsCaOption, fail, operator_credentials
 
 
 def status(
@@ -19,6 +19,8 @@ def status(
         str, typer.Option(help="NATS URL of the mesh.", envvar="TANDEM_NATS_URL")
     ] = DEFAULT_NATS_URL,
     listen_s: Annotated[float, typer.Option(help="Seconds to listen for heartbeats.")] = 1.5,
+    nats_creds: NatsCredsOption = None,
+    nats_tls_ca: NatsTlsCaOption = None,
 ) -> None:
     """Show every edge and cloud worker heard on the mesh, with its load.
 
@@ -28,7 +30,8 @@ def status(
     from mesh.errors import MeshError
 
     try:
-        nodes = asyncio.run(snapshot(nats_url, listen_s=listen_s))
+        credentials = operator_credentials(nats_creds, nats_tls_ca)
+        nodes = asyncio.run(snapshot(nats_url, listen_s=listen_s, credentials=credentials))
     except MeshError as exc:
         fail(str(exc))
     table = Table(title=f"Tandem mesh at {nats_url}")

@@ -1,0 +1,270 @@
+"""Who may do what on the mesh: roles, their NATS permissions, and the hub's user list.
+
+Every node has an identity of its own, a NATS *nkey user* (an ed25519 key pair: the
+hub holds only the public key, the node its seed file). This module is the one place
+that says what each role may publish and subscribe to; the hub's configuration is
+rendered from it, and every permission names the call that needs it.
+
+Why static nkey users and not decentralized JWT accounts: a mesh is one account (every
+node talks to every other), so accounts would add an operator key, an account key, a
+resolver and JWT revocation lists to express nothing more. Static users with
+permissions, in a file the hub includes, give the same least privilege; adding or
+revoking a node rewrites that file and tells the hub to reload it (``SIGHUP``): no
+restart of the hub or of other nodes, and nats-server closes the connection of a
+user that is no longer in the file at the reload.
+
+Layout of a mesh directory (``tandem mesh init DIR``)::
+
+    DIR/server.conf     a standalone hub's nats-server config: ports, JetStream, auth.conf
+    DIR/auth.conf       authorization (includes users.conf) and the pid file: an embedded
+                        hub (``tandem up``, tests) runs with this one alone
+    DIR/users.conf      rendered from nodes.json: one user per node, with permissions
+    DIR/nodes.json      the registry: name, role, public key of every node
+    DIR/creds/NAME.nk   each node's seed (give it to that node only; mode 0600)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mesh import subjects
+from mesh.errors import MeshError
+
+Role = Literal["edge", "worker", "operator"]
+ROLES: tuple[Role, ...] = ("edge", "worker", "operator")
+
+# The stream behind the policy bucket (JetStream KV buckets are streams KV_<bucket>).
+_POLICY_STREAM = f"KV_{subjects.POLICY_BUCKET}"
+_QUEUE = "q"  # nats.micro's default queue group: the workers' endpoints join it
+
+
+class MeshConfigError(MeshError):
+    """A mesh directory or node name that cannot be used as asked."""
+
+
+def inbox_prefix(name: str) -> str:
+    """A node's private inbox prefix: replies (requests, JetStream acks, KV watch
+    deliveries; nats-py's ``inbox_prefix`` covers them all) come only under it."""
+    return f"_INBOX.{subjects.token(name)}"
+
+
+# -- the permissions, role by role ----------------------------------------------------------
+
+# Reading and watching the policy bucket (router.store.PolicyStore, nats-py's KV).
+_POLICY_READ = (
+    f"$JS.API.STREAM.INFO.{_POLICY_STREAM}",  # js.key_value(): the bucket exists?
+    f"$JS.API.DIRECT.GET.{_POLICY_STREAM}",  # kv.get() (direct get of the last message)
+    f"$JS.API.DIRECT.GET.{_POLICY_STREAM}.>",  # kv.get() by subject
+    f"$JS.API.STREAM.MSG.GET.{_POLICY_STREAM}",  # kv.get(revision=...)
+    f"$JS.API.CONSUMER.CREATE.{_POLICY_STREAM}",  # kv.watch() / kv.history(): ordered consumer
+    f"$JS.API.CONSUMER.CREATE.{_POLICY_STREAM}.>",  # ... the same, with a filter subject
+    f"$JS.API.CONSUMER.INFO.{_POLICY_STREAM}.*",  # ordered consumer's reset checks
+    f"$JS.API.CONSUMER.DELETE.{_POLICY_STREAM}.*",  # watcher.stop()
+    f"$JS.FC.{_POLICY_STREAM}.>",  # flow control replies: without them a watch stalls silently
+)
+# Writing it (tandem policy set / rollback): the bucket on first use, then CAS puts.
+_POLICY_WRITE = (
+    f"$JS.API.STREAM.CREATE.{_POLICY_STREAM}",  # js.create_key_value() on first use
+    f"$JS.API.STREAM.UPDATE.{_POLICY_STREAM}",  # ... when the bucket exists with other limits
+    f"$KV.{subjects.POLICY_BUCKET}.>",  # kv.update(key, value, last=revision)
+)
+
+
+def permissions(role: Role, name: str) -> dict[str, Any]:
+    """The NATS permissions of node ``name`` in ``role`` (nats-server's config shape)."""
+    own_inbox = f"{inbox_prefix(name)}.>"
+    if role == "edge":
+        publish = [
+            subjects.cloud_any("generate"),  # CloudRoute._submit: the queue group ...
+            subjects.cloud_any("verify"),  # CloudRoute.verify
+            subjects.worker_any("generate"),  # ... and a session's own worker (affinity)
+            subjects.worker_any("verify"),
+            subjects.cloud_any("cancel"),  # CancelRequest when the client goes away
+            subjects.node_load(name),  # Heartbeater: its own heartbeats only
+            subjects.policy_applied(),  # PolicyFollower's reports
+            *_POLICY_READ,  # PolicyFollower: watch and resync
+        ]
+        subscribe = [own_inbox, subjects.all_node_loads()]  # FleetView reads heartbeats
+        # The edge answers a worker's liveness probe on <its reply subject>.alive.
+        return _shape(publish, subscribe, responses=True)
+    if role == "worker":
+        publish = [
+            subjects.node_load(name),  # Heartbeater
+            "_INBOX.*.>",  # token streams to requesters' reply subjects, liveness probes
+        ]
+        subscribe = [
+            f"{subjects.cloud_any('generate')} {_QUEUE}",  # nats.micro endpoints, group q
+            f"{subjects.cloud_any('verify')} {_QUEUE}",
+            subjects.worker_all(name),  # its affinity endpoints
+            subjects.cloud_any("cancel"),  # cancels are broadcast to every worker
+            "$SRV.>",  # nats.micro discovery: PING, INFO, STATS
+            own_inbox,  # replies to its liveness probes
+        ]
+        # One reply per request (GenerateAccepted, a verdict, a $SRV answer, an error);
+        # token streams go to the reply subject in the request body, allowed above.
+        return _shape(publish, subscribe, responses=True)
+    if role == "operator":
+        publish = [*_POLICY_READ, *_POLICY_WRITE]  # tandem policy show/history/set/rollback
+        subscribe = [
+            own_inbox,
+            subjects.all_node_loads(),  # tandem status
+            subjects.policy_applied(),  # tandem policy set --wait: which edges applied it
+        ]
+        return _shape(publish, subscribe, responses=False)
+    raise MeshConfigError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+
+
+_DENY_ALL = {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}
+
+
+def _shape(publish: list[str], subscribe: list[str], *, responses: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"publish": {"allow": publish}, "subscribe": {"allow": subscribe}}
+    if responses:
+        out["allow_responses"] = {"max": 1, "expires": "5m"}
+    return out
+
+
+# -- nkeys ------------------------------------------------------------------------------------
+
+
+def new_user_seed() -> bytes:
+    """A fresh nkey user seed (``SU...``)."""
+    import nkeys
+
+    return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+
+
+def public_key(seed: bytes) -> str:
+    """The public key (``U...``) of a user seed."""
+    import nkeys
+
+    return str(nkeys.from_seed(bytearray(seed)).public_key.decode())
+
+
+# -- the mesh directory -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    """One identity on the mesh."""
+
+    name: str
+    role: Role
+    public_key: str
+
+
+class MeshDir:
+    """A hub's configuration directory: its nodes, their credentials, the rendered files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def server_conf(self) -> Path:
+        return self.root / "server.conf"
+
+    @property
+    def auth_conf(self) -> Path:
+        return self.root / "auth.conf"
+
+    @property
+    def users_conf(self) -> Path:
+        return self.root / "users.conf"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "nodes.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "nats-server.pid"
+
+    def creds(self, name: str) -> Path:
+        """Where node ``name``'s seed file is."""
+        return self.root / "creds" / f"{subjects.token(name)}.nk"
+
+    def init(self, *, host: str = "127.0.0.1", port: int = 4222, monitor_port: int = 8222) -> None:
+        """Write a new hub configuration (refused if one is there already)."""
+        if self.registry.exists():
+            raise MeshConfigError(f"{self.root} holds a mesh already ({self.registry})")
+        (self.root / "creds").mkdir(parents=True, exist_ok=True)
+        (self.root / "jetstream").mkdir(exist_ok=True)
+        self.auth_conf.write_text(
+            "# Who may connect, and do what (tandem mesh). Embedded hubs (tandem up) run\n"
+            "# with this file alone; server.conf adds ports and storage for a standalone hub.\n"
+            f"pid_file: {json.dumps(str(self.pid_file))}\n"
+            "authorization {\n  include users.conf\n}\n"
+        )
+        self.server_conf.write_text(
+            "# Tandem hub (tandem mesh init): nats-server -c server.conf\n"
+            f"listen: {json.dumps(f'{host}:{port}')}\n"
+            f"http: {json.dumps(f'{host}:{monitor_port}')}\n"
+            f"jetstream {{ store_dir: {json.dumps(str(self.root / 'jetstream'))} }}\n"
+            "include auth.conf\n"
+        )
+        self._save([])
+
+    def nodes(self) -> list[Node]:
+        """Every node the hub admits."""
+        if not self.registry.exists():
+            raise MeshConfigError(f"no mesh at {self.root}: run tandem mesh init {self.root}")
+        return [Node(**n) for n in json.loads(self.registry.read_text())]
+
+    def add(self, name: str, role: Role) -> Path:
+        """Admit a new node; returns its seed file (written once, mode 0600)."""
+        permissions(role, name)  # an unknown role fails before anything is written
+        nodes = self.nodes()
+        if any(n.name == name for n in nodes):
+            raise MeshConfigError(f"a node named {name!r} exists; revoke it first")
+        seed = new_user_seed()
+        path = self.creds(name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(seed + b"\n")
+        self._save([*nodes, Node(name, role, public_key(seed))])
+        return path
+
+    def revoke(self, name: str) -> Node:
+        """Remove a node: the hub refuses it from the next reload on."""
+        nodes = self.nodes()
+        gone = [n for n in nodes if n.name == name]
+        if not gone:
+            raise MeshConfigError(f"no node named {name!r} in {self.root}")
+        self._save([n for n in nodes if n.name != name])
+        self.creds(name).unlink(missing_ok=True)
+        return gone[0]
+
+    def reload_hub(self) -> bool:
+        """Tell a running hub to re-read its users (SIGHUP); False if none is running."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return False
+        return True
+
+    def _save(self, nodes: Iterable[Node]) -> None:
+        nodes = list(nodes)
+        self.registry.write_text(json.dumps([asdict(n) for n in nodes], indent=2) + "\n")
+        self.users_conf.write_text(render_users(nodes))
+
+
+def render_users(nodes: Iterable[Node]) -> str:
+    """The ``users`` list of the hub's ``authorization`` block, one nkey user per node.
+
+    It always starts with a user nobody can be (its seed is thrown away) and who may do
+    nothing: with an empty list nats-server would admit anonymous clients."""
+    sentinel = {"nkey": public_key(new_user_seed()), "permissions": _DENY_ALL}
+    entries = [f"  # nobody (keeps authorization on with no nodes)\n  {json.dumps(sentinel)}"]
+    for node in nodes:
+        entry = {"nkey": node.public_key, "permissions": permissions(node.role, node.name)}
+        entries.append(f"  # {node.role} {node.name}\n  {json.dumps(entry)}")
+    body = ",\n".join(entries)
+    header = "# Rendered by tandem mesh from nodes.json: change it with tandem mesh add-*/revoke."
+    return f"{header}\nusers = [\n{body}\n]\n"

@@ -1,0 +1,230 @@
+"""The mesh's identities against a real nats-server running ``tandem mesh``'s configuration.
+
+For every permission of ``mesh.security``: the allowed action works, and the forbidden
+one is refused by the server (nats-py reports a refused subscribe or publish only
+asynchronously, to ``error_cb``: the tests collect those reports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats.errors
+import pytest
+from nats.aio.client import Client
+
+from mesh import subjects
+from mesh.connection import MeshCredentials, connect
+from mesh.errors import MeshUnavailableError
+from mesh.security import MeshDir, inbox_prefix
+from mesh.server import EmbeddedNats
+from router.store import PolicyStore
+
+MODEL = "smollm2-135m"
+POLICY = "rules: [{name: local, route: edge}]\n"
+POLICY_2 = "rules: [{name: cloudy, route: cloud}]\ndefault: {route: cloud}\n"
+
+
+@pytest.fixture(scope="module")
+def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> MeshDir:
+    mesh = MeshDir(tmp_path_factory.mktemp("mesh"))
+    mesh.init()
+    for name, role in [("operator", "operator"), ("edge-a", "edge"), ("edge-b", "edge"),
+                       ("w1", "worker")]:  # fmt: skip
+        mesh.add(name, role)  # type: ignore[arg-type]
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def hub(mesh_dir: MeshDir) -> Iterator[EmbeddedNats]:
+    with EmbeddedNats(config=mesh_dir.auth_conf) as server:
+        yield server
+
+
+class Node:
+    """A client with one identity, collecting the server's asynchronous refusals."""
+
+    def __init__(self, nc: Client, refusals: list[str]) -> None:
+        self.nc, self.refusals = nc, refusals
+
+    async def refused(self, what: str, wait_s: float = 2.0) -> bool:
+        """Whether the server refused something naming ``what`` (waits for the report;
+        nats-py lower-cases the server's message)."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if any(what.lower() in r.lower() and "permissions violation" in r.lower()
+                   for r in self.refusals):  # fmt: skip
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+async def _node(hub: EmbeddedNats, mesh: MeshDir, name: str) -> Node:
+    refusals: list[str] = []
+
+    async def error_cb(exc: Exception) -> None:
+        refusals.append(str(exc))
+
+    nc = await connect(
+        hub.url, name=name, credentials=MeshCredentials(mesh.creds(name)), error_cb=error_cb
+    )
+    return Node(nc, refusals)
+
+
+async def test_anonymous_and_unknown_clients_are_refused(hub: EmbeddedNats, tmp_path: Path) -> None:
+    with pytest.raises(MeshUnavailableError, match=r"(?i)authorization"):
+        await connect(hub.url, name="anonymous")
+    stranger = MeshDir(tmp_path)
+    stranger.init()
+    stranger.add("edge-a", "edge")  # the same name, a key the hub never saw
+    with pytest.raises(MeshUnavailableError, match=r"(?i)authorization"):
+        await connect(hub.url, name="x", credentials=MeshCredentials(stranger.creds("edge-a")))
+
+
+async def test_an_edge_asks_workers_and_reads_only_its_own_inbox(
+    hub: EmbeddedNats, mesh_dir: MeshDir
+) -> None:
+    edge, worker = await _node(hub, mesh_dir, "edge-a"), await _node(hub, mesh_dir, "w1")
+    try:
+        stream = "_INBOX.edge-a.stream1"  # a reply subject under the edge's own prefix
+        got: list[bytes] = []
+
+        async def receive(msg: nats.aio.msg.Msg) -> None:
+            got.append(msg.data)
+
+        await edge.nc.subscribe(stream, cb=receive)
+
+        async def serve(msg: nats.aio.msg.Msg) -> None:
+            await worker.nc.publish(stream, b"token")  # the worker streams to the edge ...
+            await msg.respond(b"accepted")  # ... and answers the request once
+
+        await worker.nc.subscribe(subjects.cloud_generate(MODEL), queue="q", cb=serve)
+        await worker.nc.flush()
+        reply = await edge.nc.request(subjects.cloud_generate(MODEL), b"prompt", timeout=5)
+        assert reply.data == b"accepted"
+        assert reply.subject.startswith(inbox_prefix("edge-a") + ".")  # its private inbox
+        await asyncio.sleep(0.2)
+        assert got == [b"token"]
+        assert not edge.refusals and not worker.refusals
+    finally:
+        await edge.nc.close()
+        await worker.nc.close()
+
+
+@pytest.mark.parametrize(
+    ("action", "subject"),
+    [
+        ("subscribe", ">"),  # everything
+        ("subscribe", "_INBOX.edge-b.>"),  # another edge's inbox
+        ("subscribe", "_INBOX.>"),  # every inbox
+        ("serve", subjects.cloud_generate(MODEL)),  # answering as a worker
+        ("publish", f"$KV.{subjects.POLICY_BUCKET}.{subjects.POLICY_KEY}"),  # writing the policy
+        ("publish", subjects.node_load("w1")),  # a worker's heartbeats
+        ("publish", "_INBOX.edge-b.stream"),  # into another edge's stream
+    ],
+)
+async def test_an_edge_is_refused_what_it_does_not_need(
+    hub: EmbeddedNats, mesh_dir: MeshDir, action: str, subject: str
+) -> None:
+    edge = await _node(hub, mesh_dir, "edge-a")
+    try:
+        if action == "publish":
+            await edge.nc.publish(subject, b"x")
+        else:
+            await edge.nc.subscribe(subject, queue="q" if action == "serve" else "")
+        await edge.nc.flush()
+        assert await edge.refused(subject), f"{action} {subject} was not refused"
+    finally:
+        await edge.nc.close()
+
+
+@pytest.mark.parametrize(
+    ("action", "subject"),
+    [
+        ("publish", f"$KV.{subjects.POLICY_BUCKET}.{subjects.POLICY_KEY}"),  # the policy
+        ("subscribe", subjects.cloud_generate(MODEL)),  # every request, outside the queue group
+        ("subscribe", "_INBOX.edge-a.>"),  # an edge's inbox
+        ("publish", subjects.node_load("edge-a")),  # an edge's heartbeats
+    ],
+)
+async def test_a_worker_is_refused_what_it_does_not_need(
+    hub: EmbeddedNats, mesh_dir: MeshDir, action: str, subject: str
+) -> None:
+    worker = await _node(hub, mesh_dir, "w1")
+    try:
+        if action == "publish":
+            await worker.nc.publish(subject, b"x")
+        else:
+            await worker.nc.subscribe(subject)
+        await worker.nc.flush()
+        assert await worker.refused(subject), f"{action} {subject} was not refused"
+    finally:
+        await worker.nc.close()
+
+
+async def test_the_operator_writes_the_policy_and_edges_follow_it(
+    hub: EmbeddedNats, mesh_dir: MeshDir
+) -> None:
+    operator, edge = await _node(hub, mesh_dir, "operator"), await _node(hub, mesh_dir, "edge-a")
+    try:
+        written = await PolicyStore.open(operator.nc)  # creates the bucket on first use
+        current = await written.current()
+        first = await written.set(
+            POLICY, expect_revision=current.revision if current else 0, author="t"
+        )
+        followed = await PolicyStore.open(edge.nc, create=False)
+        assert (await followed.current()).revision == first  # type: ignore[union-attr]
+        seen: list[int] = []
+
+        async def watch() -> None:
+            async for stored in followed.watch():
+                seen.append(stored.revision)
+                if len(seen) == 2:
+                    return
+
+        watching = asyncio.create_task(watch())
+        await asyncio.sleep(0.3)
+        second = await written.set(POLICY_2, expect_revision=first, author="t")
+        await asyncio.wait_for(watching, 5)
+        assert seen == [first, second]
+        assert len(await written.history()) >= 2
+        with pytest.raises(Exception):  # noqa: B017  # an edge may read, never write
+            await followed.set(POLICY, expect_revision=second, author="edge")
+        assert await edge.refused(f"$KV.{subjects.POLICY_BUCKET}")
+        assert not operator.refusals
+    finally:
+        await operator.nc.close()
+        await edge.nc.close()
+
+
+async def test_nodes_are_added_and_revoked_without_restarting_the_hub(
+    hub: EmbeddedNats, mesh_dir: MeshDir
+) -> None:
+    pid = hub.pid
+    mesh_dir.add("edge-new", "edge")
+    assert mesh_dir.reload_hub()
+    deadline = time.monotonic() + 5
+    while True:  # the reload takes effect within moments
+        try:
+            newcomer = await _node(hub, mesh_dir, "edge-new")
+            break
+        except MeshUnavailableError:
+            assert time.monotonic() < deadline, "the added edge was never admitted"
+            await asyncio.sleep(0.1)
+    seed = mesh_dir.creds("edge-new").read_bytes()
+    mesh_dir.revoke("edge-new")
+    assert mesh_dir.reload_hub()
+    started = time.monotonic()
+    while newcomer.nc.is_connected and time.monotonic() - started < 5:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    cut_after = time.monotonic() - started
+    await newcomer.nc.close()
+    assert cut_after < 5, "the revoked edge kept its connection"
+    kept = mesh_dir.root / "kept.nk"  # the revoked seed, kept by an attacker
+    kept.write_bytes(seed)
+    with pytest.raises(MeshUnavailableError, match=r"(?i)authorization"):
+        await connect(hub.url, name="again", credentials=MeshCredentials(kept))
+    assert hub.pid == pid  # one hub process throughout
