@@ -110,7 +110,11 @@ def permissions(role: Role, name: str) -> dict[str, Any]:
         # token streams go to the reply subject in the request body, allowed above.
         return _shape(publish, subscribe, responses=True)
     if role == "operator":
-        publish = [*_POLICY_READ, *_POLICY_WRITE]  # tandem policy show/history/set/rollback
+        publish = [
+            *_POLICY_READ,  # tandem policy show / history / diff / explain
+            *_POLICY_WRITE,  # tandem policy set / rollback / edit
+            "$SRV.>",  # nats.micro discovery of the workers' services: PING, INFO, STATS
+        ]
         subscribe = [
             own_inbox,
             subjects.all_node_loads(),  # tandem status
@@ -229,6 +233,15 @@ class MeshDir:
             f.write(seed + b"\n")
         self._save([*nodes, Node(name, role, public_key(seed))])
         return path
+
+    def ensure(self, name: str, role: Role) -> Path:
+        """Node ``name``'s seed file, admitting it first if it is new (``tandem up``)."""
+        known = {n.name: n for n in self.nodes()}
+        if name in known and known[name].role == role and self.creds(name).exists():
+            return self.creds(name)
+        if name in known:
+            self.revoke(name)
+        return self.add(name, role)
 
     def revoke(self, name: str) -> Node:
         """Remove a node: the hub refuses it from the next reload on."""

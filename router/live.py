@@ -133,7 +133,7 @@ class PolicyFollower:
     async def _watch(self) -> None:
         while True:
             try:
-                store = await PolicyStore.open(self._nc)
+                store = await PolicyStore.open(self._nc, create=False)  # operators create it
                 async for stored in store.watch():
                     await self._take(stored)
             except asyncio.CancelledError:
@@ -151,7 +151,7 @@ class PolicyFollower:
                 self._watcher.cancel()
                 self._watcher = asyncio.create_task(self._watch(), name="policy-watch")
             try:
-                store = await PolicyStore.open(self._nc)
+                store = await PolicyStore.open(self._nc, create=False)  # operators create it
                 stored = await store.current()
             except asyncio.CancelledError:
                 raise

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.security import MeshDir
 from mesh.server import EmbeddedNats
 from tandem.local import answers, local_nats, serves, tandem_argv
 from tandem.supervisor import Child, ChildStartError, Supervisor
@@ -34,20 +35,55 @@ class Role:
     grace_s: float = 15.0
 
 
-def edge_role(host: str, port: int, nats_url: str, model: str, *, simulated: bool = False) -> Role:
+EDGE_ID = "edge-local"
+WORKER_ID = "cloud-local-1"
+
+
+def local_mesh(root: Path) -> MeshDir:
+    """The single-machine mesh's identities (created on the first ``tandem up``, reused
+    after): an operator (``tandem policy``, ``tandem status``), the edge, the worker."""
+    mesh = MeshDir(root)
+    if not mesh.registry.exists():
+        mesh.init()
+    for name, role in (("operator", "operator"), (EDGE_ID, "edge"), (WORKER_ID, "worker")):
+        mesh.ensure(name, role)  # type: ignore[arg-type]
+    return mesh
+
+
+def _identity(mesh: MeshDir | None, name: str) -> list[str]:
+    return [] if mesh is None else ["--nats-creds", str(mesh.creds(name))]
+
+
+def edge_role(
+    host: str,
+    port: int,
+    nats_url: str,
+    model: str,
+    *,
+    simulated: bool = False,
+    mesh: MeshDir | None = None,
+) -> Role:
     """The edge daemon, joined to the mesh; ready when ``/health`` answers."""
     argv = tandem_argv(
         "edge", "serve", "--host", host, "--port", str(port), "--nats-url", nats_url,
-        "--model", model, *(["--engine", "sim"] if simulated else []),
+        "--model", model, "--node-id", EDGE_ID, *_identity(mesh, EDGE_ID),
+        *(["--engine", "sim"] if simulated else []),
     )  # fmt: skip
     return Role("edge", argv, lambda: answers(f"http://{host}:{port}/health"))
 
 
-def cloud_role(nats: EmbeddedNats, model: str, worker_id: str, *, simulated: bool = False) -> Role:
+def cloud_role(
+    nats: EmbeddedNats,
+    model: str,
+    worker_id: str,
+    *,
+    simulated: bool = False,
+    mesh: MeshDir | None = None,
+) -> Role:
     """A cloud worker; ready once it subscribes to its generate subject (~1-2 min on CPU)."""
     argv = tandem_argv(
         "cloud", "serve", "--nats-url", nats.url, "--model", model, "--worker-id", worker_id,
-        *(["--engine", "sim"] if simulated else []),
+        *_identity(mesh, worker_id), *(["--engine", "sim"] if simulated else []),
     )  # fmt: skip
     return Role("cloud", argv, lambda: serves(nats, worker_id), ready_timeout_s=600.0, grace_s=60.0)
 
@@ -68,6 +104,7 @@ def run_mesh(
     store_dir: Path,
     run_dir: Path,
     on_ready: Callable[[str], None],
+    nats_config: Path | None = None,
 ) -> None:
     """Run NATS and the roles (made for that NATS) until Ctrl-C or SIGTERM, then stop all.
 
@@ -85,7 +122,9 @@ def run_mesh(
         with ExitStack() as stack:
             # Reaps a stale run's nats-server before ours binds its port.
             supervisor = stack.enter_context(Supervisor(run_dir=run_dir))
-            nats = stack.enter_context(local_nats(supervisor, port=nats_port, store_dir=store_dir))
+            nats = stack.enter_context(
+                local_nats(supervisor, port=nats_port, store_dir=store_dir, config=nats_config)
+            )
             roles = make_roles(nats)
             # All start at once (vLLM's start dominates); stopped in reverse order.
             children = [supervisor.start(r.name, r.argv, grace_s=r.grace_s) for r in roles]

@@ -27,6 +27,12 @@ def up(
         EngineKind,
         typer.Option(help="'real' (llama.cpp + vLLM), or 'sim': SIMULATED engines for scale runs."),
     ] = EngineKind.REAL,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="Per-node NATS identities (in $TANDEM_HOME/mesh); --no-secure admits anyone."
+        ),
+    ] = True,
 ) -> None:
     """Run NATS, a cloud worker (vLLM) and an edge daemon on this machine until Ctrl-C.
 
@@ -37,7 +43,7 @@ def up(
     from mesh.server import EmbeddedNats
     from models.settings import tandem_home
     from tandem.supervisor import SupervisorError
-    from tandem.up import Role, cloud_role, edge_role, run_mesh
+    from tandem.up import WORKER_ID, Role, cloud_role, edge_role, local_mesh, run_mesh
 
     configure_logging("info")
     simulated = engine == EngineKind.SIM
@@ -47,13 +53,21 @@ def up(
             f"\nTandem is up: OpenAI API at http://{host}:{port}/v1 (model {model!r}), "
             f"NATS at {nats_url}{', cloud worker ready' if cloud else ''}"
             f"{' (SIMULATED engines: no model runs)' if simulated else ''}. "
-            "Ctrl-C stops everything.\n",
+            + (
+                f"NATS admits only the identities in {mesh.root} (tandem mesh list); "
+                "tandem policy and tandem status use its operator. "
+                if mesh
+                else "NATS admits anyone (--no-secure). "
+            )
+            + "Ctrl-C stops everything.\n",
             fg=typer.colors.GREEN,
         )
 
+    mesh = local_mesh(tandem_home() / "mesh") if secure else None
+
     def roles(nats: EmbeddedNats) -> list[Role]:
-        edge = edge_role(host, port, nats.url, model, simulated=simulated)
-        worker = cloud_role(nats, model, "cloud-local-1", simulated=simulated)
+        edge = edge_role(host, port, nats.url, model, simulated=simulated, mesh=mesh)
+        worker = cloud_role(nats, model, WORKER_ID, simulated=simulated, mesh=mesh)
         return [worker, edge] if cloud else [edge]
 
     try:
@@ -63,6 +77,7 @@ def up(
             store_dir=tandem_home() / "nats",
             run_dir=tandem_home() / "run",
             on_ready=ready,
+            nats_config=mesh.auth_conf if mesh else None,
         )
     except (SupervisorError, MeshError) as exc:
         fail(str(exc))

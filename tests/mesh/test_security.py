@@ -228,3 +228,23 @@ async def test_nodes_are_added_and_revoked_without_restarting_the_hub(
     with pytest.raises(MeshUnavailableError, match=r"(?i)authorization"):
         await connect(hub.url, name="again", credentials=MeshCredentials(kept))
     assert hub.pid == pid  # one hub process throughout
+
+
+async def test_tandem_up_keeps_its_identities_and_refuses_anonymous_clients(
+    tmp_path: Path,
+) -> None:
+    from tandem.up import EDGE_ID, WORKER_ID, edge_role, local_mesh
+
+    first = {n.name: n.public_key for n in local_mesh(tmp_path).nodes()}
+    assert set(first) == {"operator", EDGE_ID, WORKER_ID}
+    again = local_mesh(tmp_path)  # the next tandem up: the same identities
+    assert {n.name: n.public_key for n in again.nodes()} == first
+    argv = edge_role("127.0.0.1", 8080, "nats://x", MODEL, mesh=again).argv
+    assert argv[argv.index("--nats-creds") + 1] == str(again.creds(EDGE_ID))
+    with EmbeddedNats(config=again.auth_conf) as hub:
+        with pytest.raises(MeshUnavailableError, match=r"(?i)authorization"):
+            await connect(hub.url, name="anonymous")
+        edge = await connect(
+            hub.url, name=EDGE_ID, credentials=MeshCredentials(again.creds(EDGE_ID))
+        )
+        await edge.close()
