@@ -77,6 +77,10 @@ class Draft:
         rest = None if self.distributions is None else self.distributions[n:]
         return Draft(self.tokens[n:], rest)
 
+    def evaluated(self, is_eog: Callable[[int], bool]) -> int:
+        """How many of the tokens are in the KV cache: all but a final end token."""
+        return len(self.tokens) - (1 if self.tokens and is_eog(self.tokens[-1]) else 0)
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -305,7 +309,10 @@ class SpeculativeDecoder:
             length.update(len(draft), accepted, round_trip(), timer.token_s)
             kept = continues(draft, ahead, accepted, next_token)
             if not kept:
-                rollback(llama, len(context), accepted)  # drops the block ahead too
+                # Drops the block ahead too. A draft ending on an end token never evaluated
+                # it: counting it would leave n_tokens past the KV, and the next prompt that
+                # repeats it (a conversation's next turn) would fail in llama_decode (-1).
+                rollback(llama, len(context), min(accepted, draft.evaluated(run.is_eog)))
             for i, token in enumerate([*draft.tokens[:accepted], next_token]):
                 reason = run.accept(token, assembler, budget, logprobs[i] if logprobs else None)
                 if reason is not None:

@@ -131,3 +131,20 @@ async def test_a_verdict_outside_the_vocabulary_is_a_failed_verification(
         else:
             finish = event
     assert finish.stats.fell_back and tokens == own
+
+
+async def test_an_accepted_end_token_leaves_the_slot_consistent(engine: LlamaEngine) -> None:
+    """A draft ending on the end token (never evaluated) that the target accepts: the slot
+    must not count that token as cached. A next turn repeating it (with the token id left
+    at that position by an earlier, longer prompt) failed with llama_decode -1."""
+    prompt = engine.tokenize("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    own, finish = await _run(engine, prompt, 200, None)
+    assert finish.stats.finish_reason == "stop"  # a short answer, ended by the model
+    (end,) = engine.tokenize("<|im_end|>")
+    follow = prompt + own + [end] + engine.tokenize("\n<|im_start|>user\nThanks<|im_end|>\n")
+    await _run(engine, follow, 1, None)  # leaves the end token's id at its position
+    target = ScriptedTarget(len(prompt), [*own, end, end], delay_s=0.0)
+    spec, finish = await _run(engine, prompt, 200, target.verify)
+    assert spec == own and finish.stats.finish_reason == "stop"
+    again, finish = await _run(engine, follow, 4, None)  # the conversation's next turn
+    assert len(again) == 4 and finish.stats.finish_reason == "length"
