@@ -39,10 +39,18 @@ from mesh.protocol import (
     VerifyReply,
     VerifyRequest,
 )
-from mesh.security import MeshDir
+from mesh.security import MeshDir, Role
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess, WorkerProcess
+from tests.edge.test_structured_outputs import (  # the same schemas and tools
+    CALL_IN_AUTO,
+    PERSON,
+    TIME,
+    UNIT_WEATHER,
+    WEATHER,
+)
+from tests.fixtures_nats import mesh_with
 
 # Two vLLM engines start in the first test's setup: allow for it.
 pytestmark = [pytest.mark.cloud, pytest.mark.timeout(900)]
@@ -52,7 +60,7 @@ CLOUD = {"x-tandem-route": "cloud"}
 COUNT = [{"role": "user", "content": "List the numbers from 1 to 60, separated by commas."}]
 
 
-IDENTITIES = {
+IDENTITIES: dict[str, Role] = {
     "worker-a": "worker", "worker-b": "worker", "mesh-edge": "edge", "escalating-edge": "edge",
     "probe": "edge", "operator": "operator",
 }  # fmt: skip
@@ -61,11 +69,7 @@ IDENTITIES = {
 @pytest.fixture(scope="module")
 def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> MeshDir:
     """The hub's identities (``tandem mesh init`` and ``add-*``)."""
-    mesh = MeshDir(tmp_path_factory.mktemp("mesh"))
-    mesh.init()
-    for name, role in IDENTITIES.items():
-        mesh.add(name, role)  # type: ignore[arg-type]
-    return mesh
+    return mesh_with(tmp_path_factory.mktemp("mesh"), IDENTITIES)
 
 
 @pytest.fixture(scope="module")
@@ -184,24 +188,6 @@ def test_cloud_answer_equals_direct_greedy_and_is_marked(mesh_edge: EdgeProcess)
     assert on_edge.headers["x-tandem-route"] == "edge"
 
 
-_PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-}
-_WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
-
-
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("route", ["cloud", "speculative"])
 def test_constrained_answers_on_the_cloud_parse_and_follow_their_schema(
@@ -214,7 +200,7 @@ def test_constrained_answers_on_the_cloud_parse_and_follow_their_schema(
     common: dict[str, Any] = dict(
         model=MODEL, temperature=0, max_tokens=96, extra_headers={"x-tandem-route": route}
     )
-    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": _PERSON}}
+    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
     person_msgs = [{"role": "user", "content": "Describe a person."}]
     weather_msgs = [{"role": "user", "content": "How warm is it in Lyon?"}]
     if not stream:
@@ -223,7 +209,7 @@ def test_constrained_answers_on_the_cloud_parse_and_follow_their_schema(
         )
         content = raw.parse().choices[0].message.content or ""
         called = client.chat.completions.create(
-            messages=weather_msgs, tools=[_WEATHER], tool_choice="required", **common
+            messages=weather_msgs, tools=[WEATHER], tool_choice="required", **common
         )
         calls = called.choices[0].message.tool_calls or []
         finish = called.choices[0].finish_reason
@@ -234,7 +220,7 @@ def test_constrained_answers_on_the_cloud_parse_and_follow_their_schema(
         content = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
         chunks = list(
             client.chat.completions.create(
-                messages=weather_msgs, tools=[_WEATHER], tool_choice="required", stream=True,
+                messages=weather_msgs, tools=[WEATHER], tool_choice="required", stream=True,
                 **common,
             )
         )  # fmt: skip
@@ -247,13 +233,19 @@ def test_constrained_answers_on_the_cloud_parse_and_follow_their_schema(
     assert set(person) == {"name", "age"} and isinstance(person["age"], int)
     assert finish == "tool_calls" and [c.function.name for c in calls] == ["get_weather"]
     assert isinstance(json.loads(calls[0].function.arguments)["city"], str)
+    if not stream:  # a named tool choice calls that tool, among others offered
+        named = client.chat.completions.create(
+            messages=weather_msgs, tools=[TIME, WEATHER],
+            tool_choice={"type": "function", "function": {"name": "get_time"}}, **common,
+        )  # fmt: skip
+        (call,) = named.choices[0].message.tool_calls or []
+        assert call.function.name == "get_time"
+        assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
 
 
 def test_strict_tools_under_auto_get_valid_arguments_on_the_cloud(mesh_edge: EdgeProcess) -> None:
     """vLLM's structural tag: free text until <tool_call>, then a valid call of a strict
     tool (the same prompt makes the free model write a tool definition, not arguments)."""
-    from tests.edge.test_structured_outputs import CALL_IN_AUTO, UNIT_WEATHER
-
     messages = [
         {"role": "system", "content": CALL_IN_AUTO},
         {"role": "user", "content": "<tool_call> get_weather for Paris"},

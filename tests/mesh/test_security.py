@@ -19,9 +19,10 @@ from nats.aio.client import Client
 from mesh import subjects
 from mesh.connection import MeshCredentials, connect
 from mesh.errors import MeshUnavailableError
-from mesh.security import MeshDir, inbox_prefix
+from mesh.security import MeshDir, Role, inbox_prefix
 from mesh.server import EmbeddedNats
 from router.store import PolicyStore
+from tests.fixtures_nats import mesh_with
 
 MODEL = "smollm2-135m"
 POLICY = "rules: [{name: local, route: edge}]\n"
@@ -30,12 +31,10 @@ POLICY_2 = "rules: [{name: cloudy, route: cloud}]\ndefault: {route: cloud}\n"
 
 @pytest.fixture(scope="module")
 def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> MeshDir:
-    mesh = MeshDir(tmp_path_factory.mktemp("mesh"))
-    mesh.init()
-    for name, role in [("operator", "operator"), ("edge-a", "edge"), ("edge-b", "edge"),
-                       ("w1", "worker")]:  # fmt: skip
-        mesh.add(name, role)  # type: ignore[arg-type]
-    return mesh
+    identities: dict[str, Role] = {
+        "operator": "operator", "edge-a": "edge", "edge-b": "edge", "w1": "worker"
+    }  # fmt: skip
+    return mesh_with(tmp_path_factory.mktemp("mesh"), identities)
 
 
 @pytest.fixture(scope="module")
