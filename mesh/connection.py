@@ -174,10 +174,14 @@ async def connect(
     nc = Client()
     options = {**_DEFAULT_OPTIONS, **_callbacks(name, seen, nc), **auth, **overrides}
     max_reconnects = options.pop("max_reconnect_attempts")
+    # nats-py can hang on a failed TLS handshake (a plain-text client meeting a TLS hub):
+    # bound the whole first connect, and report the cause error_cb saw.
+    first_connect_s = options["connect_timeout"] * (2 * _FIRST_CONNECT_MAX_RECONNECTS + 2)
     try:
-        await nc.connect(
-            servers, name=name, max_reconnect_attempts=_FIRST_CONNECT_MAX_RECONNECTS, **options
-        )
+        async with asyncio.timeout(first_connect_s * len(servers)):
+            await nc.connect(
+                servers, name=name, max_reconnect_attempts=_FIRST_CONNECT_MAX_RECONNECTS, **options
+            )
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         await _discard(nc)
         cause = seen[-1] if seen else exc

@@ -193,16 +193,41 @@ class MeshDir:
         """Where node ``name``'s seed file is."""
         return self.root / "creds" / f"{subjects.token(name)}.nk"
 
-    def init(self, *, host: str = "127.0.0.1", port: int = 4222, monitor_port: int = 8222) -> None:
-        """Write a new hub configuration (refused if one is there already)."""
+    @property
+    def tls_ca(self) -> Path:
+        """The CA nodes trust the hub with (``--nats-tls-ca``), when the hub runs TLS."""
+        return self.root / "tls" / "ca.pem"
+
+    def init(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4222,
+        monitor_port: int = 8222,
+        tls_hosts: list[str] | None = None,
+    ) -> None:
+        """Write a new hub configuration (refused if one is there already).
+
+        ``tls_hosts``: the names and addresses nodes reach the hub by; the hub then
+        requires TLS, with a certificate for them from a new dev CA (``mesh.tls``)."""
         if self.registry.exists():
             raise MeshConfigError(f"{self.root} holds a mesh already ({self.registry})")
         (self.root / "creds").mkdir(parents=True, exist_ok=True)
         (self.root / "jetstream").mkdir(exist_ok=True)
+        tls = ""
+        if tls_hosts:
+            from mesh.tls import write_dev_ca
+
+            files = write_dev_ca(self.tls_ca.parent, tls_hosts)
+            tls = (
+                f"tls {{\n  cert_file: {json.dumps(str(files.cert))}\n"
+                f"  key_file: {json.dumps(str(files.key))}\n  timeout: 2\n}}\n"
+            )
         self.auth_conf.write_text(
             "# Who may connect, and do what (tandem mesh). Embedded hubs (tandem up) run\n"
             "# with this file alone; server.conf adds ports and storage for a standalone hub.\n"
             f"pid_file: {json.dumps(str(self.pid_file))}\n"
+            f"{tls}"
             "authorization {\n  include users.conf\n}\n"
         )
         self.server_conf.write_text(

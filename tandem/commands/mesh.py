@@ -41,6 +41,13 @@ def init(
     host: Annotated[str, typer.Option(help="Interface the hub listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Client port.")] = DEFAULT_NATS_PORT,
     monitor_port: Annotated[int, typer.Option(help="Monitoring port.")] = 8222,
+    tls_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A name or address nodes reach the hub by (repeatable): the hub requires "
+            "TLS with a certificate for them from a new dev CA."
+        ),
+    ] = None,
 ) -> None:
     """Write a hub configuration (nats-server config, users, JetStream) and its first
     operator identity; run the hub with ``nats-server -c DIR/server.conf``."""
@@ -48,11 +55,13 @@ def init(
 
     mesh = _mesh(directory)
     try:
-        mesh.init(host=host, port=port, monitor_port=monitor_port)
+        mesh.init(host=host, port=port, monitor_port=monitor_port, tls_hosts=tls_host)
         seed = mesh.add("operator", "operator")
     except MeshError as exc:
         fail(str(exc))
     typer.echo(f"hub config: {mesh.server_conf}\noperator identity: {seed}")
+    if tls_host:
+        typer.echo(f"TLS: nodes trust the hub with --nats-tls-ca {mesh.tls_ca}")
 
 
 def _add(name: str, role: Role, directory: Path | None) -> None:

@@ -247,3 +247,33 @@ async def test_tandem_up_keeps_its_identities_and_refuses_anonymous_clients(
             hub.url, name=EDGE_ID, credentials=MeshCredentials(again.creds(EDGE_ID))
         )
         await edge.close()
+
+
+@pytest.fixture(scope="module")
+def tls_mesh(tmp_path_factory: pytest.TempPathFactory) -> MeshDir:
+    mesh = MeshDir(tmp_path_factory.mktemp("tls-mesh"))
+    mesh.init(tls_hosts=["127.0.0.1", "localhost"])
+    mesh.add("edge-a", "edge")
+    return mesh
+
+
+async def test_a_tls_hub_admits_nodes_that_trust_its_ca_only(
+    tls_mesh: MeshDir, tmp_path: Path
+) -> None:
+    creds = tls_mesh.creds("edge-a")
+    with EmbeddedNats(config=tls_mesh.auth_conf) as hub:
+        trusted = await connect(
+            hub.url, name="edge-a", credentials=MeshCredentials(creds, tls_mesh.tls_ca)
+        )
+        assert trusted.connected_url is not None and trusted.is_connected
+        await trusted.close()
+        other = MeshDir(tmp_path / "other")
+        other.init(tls_hosts=["127.0.0.1"])  # another CA: the hub is a stranger
+        # Without the CA (nats-py then checks the system's CAs) or with another one, the
+        # connect fails within its bound, naming the cause.
+        for ca in (None, other.tls_ca):
+            with pytest.raises(MeshUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
+                await connect(
+                    hub.url, name="edge-a", credentials=MeshCredentials(creds, ca),
+                    connect_timeout=1,
+                )  # fmt: skip
