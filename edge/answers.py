@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from edge.errors import EdgeError, EngineError
 from edge.generation import Events, FinishEvent, GenerationStats, TokenEvent
@@ -46,6 +47,8 @@ from edge.openai_protocol import (
 )
 from edge.tool_calls import ParsedToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
 from mesh.protocol import TokenLogprob
+
+A = TypeVar("A", ChatCompletion, Completion)
 
 # ``system_fingerprint`` of answers a simulated engine produced (scale runs only).
 SIMULATED_FINGERPRINT = "tandem-simulated-engine"
@@ -328,18 +331,9 @@ def merged_usage(contexts: Sequence[AnswerContext]) -> Usage:
     )
 
 
-def merge_choices(
-    answers: Sequence[ChatCompletion], contexts: Sequence[AnswerContext]
-) -> ChatCompletion:
-    """One ``chat.completion`` of ``n`` choices (each answered with its own context)."""
-    choices = [choice for answer in answers for choice in answer.choices]
-    return answers[0].model_copy(update={"choices": choices, "usage": merged_usage(contexts)})
-
-
-def merge_completions(
-    answers: Sequence[Completion], contexts: Sequence[AnswerContext]
-) -> Completion:
-    """One ``text_completion`` of ``n`` choices."""
+def merge_choices(answers: Sequence[A], contexts: Sequence[AnswerContext]) -> A:
+    """One answer (``chat.completion`` or ``text_completion``) of ``n`` choices, each
+    answered with its own context."""
     choices = [choice for answer in answers for choice in answer.choices]
     return answers[0].model_copy(update={"choices": choices, "usage": merged_usage(contexts)})
 
@@ -378,7 +372,8 @@ class _ChatChunks:
         return sse(body)
 
 
-def _chat_usage_chunk(ctx: AnswerContext, usage: Usage) -> bytes:
+def chat_usage_chunk(ctx: AnswerContext, usage: Usage) -> bytes:
+    """The last ``chat.completion.chunk`` of a stream that asked for usage."""
     simulated = ctx.stats is not None and ctx.stats.simulated
     body = ChatCompletionChunk(
         id=ctx.id,
@@ -469,7 +464,7 @@ def _parse_held(
 
 async def chat_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
     """One choice's chunks: its role, content (with logprobs), tool calls and finish
-    reason; the stream's usage chunk and ``[DONE]`` come from ``stream_chat``."""
+    reason; the stream's usage chunk and ``[DONE]`` come from ``stream_choices``."""
     chunks = _ChatChunks(ctx)
     try:
         yield chunks.chunk(ChatDelta(role="assistant", content=""))
@@ -491,20 +486,18 @@ async def chat_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes
         yield sse(exc.body())
 
 
-def stream_chat(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
-    """SSE chunks of a one-choice chat answer, ending with ``[DONE]``."""
-    return stream_chat_choices([chat_chunks(events, ctx)], [ctx])
-
-
-async def stream_chat_choices(
-    streams: Sequence[AsyncIterator[bytes]], contexts: Sequence[AnswerContext]
+async def stream_choices(
+    streams: Sequence[AsyncIterator[bytes]],
+    contexts: Sequence[AnswerContext],
+    usage_chunk: Callable[[AnswerContext, Usage], bytes],
 ) -> AsyncIterator[bytes]:
-    """SSE chunks of ``n`` choices (their ``chat_chunks`` streams, interleaved as they
-    come), the usage chunk summed over them if asked for, and ``[DONE]``."""
+    """An SSE answer of ``n`` choices: their chunk streams (``chat_chunks`` or
+    ``completion_chunks``) interleaved as they come, the usage chunk summed over them
+    if asked for, and ``[DONE]``."""
     async for item in interleave(streams):
         yield item
     if contexts[0].include_usage and all(c.stats is not None for c in contexts):
-        yield _chat_usage_chunk(contexts[0], merged_usage(contexts))
+        yield usage_chunk(contexts[0], merged_usage(contexts))
     yield sse("[DONE]")
 
 
@@ -559,8 +552,13 @@ def _completion_chunk(
     return sse(body.model_dump(exclude={"usage"} if not ctx.include_usage else set()))
 
 
+def completion_usage_chunk(ctx: AnswerContext, usage: Usage) -> bytes:
+    """The last ``text_completion`` chunk of a stream that asked for usage."""
+    return _completion_chunk(ctx, "", None, usage)
+
+
 async def completion_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
-    """One choice's ``text_completion`` chunks (usage and ``[DONE]``: ``stream_completion``)."""
+    """One choice's ``text_completion`` chunks (usage and ``[DONE]``: ``stream_choices``)."""
     offset = 0
     try:
         async for event in events:
@@ -578,19 +576,3 @@ async def completion_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator
     except EdgeError as exc:
         ctx.on_error(exc)
         yield sse(exc.body())
-
-
-def stream_completion(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes]:
-    """SSE chunks of a one-choice text completion, ending with ``[DONE]``."""
-    return stream_completion_choices([completion_chunks(events, ctx)], [ctx])
-
-
-async def stream_completion_choices(
-    streams: Sequence[AsyncIterator[bytes]], contexts: Sequence[AnswerContext]
-) -> AsyncIterator[bytes]:
-    """SSE chunks of ``n`` text completion choices, as ``stream_chat_choices``."""
-    async for item in interleave(streams):
-        yield item
-    if contexts[0].include_usage and all(c.stats is not None for c in contexts):
-        yield _completion_chunk(contexts[0], "", None, merged_usage(contexts))
-    yield sse("[DONE]")

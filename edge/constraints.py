@@ -173,28 +173,23 @@ class GrammarFirstSampler:
 
 
 @contextmanager
-def grammar_first(
-    llama: Any, grammar: Any, *, lazy: bool = False
-) -> Iterator[list[GrammarFirstSampler]]:
+def grammar_first(llama: Any, grammar: Any, *, lazy: bool = False) -> Iterator[None]:
     """While open, ``llama.generate`` samples through a ``GrammarFirstSampler`` of
-    ``grammar`` (call it with ``grammar=None``); yields the sampler once created.
+    ``grammar`` (call it with ``grammar=None``).
     ``lazy``: the grammar holds from the first ``<tool_call>`` the model writes.
 
     ``Llama.generate`` builds its sampler with ``_init_sampler``; shadowing that one
     method on the instance is the seam llama-cpp-python leaves (its lazy-grammar and
     sampler APIs are otherwise only reachable below ``generate``)."""
-    made: list[GrammarFirstSampler] = []
     plain = llama._init_sampler
 
     def init_sampler(**kwargs: Any) -> GrammarFirstSampler:
         chain = plain(**{**kwargs, "grammar": None})
         greedy = kwargs.get("temp") == 0.0
-        sampler = GrammarFirstSampler(llama, chain, grammar, greedy=greedy, lazy=lazy)
-        made.append(sampler)
-        return sampler
+        return GrammarFirstSampler(llama, chain, grammar, greedy=greedy, lazy=lazy)
 
     llama._init_sampler = init_sampler
     try:
-        yield made
+        yield
     finally:
         del llama._init_sampler

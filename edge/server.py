@@ -21,7 +21,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -48,6 +48,7 @@ from edge.openai_protocol import (
     FieldError,
     ModelCard,
     ModelList,
+    Usage,
     new_id,
 )
 from edge.openapi import install_openapi
@@ -341,21 +342,13 @@ class _AnswerKind:
     """How an endpoint's choices become an answer: chat or text completion."""
 
     chunks: Callable[[Events, AnswerContext], AsyncIterator[bytes]]
-    stream: Callable[
-        [Sequence[AsyncIterator[bytes]], Sequence[AnswerContext]], AsyncIterator[bytes]
-    ]
+    usage_chunk: Callable[[AnswerContext, Usage], bytes]
     collect: Callable[[Events, AnswerContext], Awaitable[Any]]
-    merge: Callable[[Sequence[Any], Sequence[AnswerContext]], BaseModel]
 
 
-_CHAT = _AnswerKind(
-    answers.chat_chunks, answers.stream_chat_choices, answers.collect_chat, answers.merge_choices
-)
+_CHAT = _AnswerKind(answers.chat_chunks, answers.chat_usage_chunk, answers.collect_chat)
 _COMPLETION = _AnswerKind(
-    answers.completion_chunks,
-    answers.stream_completion_choices,
-    answers.collect_completion,
-    answers.merge_completions,
+    answers.completion_chunks, answers.completion_usage_chunk, answers.collect_completion
 )
 
 
@@ -373,7 +366,7 @@ async def _respond(
 ) -> Response:
     """The answer of ``len(contexts)`` choices: the first already served (so its errors
     got an HTTP status), the others served now, all running together."""
-    head = contexts[0]
+    head, head_call = contexts[0], _call(request)
 
     async def events_of(i: int) -> Events:
         if i == 0:
@@ -392,10 +385,9 @@ async def _respond(
         async for item in kind.chunks(events, contexts[i]):
             yield item
 
-    head_call = _call(request)
     if stream:
         streams = [kind.chunks(first.events, head), *map(later_chunks, range(1, len(contexts)))]
-        return _streaming(kind.stream(streams, contexts), head)
+        return _streaming(answers.stream_choices(streams, contexts, kind.usage_chunk), head)
 
     async def collect(i: int) -> Any:
         return await kind.collect(await events_of(i), contexts[i])
@@ -408,7 +400,7 @@ async def _respond(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-    answer = done[0] if len(done) == 1 else kind.merge(done, contexts)
+    answer = done[0] if len(done) == 1 else answers.merge_choices(done, contexts)
     return JSONResponse(answer.model_dump(), headers=_route_headers(head))
 
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,23 +48,6 @@ class MeshCredentials:
 
     creds: Path | None = None
     tls_ca: Path | None = None
-
-    @classmethod
-    def from_env(cls, creds: Path | None = None, tls_ca: Path | None = None) -> MeshCredentials:
-        """The given paths, else ``TANDEM_NATS_CREDS`` / ``TANDEM_NATS_TLS_CA``."""
-        env_creds, env_ca = (
-            os.environ.get("TANDEM_NATS_CREDS"),
-            os.environ.get("TANDEM_NATS_TLS_CA"),
-        )
-        return cls(
-            creds=creds or (Path(env_creds) if env_creds else None),
-            tls_ca=tls_ca or (Path(env_ca) if env_ca else None),
-        )
-
-    @property
-    def identity(self) -> str | None:
-        """The identity's name (the creds file's stem), or None when anonymous."""
-        return None if self.creds is None else self.creds.stem
 
     def connect_options(self) -> dict[str, Any]:
         """nats-py ``connect`` options for these credentials."""

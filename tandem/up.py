@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.security import MeshDir
+from mesh.security import Role as NodeRole
 from mesh.server import EmbeddedNats
 from tandem.local import answers, local_nats, serves, tandem_argv
 from tandem.supervisor import Child, ChildStartError, Supervisor
@@ -45,8 +46,11 @@ def local_mesh(root: Path) -> MeshDir:
     mesh = MeshDir(root)
     if not mesh.registry.exists():
         mesh.init()
-    for name, role in (("operator", "operator"), (EDGE_ID, "edge"), (WORKER_ID, "worker")):
-        mesh.ensure(name, role)  # type: ignore[arg-type]
+    identities: tuple[tuple[str, NodeRole], ...] = (
+        ("operator", "operator"), (EDGE_ID, "edge"), (WORKER_ID, "worker"),
+    )  # fmt: skip
+    for name, role in identities:
+        mesh.ensure(name, role)
     return mesh
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
+
+if TYPE_CHECKING:
+    from mesh.connection import MeshCredentials
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -77,7 +80,7 @@ def local_mesh_dir() -> Path:
     return tandem_home() / "mesh"
 
 
-def operator_credentials(creds: Path | None, tls_ca: Path | None) -> Any:
+def operator_credentials(creds: Path | None, tls_ca: Path | None) -> MeshCredentials:
     """The ``MeshCredentials`` of an operator command: the given ones, or the local
     mesh's operator identity when there is one (anonymous otherwise)."""
     from mesh.connection import MeshCredentials
