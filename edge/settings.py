@@ -41,7 +41,19 @@ class EdgeSettings(BaseSettings):
     session_cache_mb: int = Field(512, ge=0, description="RAM for saved conversation KV states")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_n: int = Field(8, ge=1, le=128, description="most choices (n) one request may ask for")
-    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>'")
+    api_key: SecretStr | None = Field(
+        None, description="one shared key: require 'Authorization: Bearer <key>' (tenant: default)"
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="per-tenant API keys (tandem keys create --file): every request needs one; "
+        "the file is re-read when it changes",
+    )
+    mesh_api_keys: bool = Field(
+        False,
+        description="per-tenant API keys from the mesh's key bucket (tandem keys create), "
+        "followed live: every request needs one",
+    )
     nats_url: str | None = Field(None, description="join the mesh at this NATS URL")
     nats_creds: Path | None = Field(
         None, description="this edge's NATS identity: nkey seed (tandem mesh add-edge) or .creds"

@@ -39,8 +39,6 @@ from mesh.errors import MeshError
 Role = Literal["edge", "worker", "operator"]
 ROLES: tuple[Role, ...] = ("edge", "worker", "operator")
 
-# The stream behind the policy bucket (JetStream KV buckets are streams KV_<bucket>).
-_POLICY_STREAM = f"KV_{subjects.POLICY_BUCKET}"
 _QUEUE = "q"  # nats.micro's default queue group: the workers' endpoints join it
 
 
@@ -56,24 +54,41 @@ def inbox_prefix(name: str) -> str:
 
 # -- the permissions, role by role ----------------------------------------------------------
 
-# Reading and watching the policy bucket (router.store.PolicyStore, nats-py's KV).
-_POLICY_READ = (
-    f"$JS.API.STREAM.INFO.{_POLICY_STREAM}",  # js.key_value(): the bucket exists?
-    f"$JS.API.DIRECT.GET.{_POLICY_STREAM}",  # kv.get() (direct get of the last message)
-    f"$JS.API.DIRECT.GET.{_POLICY_STREAM}.>",  # kv.get() by subject
-    f"$JS.API.STREAM.MSG.GET.{_POLICY_STREAM}",  # kv.get(revision=...)
-    f"$JS.API.CONSUMER.CREATE.{_POLICY_STREAM}",  # kv.watch() / kv.history(): ordered consumer
-    f"$JS.API.CONSUMER.CREATE.{_POLICY_STREAM}.>",  # ... the same, with a filter subject
-    f"$JS.API.CONSUMER.INFO.{_POLICY_STREAM}.*",  # ordered consumer's reset checks
-    f"$JS.API.CONSUMER.DELETE.{_POLICY_STREAM}.*",  # watcher.stop()
-    f"$JS.FC.{_POLICY_STREAM}.>",  # flow control replies: without them a watch stalls silently
-)
-# Writing it (tandem policy set / rollback): the bucket on first use, then CAS puts.
-_POLICY_WRITE = (
-    f"$JS.API.STREAM.CREATE.{_POLICY_STREAM}",  # js.create_key_value() on first use
-    f"$JS.API.STREAM.UPDATE.{_POLICY_STREAM}",  # ... when the bucket exists with other limits
-    f"$KV.{subjects.POLICY_BUCKET}.>",  # kv.update(key, value, last=revision)
-)
+
+def _kv_read(bucket: str) -> tuple[str, ...]:
+    """Reading and watching a JetStream KV bucket (nats-py's KeyValue; a bucket is the
+    stream KV_<bucket>): the policy (router.store), API keys and usage (edge.api_keys)."""
+    stream = f"KV_{bucket}"
+    return (
+        f"$JS.API.STREAM.INFO.{stream}",  # js.key_value(): the bucket exists?
+        f"$JS.API.DIRECT.GET.{stream}",  # kv.get() (direct get of the last message)
+        f"$JS.API.DIRECT.GET.{stream}.>",  # kv.get() by subject
+        f"$JS.API.STREAM.MSG.GET.{stream}",  # kv.get(revision=...)
+        f"$JS.API.CONSUMER.CREATE.{stream}",  # kv.watch() / history(): ordered consumer
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",  # ... the same, with a filter subject
+        f"$JS.API.CONSUMER.INFO.{stream}.*",  # ordered consumer's reset checks
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",  # watcher.stop()
+        f"$JS.FC.{stream}.>",  # flow control replies: without them a watch stalls silently
+    )
+
+
+def _kv_put(bucket: str) -> tuple[str, ...]:
+    """Writing keys of an existing bucket: kv.put / create / update (CAS) / delete."""
+    return (f"$KV.{bucket}.>",)
+
+
+def _kv_create(bucket: str) -> tuple[str, ...]:
+    """Creating a bucket on first use (operators only: edges open with create=False)."""
+    stream = f"KV_{bucket}"
+    return (
+        f"$JS.API.STREAM.CREATE.{stream}",  # js.create_key_value()
+        f"$JS.API.STREAM.UPDATE.{stream}",  # ... when the bucket exists with other limits
+    )
+
+
+_POLICY = subjects.POLICY_BUCKET
+_KEYS = subjects.API_KEYS_BUCKET
+_USAGE = subjects.USAGE_BUCKET
 
 
 def permissions(role: Role, name: str) -> dict[str, Any]:
@@ -88,7 +103,10 @@ def permissions(role: Role, name: str) -> dict[str, Any]:
             subjects.cloud_any("cancel"),  # CancelRequest when the client goes away
             subjects.node_load(name),  # Heartbeater: its own heartbeats only
             subjects.policy_applied(),  # PolicyFollower's reports
-            *_POLICY_READ,  # PolicyFollower: watch and resync
+            *_kv_read(_POLICY),  # PolicyFollower: watch and resync; never a write
+            *_kv_read(_KEYS),  # ApiKeyFollower: the tenants' keys (hashes); never a write
+            *_kv_read(_USAGE),  # FleetBudget: the tenants' fleet-wide cloud tokens ...
+            *_kv_put(_USAGE),  # ... which it adds its own to (compare-and-set)
         ]
         subscribe = [own_inbox, subjects.all_node_loads()]  # FleetView reads heartbeats
         # The edge answers a worker's liveness probe on <its reply subject>.alive.
@@ -111,8 +129,14 @@ def permissions(role: Role, name: str) -> dict[str, Any]:
         return _shape(publish, subscribe, responses=True)
     if role == "operator":
         publish = [
-            *_POLICY_READ,  # tandem policy show / history / diff / explain
-            *_POLICY_WRITE,  # tandem policy set / rollback / edit
+            *_kv_read(_POLICY),  # tandem policy show / history / diff / explain
+            *_kv_create(_POLICY),  # tandem policy set / rollback / edit
+            *_kv_put(_POLICY),
+            *_kv_read(_KEYS),  # tandem keys list
+            *_kv_create(_KEYS),  # tandem keys create / revoke
+            *_kv_put(_KEYS),
+            *_kv_read(_USAGE),  # tandem keys list: fleet-wide cloud tokens this hour
+            *_kv_create(_USAGE),  # tandem keys create makes the bucket edges count in
             "$SRV.>",  # nats.micro discovery of the workers' services: PING, INFO, STATS
         ]
         subscribe = [

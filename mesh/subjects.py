@@ -13,6 +13,8 @@ import re
 PREFIX = "tandem.v1"
 POLICY_BUCKET = "tandem_policy"
 POLICY_KEY = "active"  # the one live routing policy in POLICY_BUCKET
+API_KEYS_BUCKET = "tandem_api_keys"  # the edge API's keys, one entry per key (hashes only)
+USAGE_BUCKET = "tandem_usage"  # fleet-wide cloud tokens per tenant and hour
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]+")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_-]")
