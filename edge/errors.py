@@ -8,6 +8,7 @@ EdgeError                      base; ``status``, ``type`` and ``code`` shape the
 ├── ResponseNotFoundError      404: no stored response has that id (Responses API)
 ├── PayloadTooLargeError       413: request body over the configured limit
 ├── QueueFullError             429: the engine queue is full; carries ``retry_after_s``
+├── RateLimitError             429: the API key's requests or tokens per minute are spent
 ├── CloudBudgetExceededError   429: the tenant's cloud-token budget is spent (policy: fail)
 ├── ClientClosedRequest        499: the client left before the answer (nobody reads the body)
 ├── ServiceUnavailableError    503: the engine is shutting down or not loaded
@@ -19,6 +20,8 @@ EdgeError                      base; ``status``, ``type`` and ``code`` shape the
 """
 
 from __future__ import annotations
+
+import math
 
 from mesh.protocol import ErrorCode, ErrorInfo
 
@@ -34,6 +37,10 @@ class EdgeError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers of the answer (Retry-After, rate-limit state)."""
+        return {}
 
     def body(self) -> dict[str, object]:
         """The OpenAI error JSON for this error."""
@@ -102,6 +109,27 @@ class QueueFullError(EdgeError):
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)}
+
+
+class RateLimitError(EdgeError):
+    """An API key is over its requests or tokens per minute (OpenAI's 429 and headers)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after_s: float, headers: dict[str, str], kind: str
+    ) -> None:
+        super().__init__(message)
+        self.type = kind  # OpenAI's type says which limit: "requests" or "tokens"
+        self.retry_after_s = retry_after_s
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return {**self._headers, "retry-after": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class CloudBudgetExceededError(EdgeError):

@@ -10,7 +10,9 @@ import time
 
 from nats.aio.client import Client
 
+from edge.api_keys import ApiKeyFollower, KeyRing
 from edge.cloud_route import CloudRoute
+from edge.fleet_usage import FleetUsage
 from edge.generation import EdgeEngine
 from edge.settings import EdgeSettings
 from mesh import subjects
@@ -38,11 +40,20 @@ class _TokenRate:
 class MeshRegistration:
     """Announces this edge on the mesh, watches the fleet, and owns the cloud route."""
 
-    def __init__(self, settings: EdgeSettings, engine: EdgeEngine, policy: LivePolicy) -> None:
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        engine: EdgeEngine,
+        policy: LivePolicy,
+        keys: KeyRing | None = None,
+    ) -> None:
         self._settings = settings
         self._engine = engine
         self._policy = policy
         self._follower: PolicyFollower | None = None
+        self._keys = keys  # follow the mesh's API keys into this ring (mesh_api_keys)
+        self._key_follower: ApiKeyFollower | None = None
+        self.fleet_usage: FleetUsage | None = None  # the tenants' fleet-wide cloud tokens
         self._rate = _TokenRate(engine)
         self._link: MeshLink | None = None
         self._beats: Heartbeater | None = None
@@ -62,7 +73,7 @@ class MeshRegistration:
             role="edge",
             model=s.model,
             version=__version__,
-            endpoint=f"http://{s.host}:{s.port}",
+            endpoint=f"{'https' if s.tls_certfile else 'http'}://{s.host}:{s.port}",
             simulated=e.simulated,
             load=NodeLoad(
                 running=e.running,
@@ -105,11 +116,20 @@ class MeshRegistration:
         if self._follower is None:  # it re-watches by itself after a reconnect
             self._follower = PolicyFollower(nc, self._policy, s.node_id)
             await self._follower.start()
+        if self._keys is not None and self._key_follower is None:  # ... and so do these
+            self._key_follower = ApiKeyFollower(nc, self._keys)
+            await self._key_follower.start()
+            self.fleet_usage = FleetUsage(nc)
+            await self.fleet_usage.start()
 
     async def stop(self) -> None:
         """Stop beating and close the link."""
         if self._follower:
             await self._follower.stop()
+        if self._key_follower:
+            await self._key_follower.stop()
+        if self.fleet_usage:
+            await self.fleet_usage.stop()  # writes what it counted last
         if self._beats:
             await self._beats.stop()
         if self.fleet:

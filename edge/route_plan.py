@@ -16,11 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from edge.api_keys import DEFAULT_TENANT, OPEN, Principal
 from edge.errors import CloudBudgetExceededError, ModelNotFoundError
+from edge.fleet_usage import FleetUsage
 from edge.metrics import EdgeMetrics
 from edge.openai_protocol import ChatCompletionRequest
 from edge.routing import (
-    DEFAULT_TENANT,
     ComplexityScorer,
     Observations,
     category,
@@ -55,6 +56,7 @@ class RoutePlan:
     escalation: Escalation | None = None  # edge route: hand the answer over when unsure
     complexity: float | None = None  # the classifier's score, when the policy read it
     tenant: str = DEFAULT_TENANT
+    principal: Principal = OPEN  # who asked: the API key its tokens are charged to
 
     @property
     def category(self) -> str:
@@ -90,6 +92,8 @@ def plan_chat(
     observations: Observations,
     classifier: ComplexityScorer | None,
     metrics: EdgeMetrics,
+    principal: Principal = OPEN,
+    fleet: FleetUsage | None = None,
 ) -> RoutePlan:
     """Decide a chat request's route under ``snapshot`` and freeze what follows from it."""
     policy = snapshot.policy
@@ -103,6 +107,8 @@ def plan_chat(
         cloud_workers=load.cloud_workers,
         observations=observations,
         complexity=complexity,
+        principal=principal,
+        fleet=fleet,
     )
     decision = decide(policy, features)
     metrics.route_decisions.labels(decision.route, decision.rule).inc()
@@ -127,6 +133,7 @@ def plan_chat(
         escalation=policy.escalation if escalates else None,
         complexity=complexity,
         tenant=features.tenant,
+        principal=principal,
     )
 
 

@@ -15,14 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from edge.api_keys import OPEN, Principal
+from edge.fleet_usage import FleetUsage
 from edge.generation import GenerationStats
 from edge.openai_protocol import ChatCompletionRequest, NamedToolChoice
 from router.policy import RequestFeatures, ResponseFormat, ToolChoice
 
 ROUTE_HEADER = "x-tandem-route"
 RULE_HEADER = "x-tandem-rule"  # on responses: the policy rule that routed the answer
-TENANT_HEADER = "x-tandem-tenant"
-DEFAULT_TENANT = "default"
+TENANT_HEADER = "x-tandem-tenant"  # honoured only from API keys that may set it
 _LEDGER_BUCKET_S = 60
 _LEDGER_WINDOW_S = 3600
 _ACCEPTANCE_HALF_LIFE = 20  # answers: recent behaviour counts, old drifts out
@@ -126,9 +127,14 @@ def chat_features(
     edge_slots: int = 1,
     observations: Observations,
     complexity: float | None = None,
+    principal: Principal = OPEN,
+    fleet: FleetUsage | None = None,
 ) -> RequestFeatures:
-    """The features of one chat request on this edge, now."""
-    tenant = headers.get(TENANT_HEADER) or DEFAULT_TENANT
+    """The features of one chat request on this edge, now. The tenant is the API key's
+    (the header counts only from keys that may set it)."""
+    tenant = principal.tenant_for(headers.get(TENANT_HEADER))
+    key = principal.key
+    key_budget = key.cloud_tokens_per_hour if key is not None and fleet is not None else None
     return RequestFeatures(
         model=body.model,
         has_tools=bool(body.active_tools()),
@@ -146,4 +152,7 @@ def chat_features(
         cloud_latency_ms=observations.cloud_latency_ms(),
         speculative_acceptance=observations.acceptance.get(category(complexity)),
         cloud_tokens_used=observations.ledger.used(tenant),
+        key_cloud_budget=key_budget,
+        key_over_budget=key.over_budget if key is not None else "edge",
+        fleet_cloud_tokens_used=fleet.used(tenant) if fleet and key_budget is not None else 0,
     )

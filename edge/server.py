@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import time
@@ -33,13 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge import answers, responses, serving
 from edge.answers import AnswerContext
+from edge.api_keys import Principal
 from edge.errors import (
-    AuthenticationError,
     ClientClosedRequest,
     EdgeError,
     InvalidRequestError,
     PayloadTooLargeError,
-    QueueFullError,
 )
 from edge.generation import Events, GenerationRequest, GenerationStats
 from edge.openai_protocol import (
@@ -74,20 +72,27 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await asyncio.to_thread(build_state, settings)
         app.state.edge = state
+        if state.key_file:
+            await state.key_file.start()
         if settings.nats_url:
-            state.registration = MeshRegistration(settings, state.engine, state.live)
+            keys = state.auth.ring if settings.mesh_api_keys else None
+            state.registration = MeshRegistration(settings, state.engine, state.live, keys)
             await state.registration.start()
         logger.info("edge %s serving %s", settings.node_id, state.model_id)
         freeze_startup_objects()
         yield
         if state.registration:
             await state.registration.stop()
+        if state.key_file:
+            await state.key_file.stop()
         await state.engine.close()
 
     app = FastAPI(title="Tandem edge", lifespan=lifespan)
     _install_error_handlers(app)
     _install_routes(app)
     install_openapi(app)
+    if settings.api_keys_file is not None or settings.mesh_api_keys:
+        app.add_middleware(RateLimitHeaders)
     if settings.engine == "sim":
         from edge.sim_engine import SimulatedEngineHeader
 
@@ -105,10 +110,7 @@ def _state(request: Request) -> EdgeState:
 
 def error_response(exc: EdgeError) -> JSONResponse:
     """The OpenAI-style JSON answer for an edge error."""
-    headers = {}
-    if isinstance(exc, QueueFullError):
-        headers["retry-after"] = str(exc.retry_after_s)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -169,14 +171,43 @@ async def parse_body(request: Request, model: type[T]) -> T:
         raise InvalidRequestError(message, param=param) from exc
 
 
-def _check_auth(request: Request) -> None:
-    key = _state(request).settings.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise AuthenticationError("missing or invalid API key; send 'Authorization: Bearer <key>'")
+_RATE_HEADERS = "tandem_ratelimit_headers"  # request.state: the key's x-ratelimit-* headers
+
+
+def _authorize(request: Request) -> Principal:
+    """Who the request is (its API key), counted against the key's rate limits."""
+    state = _state(request)
+    principal = state.auth.principal(request.headers.get("authorization"))
+    if principal.key is not None:
+        headers = state.limiter.admit(principal.key)
+        if headers:
+            request.scope.setdefault("state", {})[_RATE_HEADERS] = headers
+    return principal
+
+
+class RateLimitHeaders:
+    """Adds the request's ``x-ratelimit-*`` headers to its answer, streamed or not (plain
+    ASGI: a BaseHTTPMiddleware would buffer streams and hide client disconnects)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                extra = scope.get("state", {}).get(_RATE_HEADERS)
+                if extra:
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        *((k.encode(), v.encode()) for k, v in extra.items()),
+                    ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 # -- generation plumbing ------------------------------------------------------------
@@ -221,7 +252,7 @@ def _call(request: Request) -> Call:
 def _observer(
     state: EdgeState, plan: RoutePlan
 ) -> Callable[[AnswerContext, GenerationStats], None]:
-    """What the router learns when the answer is done."""
+    """What the router learns when the answer is done, and what the key is charged."""
 
     def done(ctx: AnswerContext, stats: GenerationStats) -> None:
         route = stats.handover.to if stats.handover else ctx.route
@@ -229,6 +260,22 @@ def _observer(
             route=route, tenant=plan.tenant, category=plan.category, stats=stats,
             ttft_s=ctx.ttft_s, elapsed_s=time.perf_counter() - ctx.started,
         )  # fmt: skip
+        tokens = stats.prompt_tokens + stats.completion_tokens
+        state.limiter.charge(plan.principal.key, tokens)
+        fleet = state.fleet_usage
+        if fleet is not None and route in ("cloud", "speculative"):
+            fleet.add(plan.tenant, tokens)
+
+    return done
+
+
+def _charge(
+    state: EdgeState, principal: Principal
+) -> Callable[[AnswerContext, GenerationStats], None]:
+    """Charge a finished edge-only answer (text completions) to the key's tokens."""
+
+    def done(ctx: AnswerContext, stats: GenerationStats) -> None:
+        state.limiter.charge(principal.key, stats.prompt_tokens + stats.completion_tokens)
 
     return done
 
@@ -281,20 +328,20 @@ async def handle_health(request: Request) -> dict[str, Any]:
 
 async def handle_metrics(request: Request) -> Response:
     """Prometheus metrics."""
-    _check_auth(request)
+    _authorize(request)
     return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 async def handle_list_models(request: Request) -> ModelList:
     """OpenAI's model list: the model this edge serves."""
-    _check_auth(request)
+    _authorize(request)
     state = _state(request)
     card = ModelCard(id=state.model_id, created=state.created, max_model_len=state.engine.n_ctx)
     return ModelList(data=[card])
 
 
 async def plan_request(
-    request: Request, state: EdgeState, body: ChatCompletionRequest
+    request: Request, state: EdgeState, body: ChatCompletionRequest, principal: Principal
 ) -> tuple[RoutePlan, list[int]]:
     """Check the model, render the prompt and plan the route: the one read of the live
     policy. Chat and the Responses API both go through here."""
@@ -304,6 +351,7 @@ async def plan_request(
     plan = plan_chat(
         snapshot, body, prompt, request.headers, load=state.load(),
         observations=state.observations, classifier=state.classifier, metrics=state.metrics,
+        principal=principal, fleet=state.fleet_usage,
     )  # fmt: skip
     return plan, prompt
 
@@ -406,11 +454,11 @@ async def _respond(
 
 async def handle_chat_completion(request: Request) -> Response:
     """``POST /v1/chat/completions``: plan once, serve each choice on the route, answer."""
-    _check_auth(request)
+    principal = _authorize(request)
     state = _state(request)
     body = await parse_body(request, ChatCompletionRequest)
     _check_n(state, body.n)
-    plan, prompt = await plan_request(request, state, body)
+    plan, prompt = await plan_request(request, state, body, principal)
     # Choice i samples with its own seed (``choice_seed``); the plan is the same for all.
     bodies = [body] + [
         body.model_copy(update={"seed": body.choice_seed(i)}) for i in range(1, body.n)
@@ -430,7 +478,7 @@ async def handle_chat_completion(request: Request) -> Response:
 
 async def handle_completion(request: Request) -> Response:
     """``POST /v1/completions``: raw text completion, served on the edge only."""
-    _check_auth(request)
+    principal = _authorize(request)
     state = _state(request)
     body = await parse_body(request, CompletionRequest)
     _check_n(state, body.n)
@@ -450,6 +498,7 @@ async def handle_completion(request: Request) -> Response:
             index=i,
             id=completion_id,
             rule="text-completions",  # the policy routes chat; text completions stay here
+            on_done=_charge(state, principal),
         )
         for i in range(body.n)
     ]
@@ -468,12 +517,12 @@ async def handle_completion(request: Request) -> Response:
 
 async def handle_create_response(request: Request) -> Response:
     """``POST /v1/responses``: served as a chat, on chat's route plan and routes."""
-    _check_auth(request)
+    principal = _authorize(request)
     state = _state(request)
     body = await parse_body(request, ResponsesRequest)
     turn = responses.Turn(body, state.responses.history(body.previous_response_id))
     chat = body.to_chat(turn.history)
-    plan, prompt = await plan_request(request, state, chat)
+    plan, prompt = await plan_request(request, state, chat, principal)
     served = await serving.serve_chat(state, _call(request), plan, chat, prompt)
     ctx = replace(chat_context(state, chat, plan, served.route), endpoint="responses", id=turn.id)
     if body.stream:
@@ -485,19 +534,19 @@ async def handle_create_response(request: Request) -> Response:
 
 async def handle_get_response(request: Request, response_id: str) -> JSONResponse:
     """``GET /v1/responses/{id}``: a stored response (404 when unknown or evicted)."""
-    _check_auth(request)
+    _authorize(request)
     return JSONResponse(_state(request).responses.get(response_id).response.dump())
 
 
 async def handle_delete_response(request: Request, response_id: str) -> JSONResponse:
     """``DELETE /v1/responses/{id}``: forget a stored response."""
-    _check_auth(request)
+    _authorize(request)
     _state(request).responses.delete(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
 def serve(settings: EdgeSettings) -> None:
-    """Run the edge daemon until interrupted."""
+    """Run the edge daemon until interrupted (HTTPS when a certificate is set)."""
     import uvicorn
 
     uvicorn.run(
@@ -506,4 +555,6 @@ def serve(settings: EdgeSettings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.catalog import DEFAULT_PAIR
@@ -29,6 +29,12 @@ class EdgeSettings(BaseSettings):
 
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    tls_certfile: FilePath | None = Field(
+        None,
+        description="serve HTTPS with this PEM certificate, e.g. from tandem mesh issue-cert "
+        "(needs tls_keyfile)",
+    )
+    tls_keyfile: FilePath | None = Field(None, description="the private key of tls_certfile")
     model: str = Field(DEFAULT_PAIR, description="catalog model pair served by this edge")
     gguf: Path | None = Field(None, description="GGUF file overriding the catalog's edge weights")
     n_ctx: int | None = Field(
@@ -78,3 +84,17 @@ class EdgeSettings(BaseSettings):
         None, description="latency profile JSON for --engine sim; the shipped default if unset"
     )
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _one_source_of_api_keys(self) -> EdgeSettings:
+        if self.mesh_api_keys and self.api_keys_file is not None:
+            raise ValueError("choose one source of API keys: api_keys_file or mesh_api_keys")
+        if self.mesh_api_keys and not self.nats_url:
+            raise ValueError("mesh_api_keys follows the mesh's key bucket: set nats_url too")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_certificate_and_key_together(self) -> EdgeSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("HTTPS needs both tls_certfile and tls_keyfile (or neither)")
+        return self

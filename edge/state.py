@@ -7,15 +7,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.api_keys import Authenticator, KeyFileFollower, KeyRing
 from edge.cloud_route import CloudRoute
 from edge.engine import LlamaEngine
+from edge.fleet_usage import FleetUsage
 from edge.generation import EdgeEngine, EngineConfig
 from edge.metrics import EdgeMetrics
 from edge.openai_protocol import unix_now
 from edge.prompts import PromptBuilder
+from edge.rate_limits import RateLimiter
 from edge.registration import MeshRegistration
 from edge.responses import ResponseStore
 from edge.route_plan import EdgeLoad, PolicySnapshot
@@ -43,6 +46,9 @@ class EdgeState:
     live: LivePolicy  # the routing policy in force; swapped whole on a new revision
     observations: Observations
     responses: ResponseStore  # stored Responses API answers, for previous_response_id
+    auth: Authenticator = field(default_factory=Authenticator)  # who a request is
+    limiter: RateLimiter = field(default_factory=RateLimiter)  # per-key rpm and tpm
+    key_file: KeyFileFollower | None = None  # api_keys_file, re-read when it changes
     classifier: ComplexityScorer | None = None  # loaded when a policy needs it
     registration: MeshRegistration | None = None
 
@@ -55,6 +61,11 @@ class EdgeState:
         fleet = self.registration.fleet if self.registration else None
         workers = None if fleet is None else len(fleet.healthy_workers(self.model_id))
         return EdgeLoad(self.engine.waiting, self.engine.config.slots, workers)
+
+    @property
+    def fleet_usage(self) -> FleetUsage | None:
+        """The tenants' fleet-wide cloud tokens, when this edge follows the mesh's keys."""
+        return self.registration.fleet_usage if self.registration else None
 
     @property
     def cloud(self) -> CloudRoute | None:
@@ -104,6 +115,7 @@ def build_state(settings: EdgeSettings) -> EdgeState:
     metrics = EdgeMetrics()
     live = load_policy(settings.policy_file)
     _register_gauges(metrics, engine, live)
+    auth, key_file = make_authenticator(settings)
     return EdgeState(
         settings=settings,
         engine=engine,
@@ -114,8 +126,28 @@ def build_state(settings: EdgeSettings) -> EdgeState:
         live=live,
         observations=Observations(),
         responses=ResponseStore(),
+        auth=auth,
+        key_file=key_file,
         classifier=_load_classifier(),
     )
+
+
+def make_authenticator(settings: EdgeSettings) -> tuple[Authenticator, KeyFileFollower | None]:
+    """Who may call this edge: a shared key, a key file, the mesh's keys, or anyone.
+    The mesh's keys start empty (every request is a 401) until the first read lands."""
+    shared = settings.api_key.get_secret_value() if settings.api_key else None
+    if settings.api_keys_file is None and not settings.mesh_api_keys:
+        return Authenticator(shared), None
+    ring = KeyRing()
+    key_file = None
+    if settings.api_keys_file is not None:
+        try:
+            key_file = KeyFileFollower(settings.api_keys_file, ring)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(
+                f"API key file {settings.api_keys_file} is not usable:\n{exc}"
+            ) from exc
+    return Authenticator(shared, ring), key_file
 
 
 def _register_gauges(metrics: EdgeMetrics, engine: EdgeEngine, live: LivePolicy) -> None:

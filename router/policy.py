@@ -273,6 +273,10 @@ class RequestFeatures:
     cloud_latency_ms: float | None = None
     speculative_acceptance: float | None = None
     cloud_tokens_used: int = 0  # by this tenant in the last hour, on this edge
+    # The API key's fleet-wide cloud budget (tandem keys create --cloud-tokens-per-hour).
+    key_cloud_budget: int | None = None
+    key_over_budget: Literal["edge", "fail"] = "edge"
+    fleet_cloud_tokens_used: int = 0  # by this tenant this UTC hour, on every edge
 
 
 @dataclass(frozen=True)
@@ -392,18 +396,34 @@ def _client_choice(policy: RoutingPolicy, f: RequestFeatures) -> RouteDecision |
     return None
 
 
+def _over_budget(
+    policy: RoutingPolicy, f: RequestFeatures
+) -> tuple[str, Literal["edge", "fail"]] | None:
+    """Why the tenant may not use the cloud now, and what to do instead; None if it may.
+    Two budgets: the policy's, counted on each edge, and the API key's, over the fleet."""
+    budget = policy.budget_for(f.tenant)
+    if budget is not None and f.cloud_tokens_used >= budget.cloud_tokens_per_hour:
+        reason = (
+            f"tenant {f.tenant!r} used {f.cloud_tokens_used} of "
+            f"{budget.cloud_tokens_per_hour} cloud tokens this hour"
+        )
+        return reason, budget.over_budget
+    if f.key_cloud_budget is not None and f.fleet_cloud_tokens_used >= f.key_cloud_budget:
+        reason = (
+            f"tenant {f.tenant!r} used {f.fleet_cloud_tokens_used} of its key's "
+            f"{f.key_cloud_budget} cloud tokens this hour, over the fleet"
+        )
+        return reason, f.key_over_budget
+    return None
+
+
 def _after_rules(policy: RoutingPolicy, f: RequestFeatures, d: RouteDecision) -> RouteDecision:
     """Budgets and load can still move a rule's choice."""
-    if d.route in ("cloud", "speculative"):
-        budget = policy.budget_for(f.tenant)
-        if budget is not None and f.cloud_tokens_used >= budget.cloud_tokens_per_hour:
-            reason = (
-                f"tenant {f.tenant!r} used {f.cloud_tokens_used} of "
-                f"{budget.cloud_tokens_per_hour} cloud tokens this hour"
-            )
-            if budget.over_budget == "fail":
-                return RouteDecision(d.route, "budget", reason, fail_reason=reason)
-            return RouteDecision("edge", "budget", reason)
+    if d.route in ("cloud", "speculative") and (over := _over_budget(policy, f)) is not None:
+        reason, action = over
+        if action == "fail":
+            return RouteDecision(d.route, "budget", reason, fail_reason=reason)
+        return RouteDecision("edge", "budget", reason)
     overloaded = policy.fallbacks.edge_overloaded
     if (
         d.route != "edge"

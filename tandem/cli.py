@@ -7,6 +7,7 @@ Example::
     tandem cloud serve --nats-url nats://127.0.0.1:4222
     tandem status
     tandem policy show        # the live routing policy (edit, set, history, explain)
+    tandem keys create --tenant acme --rpm 60   # a per-tenant API key of the edge API
     tandem models list
     tandem bench run --start-mesh
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import typer
 
 from mesh.version import __version__
-from tandem.commands import bench, cloud, edge, mesh, models, policy, router, status, up
+from tandem.commands import bench, cloud, edge, keys, mesh, models, policy, router, status, up
 
 app = typer.Typer(
     help="Tandem: a hybrid edge-cloud LLM inference mesh.",
@@ -29,6 +30,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(router.app, name="router")
 app.add_typer(policy.app, name="policy")
 app.add_typer(mesh.app, name="mesh")
+app.add_typer(keys.app, name="keys")
 app.add_typer(bench.app, name="bench")
 app.command(name="up")(up.up)
 app.command(name="status")(status.status)

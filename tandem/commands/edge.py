@@ -17,6 +17,10 @@ app = typer.Typer(help="Run the edge daemon (OpenAI API on llama.cpp).", no_args
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+    tls_certfile: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS with this PEM certificate.")
+    ] = None,
+    tls_keyfile: Annotated[Path | None, typer.Option(help="The certificate's private key.")] = None,
     model: Annotated[str | None, typer.Option(help="Catalog model pair to serve.")] = None,
     gguf: Annotated[Path | None, typer.Option(help="GGUF file overriding the catalog.")] = None,
     n_ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
@@ -25,6 +29,16 @@ def serve(
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429.")] = None,
     max_n: Annotated[int | None, typer.Option(help="Most choices (n) per request.")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require this Bearer key.")] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option(help="Per-tenant API keys file (tandem keys create --file).")
+    ] = None,
+    mesh_api_keys: Annotated[
+        bool | None,
+        typer.Option(
+            "--mesh-api-keys/--no-mesh-api-keys",
+            help="Per-tenant API keys from the mesh (tandem keys create), followed live.",
+        ),
+    ] = None,
     nats_url: Annotated[str | None, typer.Option(help="Join the mesh at this NATS URL.")] = None,
     nats_creds: Annotated[
         Path | None, typer.Option(help="NATS identity: nkey seed file or .creds.")
@@ -44,7 +58,8 @@ def serve(
     """Serve the OpenAI API on this machine with llama.cpp.
 
     Every option also reads TANDEM_EDGE_<OPTION> from the environment, e.g.
-    TANDEM_EDGE_PORT=8080. Example: tandem edge serve --port 8080
+    TANDEM_EDGE_PORT=8080. Example: tandem edge serve --port 8080; with HTTPS:
+    tandem edge serve --tls-certfile edge-http.pem --tls-keyfile edge-http-key.pem
     """
     options = given(locals())
     from edge.server import serve as run_server
