@@ -172,9 +172,21 @@ def bearer(header: str | None) -> str:
 class Authenticator:
     """Who a request is, from its Authorization header, by the edge's key settings."""
 
-    def __init__(self, shared: str | None = None, ring: KeyRing | None = None) -> None:
+    def __init__(
+        self, shared: str | None = None, ring: KeyRing | None = None, source: str = "none"
+    ) -> None:
         self._shared = shared.encode() if shared is not None else None
         self.ring = ring  # None: no per-tenant keys
+        self.source = source  # where the ring's keys come from: file, mesh
+
+    def status(self) -> dict[str, object]:
+        """For /health: whether keys are required, from where, and how many are known."""
+        return {
+            "required": self.enabled,
+            "shared_key": self._shared is not None,
+            "source": self.source if self.ring is not None else None,
+            "keys": len(self.ring) if self.ring is not None else None,
+        }
 
     @property
     def enabled(self) -> bool:

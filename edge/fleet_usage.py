@@ -12,9 +12,10 @@ what this edge counted since.
 
 How far a tenant can overshoot its budget: a request is admitted to the cloud
 while ``used < budget``, so the overshoot is what the fleet's in-flight cloud
-answers add when the budget is crossed, plus what the *other* edges counted in
-the last ``sync_s`` and have not written yet (at most ``edges x sync_s x`` the
-tenant's cloud tokens per second). ``bench/budget_bench.py`` measures it.
+answers add when the budget is crossed, plus what the *other* edges counted but
+this edge has not seen yet: up to two sync intervals of theirs (one until they
+write it, one until this edge reads it), so at most ``(edges - 1) x 2 x sync_s x``
+the tenant's cloud tokens per second per edge. ``bench/budget_bench.py`` measures it.
 
 The hour is a fixed UTC hour (the counter resets on the hour); the routing
 policy's own per-edge budgets (``budgets:``) keep their sliding hour.

@@ -323,6 +323,7 @@ async def handle_health(request: Request) -> dict[str, Any]:
         "mesh": None if reg is None else ("connected" if reg.connected else "disconnected"),
         "policy": state.live.status(),
         "classifier": state.classifier is not None,
+        "api_keys": state.auth.status(),
     }
 
 

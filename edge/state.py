@@ -147,7 +147,8 @@ def make_authenticator(settings: EdgeSettings) -> tuple[Authenticator, KeyFileFo
             raise SystemExit(
                 f"API key file {settings.api_keys_file} is not usable:\n{exc}"
             ) from exc
-    return Authenticator(shared, ring), key_file
+    source = "file" if key_file is not None else "mesh"
+    return Authenticator(shared, ring, source), key_file
 
 
 def _register_gauges(metrics: EdgeMetrics, engine: EdgeEngine, live: LivePolicy) -> None:

@@ -243,9 +243,7 @@ def test_a_streamed_answer_carries_the_headers_and_charges_its_tokens(
     assert held.status_code == 429 and held.json()["error"]["type"] == "tokens"
 
 
-def test_a_revoked_key_stops_working_within_seconds(
-    file_edge: EdgeProcess, key_file: Path
-) -> None:
+def test_a_revoked_key_stops_working_within_seconds(file_edge: EdgeProcess, key_file: Path) -> None:
     secret = _keys("create", "--tenant", "acme", "--file", str(key_file))
     time.sleep(1.5)
     assert _post(file_edge, secret).status_code == 200
@@ -303,6 +301,8 @@ def test_mesh_keys_reach_the_edge_and_a_revocation_cuts_them_off(
     _until(lambda: _post(mesh_edge, secret).status_code == 200)
     listed = json.loads(_mesh_keys(mesh, hub, "list", "-o", "json"))
     assert [k["tenant"] for k in listed] == ["acme"] and listed[0]["rpm"] == 100
+    health = httpx.get(f"{mesh_edge.base_url}/health").json()["api_keys"]
+    assert health == {"required": True, "shared_key": False, "source": "mesh", "keys": 1}
     _mesh_keys(mesh, hub, "revoke", secret)
     assert _until(lambda: _post(mesh_edge, secret).status_code == 401) < 5
 

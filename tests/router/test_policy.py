@@ -120,6 +120,18 @@ budgets:
     assert refused.fail_reason is not None and "strict" in refused.fail_reason
 
 
+def test_an_api_keys_fleet_budget_moves_or_refuses_like_a_policy_budget() -> None:
+    tools = functools.partial(RequestFeatures, model="m", has_tools=True, tenant="acme")
+    p = RoutingPolicy()
+    assert decide(p, tools(key_cloud_budget=100, fleet_cloud_tokens_used=99)).route == "cloud"
+    over = decide(p, tools(key_cloud_budget=100, fleet_cloud_tokens_used=100))
+    assert (over.route, over.rule) == ("edge", "budget") and "over the fleet" in over.reason
+    refused = decide(
+        p, tools(key_cloud_budget=0, key_over_budget="fail", fleet_cloud_tokens_used=0)
+    )
+    assert refused.fail_reason is not None and "acme" in refused.fail_reason
+
+
 def test_overloaded_edge_sends_work_to_a_healthy_cloud() -> None:
     p = RoutingPolicy()
     busy = RequestFeatures(model="m", edge_queue=8, cloud_workers=2)
