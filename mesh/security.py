@@ -21,6 +21,9 @@ Layout of a mesh directory (``tandem mesh init DIR``)::
     DIR/users.conf      rendered from nodes.json: one user per node, with permissions
     DIR/nodes.json      the registry: name, role, public key of every node
     DIR/creds/NAME.nk   each node's seed (give it to that node only; mode 0600)
+    DIR/leaf/NAME.conf  edge NAME's own nats-server, a leaf node of the hub (``mesh.leaf``;
+                        it holds the edge's seed too: mode 0600)
+    DIR/leaf/hub-url    where edges' leaves reach the hub unless told (tandem mesh init)
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mesh import subjects
+from mesh import leaf, subjects
+from mesh.connection import DEFAULT_NATS_PORT
 from mesh.errors import MeshError
 
 Role = Literal["edge", "worker", "operator"]
@@ -91,8 +95,9 @@ _KEYS = subjects.API_KEYS_BUCKET
 _USAGE = subjects.USAGE_BUCKET
 
 
-def permissions(role: Role, name: str) -> dict[str, Any]:
-    """The NATS permissions of node ``name`` in ``role`` (nats-server's config shape)."""
+def permissions(role: Role, name: str, *, workers: Iterable[str] = ()) -> dict[str, Any]:
+    """The NATS permissions of node ``name`` in ``role`` (nats-server's config shape);
+    ``workers``: the mesh's workers, whose liveness probes an edge answers."""
     own_inbox = f"{inbox_prefix(name)}.>"
     if role == "edge":
         publish = [
@@ -107,7 +112,14 @@ def permissions(role: Role, name: str) -> dict[str, Any]:
             *_kv_read(_KEYS),  # ApiKeyFollower: the tenants' keys (hashes); never a write
             *_kv_read(_USAGE),  # FleetBudget: the tenants' fleet-wide cloud tokens ...
             *_kv_put(_USAGE),  # ... which it adds its own to (compare-and-set)
+            # Behind a leaf node, answers to the workers' liveness probes: nats-server
+            # carries no allow_responses over a leaf link, so each worker's inbox is
+            # granted (all an edge can put there is "still here"; nothing else uses it).
+            *(f"{inbox_prefix(worker)}.>" for worker in workers),
         ]
+        # Behind a leaf node the JetStream calls above arrive in the hub's domain
+        # ($JS.hub.API...): the edge's leaf maps them there (mesh.leaf).
+        publish += leaf.in_hub_domain(publish)
         subscribe = [own_inbox, subjects.all_node_loads()]  # FleetView reads heartbeats
         # The edge answers a worker's liveness probe on <its reply subject>.alive.
         return _shape(publish, subscribe, responses=True)
@@ -149,6 +161,12 @@ def permissions(role: Role, name: str) -> dict[str, Any]:
 
 
 _DENY_ALL = {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}
+
+
+def connection_types(role: Role) -> list[str]:
+    """How a node in ``role`` may connect: edges directly or as a leaf node, the others
+    directly only (so only an edge's seed opens a leaf link)."""
+    return ["STANDARD", "LEAFNODE"] if role == "edge" else ["STANDARD"]
 
 
 def _shape(publish: list[str], subscribe: list[str], *, responses: bool) -> dict[str, Any]:
@@ -217,6 +235,15 @@ class MeshDir:
         """Where node ``name``'s seed file is."""
         return self.root / "creds" / f"{subjects.token(name)}.nk"
 
+    def leaf_conf(self, name: str) -> Path:
+        """Where edge ``name``'s leaf-node config is (``nats-server -c`` on the device)."""
+        return self.root / "leaf" / f"{subjects.token(name)}.conf"
+
+    @property
+    def hub_leaf_url(self) -> Path:
+        """The file naming where edges' leaves reach the hub by default."""
+        return self.root / "leaf" / "hub-url"
+
     @property
     def tls_ca(self) -> Path:
         """The CA nodes trust the hub with (``--nats-tls-ca``), when the hub runs TLS."""
@@ -229,16 +256,20 @@ class MeshDir:
         port: int = 4222,
         monitor_port: int = 8222,
         tls_hosts: list[str] | None = None,
+        leaf_port: int = leaf.DEFAULT_LEAF_PORT,
     ) -> None:
         """Write a new hub configuration (refused if one is there already).
 
         ``tls_hosts``: the names and addresses nodes reach the hub by; the hub then
-        requires TLS, with a certificate for them from a new dev CA (``mesh.tls``)."""
+        requires TLS, with a certificate for them from a new dev CA (``mesh.tls``), on
+        its client and leaf node ports alike. ``leaf_port``: where edges' own
+        nats-servers connect as leaf nodes (``mesh.leaf``)."""
         if self.registry.exists():
             raise MeshConfigError(f"{self.root} holds a mesh already ({self.registry})")
         (self.root / "creds").mkdir(parents=True, exist_ok=True)
         (self.root / "jetstream").mkdir(exist_ok=True)
-        tls = ""
+        (self.root / "leaf").mkdir(exist_ok=True)
+        tls, files = "", None
         if tls_hosts:
             from mesh.tls import write_dev_ca
 
@@ -258,9 +289,13 @@ class MeshDir:
             "# Tandem hub (tandem mesh init): nats-server -c server.conf\n"
             f"listen: {json.dumps(f'{host}:{port}')}\n"
             f"http: {json.dumps(f'{host}:{monitor_port}')}\n"
-            f"jetstream {{ store_dir: {json.dumps(str(self.root / 'jetstream'))} }}\n"
+            # The policy, keys and usage buckets live in this domain (mesh.leaf).
+            f"jetstream {{\n  store_dir: {json.dumps(str(self.root / 'jetstream'))}\n"
+            f"  domain: {json.dumps(subjects.HUB_JS_DOMAIN)}\n}}\n"
             "include auth.conf\n"
+            f"{leaf.render_hub_leafnodes(f'{host}:{leaf_port}', files)}"
         )
+        self.hub_leaf_url.write_text(leaf.default_hub_url(host, leaf_port, tls_hosts) + "\n")
         self._save([])
 
     def nodes(self) -> list[Node]:
@@ -269,8 +304,19 @@ class MeshDir:
             raise MeshConfigError(f"no mesh at {self.root}: run tandem mesh init {self.root}")
         return [Node(**n) for n in json.loads(self.registry.read_text())]
 
-    def add(self, name: str, role: Role) -> Path:
-        """Admit a new node; returns its seed file (written once, mode 0600)."""
+    def add(
+        self,
+        name: str,
+        role: Role,
+        *,
+        hub_url: str | None = None,
+        local_port: int = DEFAULT_NATS_PORT,
+    ) -> Path:
+        """Admit a new node; returns its seed file (written once, mode 0600).
+
+        An edge also gets its leaf-node config (``leaf_conf``): a nats-server on the
+        device's loopback ``local_port``, a leaf of the hub at ``hub_url`` (default: the
+        one ``init`` recorded)."""
         permissions(role, name)  # an unknown role fails before anything is written
         nodes = self.nodes()
         if any(n.name == name for n in nodes):
@@ -280,8 +326,30 @@ class MeshDir:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(seed + b"\n")
+        if role == "edge":
+            self._write_leaf_conf(name, seed, hub_url=hub_url, local_port=local_port)
         self._save([*nodes, Node(name, role, public_key(seed))])
         return path
+
+    def _write_leaf_conf(
+        self, name: str, seed: bytes, *, hub_url: str | None, local_port: int
+    ) -> None:
+        if hub_url is None and self.hub_leaf_url.exists():
+            hub_url = self.hub_leaf_url.read_text().strip()
+        text = leaf.render_edge_leaf(
+            name,
+            public_key=public_key(seed),
+            seed=seed,
+            hub_url=hub_url or leaf.default_hub_url("127.0.0.1", leaf.DEFAULT_LEAF_PORT, None),
+            local_port=local_port,
+            tls_ca=self.tls_ca if self.tls_ca.exists() else None,
+        )
+        path = self.leaf_conf(name)
+        path.parent.mkdir(exist_ok=True)
+        path.unlink(missing_ok=True)  # a fresh file, so mode 0600 holds from its first byte
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
 
     def ensure(self, name: str, role: Role) -> Path:
         """Node ``name``'s seed file, admitting it first if it is new (``tandem up``)."""
@@ -300,6 +368,7 @@ class MeshDir:
             raise MeshConfigError(f"no node named {name!r} in {self.root}")
         self._save([n for n in nodes if n.name != name])
         self.creds(name).unlink(missing_ok=True)
+        self.leaf_conf(name).unlink(missing_ok=True)
         return gone[0]
 
     def reload_hub(self) -> bool:
@@ -322,10 +391,16 @@ def render_users(nodes: Iterable[Node]) -> str:
 
     It always starts with a user nobody can be (its seed is thrown away) and who may do
     nothing: with an empty list nats-server would admit anonymous clients."""
+    nodes = list(nodes)
+    workers = [n.name for n in nodes if n.role == "worker"]
     sentinel = {"nkey": public_key(new_user_seed()), "permissions": _DENY_ALL}
     entries = [f"  # nobody (keeps authorization on with no nodes)\n  {json.dumps(sentinel)}"]
     for node in nodes:
-        entry = {"nkey": node.public_key, "permissions": permissions(node.role, node.name)}
+        entry = {
+            "nkey": node.public_key,
+            "permissions": permissions(node.role, node.name, workers=workers),
+            "allowed_connection_types": connection_types(node.role),
+        }
         entries.append(f"  # {node.role} {node.name}\n  {json.dumps(entry)}")
     body = ",\n".join(entries)
     header = "# Rendered by tandem mesh from nodes.json: change it with tandem mesh add-*/revoke."

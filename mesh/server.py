@@ -91,6 +91,8 @@ class EmbeddedNats:
     ``port=0``/``monitor_port=0`` pick free ports at the first start; later starts and
     restarts keep them. ``config`` is an optional nats-server config file (auth, leaf
     nodes); the command-line host, ports and store dir take precedence over it.
+    ``jetstream=False`` leaves JetStream to the config file: a hub's ``server.conf`` has
+    its own store and domain, an edge's leaf node (``mesh.leaf``) runs none.
     """
 
     def __init__(
@@ -102,9 +104,11 @@ class EmbeddedNats:
         monitor_port: int = 0,
         binary: Path | None = None,
         config: Path | None = None,
+        jetstream: bool = True,
     ) -> None:
         self._host = host
         self._config = config
+        self._jetstream = jetstream
         self._requested_port = port
         self._requested_monitor_port = monitor_port
         self._binary = binary
@@ -277,8 +281,7 @@ class EmbeddedNats:
             str(binary),
             "-a", self._host,
             "-p", str(self._port),
-            "-js",
-            "-sd", str(self._store_dir),
+            *(["-js", "-sd", str(self._store_dir)] if self._jetstream else []),
             "-m", str(self._monitor_port),
             *(["-c", str(self._config)] if self._config else []),
         ]  # fmt: skip

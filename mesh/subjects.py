@@ -15,6 +15,10 @@ POLICY_BUCKET = "tandem_policy"
 POLICY_KEY = "active"  # the one live routing policy in POLICY_BUCKET
 API_KEYS_BUCKET = "tandem_api_keys"  # the edge API's keys, one entry per key (hashes only)
 USAGE_BUCKET = "tandem_usage"  # fleet-wide cloud tokens per tenant and hour
+# The hub's JetStream domain (the policy, keys and usage buckets live there). A leaf node
+# runs no JetStream and reaches it as $JS.<domain>.API (mesh.leaf): nats-server never
+# carries the plain $JS.API across a leaf link of an ordinary account.
+HUB_JS_DOMAIN = "hub"
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]+")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_-]")
@@ -107,3 +111,17 @@ def worker_any(verb: str) -> str:
 def worker_all(worker_id: str) -> str:
     """Every affinity subject of one worker: ``tandem.v1.worker.<id>.>``."""
     return f"{PREFIX}.worker.{token(worker_id)}.>"
+
+
+# -- edge-local subjects (mesh.leaf) ------------------------------------------------------
+
+
+def local(topic: str) -> str:
+    """An edge-local subject, ``tandem.v1.local.<topic>``: it never leaves the edge's own
+    leaf node (its deny_imports/deny_exports), so it works through a WAN outage."""
+    return f"{PREFIX}.local.{token(topic)}"
+
+
+def local_any() -> str:
+    """Every edge-local subject: ``tandem.v1.local.>``."""
+    return f"{PREFIX}.local.>"

@@ -8,16 +8,22 @@ Example::
     tandem edge serve --nats-url nats://hub:4222 --node-id edge-kitchen \\
         --nats-creds edge-kitchen.nk
     tandem mesh revoke edge-kitchen --dir /etc/tandem/mesh     # cut off within a second
+
+An edge device may run its own nats-server, a leaf node of the hub (``mesh.leaf``):
+add-edge writes its config too, ``DIR/leaf/NAME.conf`` (``--hub-url`` names the hub's
+leaf port); on the device ``nats-server -c NAME.conf`` and the edge points at it with
+``--nats-url nats://127.0.0.1:4222`` and the same ``--nats-creds``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from mesh.connection import DEFAULT_NATS_PORT
+from mesh.leaf import DEFAULT_LEAF_PORT
 from mesh.security import MeshDir, Role
 from tandem.commands.common import fail, local_mesh_dir
 
@@ -41,6 +47,9 @@ def init(
     host: Annotated[str, typer.Option(help="Interface the hub listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Client port.")] = DEFAULT_NATS_PORT,
     monitor_port: Annotated[int, typer.Option(help="Monitoring port.")] = 8222,
+    leaf_port: Annotated[
+        int, typer.Option(help="Where edge devices' own nats-servers connect as leaf nodes.")
+    ] = DEFAULT_LEAF_PORT,
     tls_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -55,7 +64,10 @@ def init(
 
     mesh = _mesh(directory)
     try:
-        mesh.init(host=host, port=port, monitor_port=monitor_port, tls_hosts=tls_host)
+        mesh.init(
+            host=host, port=port, monitor_port=monitor_port, tls_hosts=tls_host,
+            leaf_port=leaf_port,
+        )  # fmt: skip
         seed = mesh.add("operator", "operator")
     except MeshError as exc:
         fail(str(exc))
@@ -64,26 +76,43 @@ def init(
         typer.echo(f"TLS: nodes trust the hub with --nats-tls-ca {mesh.tls_ca}")
 
 
-def _add(name: str, role: Role, directory: Path | None) -> None:
+def _add(name: str, role: Role, directory: Path | None, **options: Any) -> MeshDir:
     from mesh.errors import MeshError
 
     mesh = _mesh(directory)
     try:
-        seed = mesh.add(name, role)
+        seed = mesh.add(name, role, **options)
     except MeshError as exc:
         fail(str(exc))
     reloaded = mesh.reload_hub()
     typer.echo(f"{role} {name}: identity {seed} (give it to that node only)")
     typer.echo("hub reloaded" if reloaded else "hub not running: it admits the node at start")
+    return mesh
 
 
 @app.command("add-edge")
 def add_edge(
-    name: Annotated[str, typer.Argument(help="The edge's node id.")], directory: DirOption = None
+    name: Annotated[str, typer.Argument(help="The edge's node id.")],
+    directory: DirOption = None,
+    hub_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the edge's own leaf node reaches the hub's leaf port, e.g. "
+            "nats-leaf://hub.example:7422 (default: from tandem mesh init)."
+        ),
+    ] = None,
+    local_port: Annotated[
+        int, typer.Option(help="The loopback port of the edge's own leaf node.")
+    ] = DEFAULT_NATS_PORT,
 ) -> None:
     """Admit an edge: it may ask for generation and verification, follow the policy,
-    publish its heartbeats, and read only its own inbox."""
-    _add(name, "edge", directory)
+    publish its heartbeats, and read only its own inbox. Also writes DIR/leaf/NAME.conf,
+    the edge device's own nats-server as a leaf node of the hub (it holds the seed too)."""
+    mesh = _add(name, "edge", directory, hub_url=hub_url, local_port=local_port)
+    typer.echo(
+        f"leaf node: {mesh.leaf_conf(name)} (on the device: nats-server -c ...; then "
+        f"--nats-url nats://127.0.0.1:{local_port} with the same identity)"
+    )
 
 
 @app.command("add-worker")
@@ -116,6 +145,10 @@ def revoke(
         fail(str(exc))
     reloaded = mesh.reload_hub()
     typer.echo(f"revoked {node.role} {node.name}" + ("; hub reloaded" if reloaded else ""))
+    if node.role == "edge":
+        # nats-server re-checks its clients at a reload, not its leaf links (mesh.leaf).
+        typer.echo("if it is attached as a leaf node, that link stays up until it drops: "
+                   "restart the hub to cut it now")  # fmt: skip
 
 
 @app.command("list")
