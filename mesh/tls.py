@@ -1,9 +1,18 @@
-"""TLS material for a hub: a development CA and the hub's certificate signed by it.
+"""TLS material of a mesh: a development CA, the hub's certificate, and edges' HTTP ones.
 
-``tandem mesh init --tls`` writes them when the operator has no PKI of their own;
-nodes then trust the hub with ``--nats-tls-ca DIR/tls/ca.pem``. An operator with
-certificates of their own points the hub's ``tls`` block at them instead (the
-nats-server documentation's ``cert_file`` / ``key_file``).
+``tandem mesh init --tls-host`` writes the CA and the hub's certificate when the
+operator has no PKI of their own; nodes then trust the hub with ``--nats-tls-ca
+DIR/tls/ca.pem``. ``tandem mesh issue-cert`` signs more server certificates with the
+same CA, for an edge's HTTPS API (``tandem edge serve --tls-certfile``); its clients
+trust the same ``ca.pem``. An operator with certificates of their own points the hub's
+``tls`` block (the nats-server documentation's ``cert_file`` / ``key_file``) and the
+edges' ``--tls-certfile`` / ``--tls-keyfile`` at them instead.
+
+Layout of ``DIR/tls``::
+
+    ca.pem, ca-key.pem          the dev CA (its key mode 0600: it signs whatever is issued)
+    hub.pem, hub-key.pem        the hub's certificate (tandem mesh init --tls-host)
+    NAME-http.pem, -key.pem     edge NAME's HTTPS certificate (tandem mesh issue-cert)
 """
 
 from __future__ import annotations
@@ -13,8 +22,14 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 _VALID_DAYS = 825  # what browsers accept for a leaf certificate; renew by re-issuing
+_CA_NAME = "Tandem mesh dev CA"
 
 
 @dataclass(frozen=True)
@@ -26,59 +41,138 @@ class HubTls:
     key: Path
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """Where one server's certificate and private key are."""
+
+    cert: Path
+    key: Path
+
+
 def write_dev_ca(directory: Path, hosts: list[str]) -> HubTls:
     """A new CA and a hub certificate for ``hosts`` (names or IPs) in ``directory``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _ca_certificate(ca_key)
+    ca_file, ca_key_file = _ca_files(directory)
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write_private(ca_key_file, ca_key)
+    hub = issue_cert(directory, "hub", hosts)
+    return HubTls(ca=ca_file, cert=hub.cert, key=hub.key)
+
+
+def issue_cert(directory: Path, stem: str, hosts: list[str]) -> ServerTls:
+    """A server certificate for ``hosts`` (names or IPs) signed by the dev CA in
+    ``directory``: ``STEM.pem`` and ``STEM-key.pem`` there (replaced if present)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not hosts:
+        raise ValueError("a server certificate needs at least one host name or address")
+    ca, ca_key = _load_ca(directory)
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=_VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(_names(hosts)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = ServerTls(cert=directory / f"{stem}.pem", key=directory / f"{stem}-key.pem")
+    _write_private(files.key, key)
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def _ca_files(directory: Path) -> tuple[Path, Path]:
+    return directory / "ca.pem", directory / "ca-key.pem"
+
+
+def _ca_certificate(ca_key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
-    directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tandem mesh dev CA")])
-    ca = (
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _CA_NAME)])
+    usage = x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    return (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
+        .subject_name(name)
+        .issuer_name(name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=_VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
+
+
+def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from mesh.security import MeshConfigError
+
+    ca_file, ca_key_file = _ca_files(directory)
+    if not ca_file.exists() or not ca_key_file.exists():
+        raise MeshConfigError(
+            f"no dev CA with its key in {directory}: tandem mesh init --tls-host makes one "
+            "(meshes made before issue-cert did not keep the CA's key)"
+        )
+    key = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey), "the dev CA's key is an EC key"
+    return x509.load_pem_x509_certificate(ca_file.read_bytes()), key
+
+
+def _names(hosts: list[str]) -> list[x509.GeneralName]:
+    from cryptography import x509
+
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=_VALID_DAYS))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = HubTls(
-        ca=directory / "ca.pem", cert=directory / "hub.pem", key=directory / "hub-key.pem"
-    )
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return names
+
+
+def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """A private key, readable by its owner only from the first byte on (mode 0600)."""
+    from cryptography.hazmat.primitives import serialization
+
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fresh = path.with_name(f".{path.name}.new")
+    fresh.unlink(missing_ok=True)
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    # The CA's key is not kept: a dev CA signs this one hub certificate and no more.
-    return files
+    os.replace(fresh, path)

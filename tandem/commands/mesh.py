@@ -13,6 +13,7 @@ An edge device may run its own nats-server, a leaf node of the hub (``mesh.leaf`
 add-edge writes its config too, ``DIR/leaf/NAME.conf`` (``--hub-url`` names the hub's
 leaf port); on the device ``nats-server -c NAME.conf`` and the edge points at it with
 ``--nats-url nats://127.0.0.1:4222`` and the same ``--nats-creds``.
+    tandem mesh issue-cert edge-kitchen --host kitchen.lan --dir /etc/tandem/mesh  # HTTPS
 """
 
 from __future__ import annotations
@@ -129,6 +130,32 @@ def add_operator(
 ) -> None:
     """Admit an operator: it may write the policy and read status, nothing else."""
     _add(name, "operator", directory)
+
+
+@app.command("issue-cert")
+def issue_cert(
+    name: Annotated[str, typer.Argument(help="The edge's node id.")],
+    host: Annotated[
+        list[str],
+        typer.Option(help="A name or address clients reach the edge's API by (repeatable)."),
+    ],
+    directory: DirOption = None,
+) -> None:
+    """Issue an HTTPS certificate for edge NAME's OpenAI API, signed by the mesh's dev CA
+    (made by tandem mesh init --tls-host); its clients trust DIR/tls/ca.pem. Re-run it
+    to renew. Example: tandem mesh issue-cert kitchen --host kitchen.lan --host 10.0.0.7"""
+    from mesh import subjects
+    from mesh.errors import MeshError
+    from mesh.tls import issue_cert as issue
+
+    mesh = _mesh(directory)
+    try:
+        files = issue(mesh.tls_ca.parent, f"{subjects.token(name)}-http", host)
+    except MeshError as exc:
+        fail(str(exc))
+    typer.echo(f"certificate: {files.cert}\nkey: {files.key} (give it to that edge only)")
+    typer.echo(f"serve: tandem edge serve --tls-certfile {files.cert} --tls-keyfile {files.key}")
+    typer.echo(f"clients trust: {mesh.tls_ca}")
 
 
 @app.command()
