@@ -10,6 +10,11 @@ Wire flow of one escalated request::
 The worker aborts the vLLM request when the edge sends a ``CancelRequest``, when
 the edge's liveness inbox stops answering (it crashed), or at the deadline; on
 SIGTERM it drains: no new requests, in-flight ones finish.
+
+A cancel counts only from the request's owner: the node whose inbox the stream goes
+to (``_INBOX.<node>...``, which on a secured mesh only that node can read), named by
+the cancel's subject (``tandem.v1.cloud.<model>.cancel.<node>``, which the hub lets
+only that node publish on). Another edge that learns a request id cannot cancel it.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class CloudWorker:
         self._service: Service | None = None
         self._beats: Heartbeater | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._owners: dict[str, str | None] = {}  # request id: the node that may cancel it
         self._streams: dict[str, _Stream] = {}  # open answer streams, for the keepalive ticker
         self._keepalive_task: asyncio.Task[None] | None = None
         self._draining = False
@@ -127,7 +133,7 @@ class CloudWorker:
             ("verify-affinity", subjects.worker(s.worker_id, "verify")),
         ):
             await self._service.add_endpoint(name=name, subject=subject, handler=self.handle_verify)
-        await self._nc.subscribe(subjects.cloud_cancel(model), cb=self.handle_cancel)
+        await self._nc.subscribe(subjects.cloud_cancels(model=model), cb=self.handle_cancel)
         self._beats = Heartbeater(
             self._nc, subjects.node_load(s.worker_id), self.beat, interval_s=s.heartbeat_s
         )
@@ -177,14 +183,17 @@ class CloudWorker:
             request_id=request.request_id, worker_id=self.settings.worker_id
         )
         await msg.respond(accepted.to_bytes())
-        self._track(request.request_id, self._serve(request))
+        owner = subjects.inbox_owner(request.reply_subject)
+        self._track(request.request_id, owner, self._serve(request))
 
     async def handle_verify(self, msg: Request) -> None:
         """Score an edge's drafts (one forward pass) and reply with the verdict."""
         request = await self._admit(msg, VerifyRequest)
         if request is not None:
             # Replies must not wait for each other: vLLM batches concurrent verifications.
-            self._track(request.request_id, self._verify(msg, request))
+            # No owner: a verification is one round trip bounded by its deadline, and
+            # requesters never cancel one.
+            self._track(request.request_id, None, self._verify(msg, request))
 
     async def _admit(self, msg: Request, kind: type[W]) -> W | None:
         """The decoded request, or None after answering 400 (undecodable) or 503 (draining)."""
@@ -198,11 +207,18 @@ class CloudWorker:
             return None
         return request
 
-    def _track(self, request_id: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` as a task that cancels and drains find by request id."""
+    def _track(self, request_id: str, owner: str | None, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that cancels (from ``owner`` only) and drains find by
+        request id."""
         task = asyncio.create_task(work, name=request_id)
         self._tasks[request_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(request_id, None))
+        self._owners[request_id] = owner
+        task.add_done_callback(lambda _: self._forget(request_id, task))
+
+    def _forget(self, request_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(request_id) is task:
+            del self._tasks[request_id]
+            self._owners.pop(request_id, None)
 
     async def _verify(self, msg: Request, request: VerifyRequest) -> None:
         vocab = self.engine.vocab_size
@@ -252,16 +268,27 @@ class CloudWorker:
         )
 
     async def handle_cancel(self, msg: Any) -> None:
-        """Abort a request this worker is serving (broadcast: others ignore it)."""
+        """Abort a request this worker is serving if its owner asks (broadcast: other
+        workers ignore it; a cancel from another node is refused)."""
         try:
             cancel = CancelRequest.from_bytes(msg.data)
         except ProtocolError:
             logger.warning("ignoring a malformed cancel message")
             return
         task = self._tasks.get(cancel.request_id)
-        if task is not None:
-            logger.info("requester cancelled %s", cancel.request_id)
-            task.cancel()
+        if task is None:
+            return
+        sender, owner = subjects.cancel_sender(msg.subject), self._owners.get(cancel.request_id)
+        if sender != owner:
+            logger.warning(
+                "refused a cancel of %s from %s: its owner is %s",
+                cancel.request_id,
+                sender,
+                owner or "none (not cancellable)",
+            )
+            return
+        logger.info("requester cancelled %s", cancel.request_id)
+        task.cancel()
 
     # -- one request --------------------------------------------------------
 

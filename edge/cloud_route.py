@@ -7,8 +7,9 @@
   ``stall_timeout_s``) is resumed on another worker from the tokens already
   received; the client sees one continuous stream.
 - Cancellation: closing the event iterator (client disconnect) publishes a
-  ``CancelRequest``; a crashed edge stops answering its liveness inbox and the
-  worker aborts on its own.
+  ``CancelRequest`` under this edge's name (workers honour it only from the node
+  whose inbox the stream goes to); a crashed edge stops answering its liveness
+  inbox and the worker aborts on its own.
 """
 
 from __future__ import annotations
@@ -153,10 +154,16 @@ class CloudRoute:
             if not finished and attempt_id is not None:
                 with contextlib.suppress(Exception):
                     await nc.publish(
-                        subjects.cloud_cancel(self._model),
-                        CancelRequest(request_id=attempt_id).to_bytes(),
+                        self._cancel_subject(inbox), CancelRequest(request_id=attempt_id).to_bytes()
                     )
             self._inboxes.close(inbox)
+
+    def _cancel_subject(self, inbox: str) -> str:
+        """Cancels go out as the owner of the stream's inbox: the node the workers check
+        them against, and on a secured mesh the only name this edge may send them as."""
+        owner = subjects.inbox_owner(inbox)
+        assert owner is not None, f"not an inbox: {inbox}"
+        return subjects.cloud_cancel(self._model, owner)
 
     async def _submit(self, nc: Client, request: GenerateRequest) -> str:
         """Hand the request to a worker (affinity first); return the worker id."""

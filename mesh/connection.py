@@ -152,6 +152,12 @@ async def connect(
     auth: dict[str, Any] = {key: value for key, value in secrets.items() if value is not None}
     if credentials is not None:
         auth.update(credentials.connect_options())
+    if "inbox_prefix" not in auth:
+        from mesh.security import inbox_prefix
+
+        # An open mesh names inboxes after the node too (nats-py's default is random), so
+        # a stream's inbox says whose it is everywhere: workers honour cancels by it.
+        auth["inbox_prefix"] = inbox_prefix(name)
     seen: list[Exception] = []
     nc = Client()
     options = {**_DEFAULT_OPTIONS, **_callbacks(name, seen, nc), **auth, **overrides}

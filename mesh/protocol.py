@@ -8,10 +8,11 @@ Cloud streaming protocol: an edge sends a ``GenerateRequest`` as a NATS request 
 the worker that takes it replies ``GenerateAccepted`` and streams ``TokenChunk`` messages
 to ``reply_subject``, ``seq`` 0, 1, 2, ..., the last one with ``is_end=True`` (and ``error``
 set if it failed); an empty chunk is a keepalive. The edge reorders them with
-``mesh.sequencer.ChunkSequencer``. ``CancelRequest`` on ``subjects.cloud_cancel(model)``
-stops a stream; the worker also polls ``subjects.liveness(reply_subject)`` to notice a
-requester that died. On failover, the edge resends the request to another worker with
-``resume_token_ids`` = the tokens it already relayed.
+``mesh.sequencer.ChunkSequencer``. ``CancelRequest`` on ``subjects.cloud_cancel(model,
+requester)`` stops a stream (from the requester only); the worker also polls
+``subjects.liveness(reply_subject)`` to notice a requester that died. On failover, the
+edge resends the request to another worker with ``resume_token_ids`` = the tokens it
+already relayed.
 
 Errors have one vocabulary, ``ErrorCode``: a worker sends one in a stream's last
 chunk (``ErrorInfo``) or as a refused request's micro-service error headers, and

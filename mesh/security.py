@@ -105,7 +105,9 @@ def permissions(role: Role, name: str, *, workers: Iterable[str] = ()) -> dict[s
             subjects.cloud_any("verify"),  # CloudRoute.verify
             subjects.worker_any("generate"),  # ... and a session's own worker (affinity)
             subjects.worker_any("verify"),
-            subjects.cloud_any("cancel"),  # CancelRequest when the client goes away
+            # CancelRequest when the client goes away (CloudRoute.generate), under its own
+            # name only: workers honour a cancel from the node the stream goes to.
+            subjects.cloud_cancels(node_id=name),
             subjects.node_load(name),  # Heartbeater: its own heartbeats only
             subjects.policy_applied(),  # PolicyFollower's reports
             *_kv_read(_POLICY),  # PolicyFollower: watch and resync; never a write
@@ -132,7 +134,7 @@ def permissions(role: Role, name: str, *, workers: Iterable[str] = ()) -> dict[s
             f"{subjects.cloud_any('generate')} {_QUEUE}",  # nats.micro endpoints, group q
             f"{subjects.cloud_any('verify')} {_QUEUE}",
             subjects.worker_all(name),  # its affinity endpoints
-            subjects.cloud_any("cancel"),  # cancels are broadcast to every worker
+            subjects.cloud_cancels(),  # cancels are broadcast to every worker, from any node
             "$SRV.>",  # nats.micro discovery: PING, INFO, STATS
             own_inbox,  # replies to its liveness probes
         ]

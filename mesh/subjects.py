@@ -61,9 +61,29 @@ def cloud_verify(model: str) -> str:
     return f"{PREFIX}.cloud.{token(model)}.verify"
 
 
-def cloud_cancel(model: str) -> str:
-    """Where requesters broadcast ``CancelRequest``s to the workers of ``model``."""
-    return f"{PREFIX}.cloud.{token(model)}.cancel"
+def cloud_cancel(model: str, node_id: str) -> str:
+    """Where node ``node_id`` broadcasts its ``CancelRequest``s to the workers of ``model``.
+
+    The sender's token is part of the subject so that the hub enforces who sent a
+    cancel (an edge may publish only its own, ``mesh.security``); a worker honours it
+    only for a request whose stream goes to that node's inbox (``inbox_owner``).
+    """
+    return f"{PREFIX}.cloud.{token(model)}.cancel.{token(node_id)}"
+
+
+def cancel_sender(subject: str) -> str:
+    """The sender's token of a ``cloud_cancel`` subject."""
+    return subject.rpartition(".")[2]
+
+
+def inbox_owner(subject: str) -> str | None:
+    """The node token of an inbox subject, ``_INBOX.<node>...`` (None if not an inbox).
+
+    Every node's inboxes sit under ``_INBOX.<its name>`` (``mesh.security.inbox_prefix``),
+    and on a secured mesh only that node may read them: a stream to ``_INBOX.x...`` is
+    node x's."""
+    parts = subject.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == "_INBOX" and parts[1] else None
 
 
 LIVENESS_SUFFIX = ".alive"
@@ -99,8 +119,16 @@ def policy_applied() -> str:
 
 
 def cloud_any(verb: str) -> str:
-    """``verb`` (generate, verify, cancel) for every model: ``tandem.v1.cloud.*.<verb>``."""
+    """``verb`` (generate, verify) for every model: ``tandem.v1.cloud.*.<verb>``."""
     return f"{PREFIX}.cloud.*.{token(verb)}"
+
+
+def cloud_cancels(*, model: str | None = None, node_id: str | None = None) -> str:
+    """Cancels of ``model`` from ``node_id``, each one every model or node when None:
+    ``tandem.v1.cloud.<model or *>.cancel.<node or *>``."""
+    model_token = "*" if model is None else token(model)
+    node_token = "*" if node_id is None else token(node_id)
+    return f"{PREFIX}.cloud.{model_token}.cancel.{node_token}"
 
 
 def worker_any(verb: str) -> str:

@@ -29,6 +29,7 @@ from nats.micro.request import ERROR_CODE_HEADER
 from mesh import subjects
 from mesh.connection import MeshCredentials, connect
 from mesh.protocol import (
+    CancelRequest,
     DraftDistribution,
     ErrorCode,
     ErrorInfo,
@@ -350,6 +351,55 @@ async def test_a_vanished_requester_is_detected_and_its_request_aborted(
     await nc.close()  # nobody answers the liveness inbox from now on
     gone = f"requester of {request.request_id} is gone"
     assert await asyncio.to_thread(_wait_for_log, workers, gone, 15)
+
+
+async def test_only_the_requests_owner_can_cancel_it(
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, workers: dict[str, WorkerProcess]
+) -> None:
+    """Another edge that learns a request id may send cancels under its own name only
+    (the hub sees to that: tests/mesh/test_cancel_owner.py); the worker refuses its
+    cancel and streams on, and the owner's own cancel aborts the request."""
+    owner = await _as(nats_server, mesh_dir, "probe")
+    other = await _as(nats_server, mesh_dir, "escalating-edge")
+    try:
+        inbox = owner.new_inbox()
+        chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            await chunks.put(TokenChunk.from_bytes(msg.data))
+
+        async def on_alive(msg) -> None:  # type: ignore[no-untyped-def]
+            await msg.respond(b"")
+
+        await owner.subscribe(inbox, cb=on_chunk)
+        await owner.subscribe(subjects.liveness(inbox), cb=on_alive)
+        request = GenerateRequest(
+            request_id=f"owned-{uuid.uuid4().hex}",
+            model=MODEL,
+            reply_subject=inbox,
+            messages=COUNT,
+            sampling=SamplingParams(max_tokens=1500, temperature=0, stop=["@@never@@"]),
+        )
+        await owner.request(subjects.cloud_generate(MODEL), request.to_bytes(), timeout=5)
+        await asyncio.wait_for(chunks.get(), 30)
+        cancel = CancelRequest(request_id=request.request_id).to_bytes()
+        await other.publish(subjects.cloud_cancel(MODEL, "escalating-edge"), cancel)
+        await other.flush()
+        refused = f"refused a cancel of {request.request_id} from escalating-edge"
+        assert await asyncio.to_thread(_wait_for_log, workers, f"{refused}: its owner is probe", 10)
+        while not chunks.empty():
+            chunks.get_nowait()
+        assert not (await asyncio.wait_for(chunks.get(), 10)).is_end  # it streams on
+        await owner.publish(subjects.cloud_cancel(MODEL, "probe"), cancel)
+        await owner.flush()
+        aborted = f"aborted {request.request_id} in vLLM"
+        assert await asyncio.to_thread(_wait_for_log, workers, aborted, 10)
+        assert f"requester cancelled {request.request_id}" in "".join(
+            w.log() for w in workers.values()
+        )
+    finally:
+        await owner.close()
+        await other.close()
 
 
 def _wait_for_log(workers: dict[str, WorkerProcess], text: str, timeout_s: float) -> bool:

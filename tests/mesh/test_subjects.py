@@ -16,7 +16,12 @@ def test_subjects_have_the_documented_shape() -> None:
     assert subjects.all_node_loads() == "tandem.v1.nodes.*.load"
     assert subjects.cloud_generate("smol") == "tandem.v1.cloud.smol.generate"
     assert subjects.cloud_verify("smol") == "tandem.v1.cloud.smol.verify"
-    assert subjects.cloud_cancel("smol") == "tandem.v1.cloud.smol.cancel"
+    assert subjects.cloud_cancel("smol", "edge-1") == "tandem.v1.cloud.smol.cancel.edge-1"
+    assert subjects.cloud_cancels(model="smol") == "tandem.v1.cloud.smol.cancel.*"
+    assert subjects.cloud_cancels(node_id="edge-1") == "tandem.v1.cloud.*.cancel.edge-1"
+    assert subjects.cancel_sender(subjects.cloud_cancel("a.b/c", "edge-1")) == "edge-1"
+    assert subjects.inbox_owner("_INBOX.edge-1.abc.def") == "edge-1"
+    assert subjects.inbox_owner("tandem.v1.nodes.x.load") is None
     assert subjects.worker("w1", "generate") == "tandem.v1.worker.w1.generate"
     assert subjects.liveness("_INBOX.abc123") == "_INBOX.abc123.alive"
     assert subjects.POLICY_BUCKET == "tandem_policy"
