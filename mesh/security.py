@@ -24,6 +24,9 @@ Layout of a mesh directory (``tandem mesh init DIR``)::
     DIR/leaf/NAME.conf  edge NAME's own nats-server, a leaf node of the hub (``mesh.leaf``;
                         it holds the edge's seed too: mode 0600)
     DIR/leaf/hub-url    where edges' leaves reach the hub unless told (tandem mesh init)
+    DIR/leaf/NAME.bundle.json  edge NAME's install bundle (``mesh.bundle``): seed, hub URL,
+                        CA, for ``tandem edge install --bundle`` on the device (0600)
+    DIR/mesh-id         this mesh's id, named in its bundles
 """
 
 from __future__ import annotations
@@ -336,15 +339,20 @@ class MeshDir:
     def _write_leaf_conf(
         self, name: str, seed: bytes, *, hub_url: str | None, local_port: int
     ) -> None:
+        """Edge ``name``'s leaf config (for a hand-run leaf) and its install bundle."""
+        from mesh.bundle import EdgeBundle, write_bundle
+
         if hub_url is None and self.hub_leaf_url.exists():
             hub_url = self.hub_leaf_url.read_text().strip()
+        hub_url = hub_url or leaf.default_hub_url("127.0.0.1", leaf.DEFAULT_LEAF_PORT, None)
+        tls_ca = self.tls_ca if self.tls_ca.exists() else None
         text = leaf.render_edge_leaf(
             name,
             public_key=public_key(seed),
             seed=seed,
-            hub_url=hub_url or leaf.default_hub_url("127.0.0.1", leaf.DEFAULT_LEAF_PORT, None),
+            hub_url=hub_url,
             local_port=local_port,
-            tls_ca=self.tls_ca if self.tls_ca.exists() else None,
+            tls_ca=tls_ca,
         )
         path = self.leaf_conf(name)
         path.parent.mkdir(exist_ok=True)
@@ -352,6 +360,27 @@ class MeshDir:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        bundle = EdgeBundle(
+            mesh_id=self.mesh_id,
+            node_id=name,
+            seed=seed.decode().strip(),
+            hub_url=hub_url,
+            local_port=local_port,
+            ca_pem=tls_ca.read_text() if tls_ca else None,
+        )
+        write_bundle(self.bundle(name), bundle)
+
+    def bundle(self, name: str) -> Path:
+        """Edge ``name``'s install bundle (``tandem edge install --bundle``; 0600)."""
+        return self.root / "leaf" / f"{subjects.token(name)}.bundle.json"
+
+    @property
+    def mesh_id(self) -> str:
+        """This mesh's id, named in its edges' bundles (made on first use)."""
+        path = self.root / "mesh-id"
+        if not path.exists():
+            path.write_text(os.urandom(8).hex() + "\n")
+        return path.read_text().strip()
 
     def ensure(self, name: str, role: Role) -> Path:
         """Node ``name``'s seed file, admitting it first if it is new (``tandem up``)."""
@@ -371,6 +400,7 @@ class MeshDir:
         self._save([n for n in nodes if n.name != name])
         self.creds(name).unlink(missing_ok=True)
         self.leaf_conf(name).unlink(missing_ok=True)
+        self.bundle(name).unlink(missing_ok=True)
         return gone[0]
 
     def reload_hub(self) -> bool:

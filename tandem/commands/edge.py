@@ -71,3 +71,58 @@ def serve(
         run_server(settings)
     except Exception as exc:  # startup failures: one clear line, no traceback
         fail(f"edge failed to start: {exc}")
+
+
+@app.command()
+def install(
+    bundle: Annotated[
+        Path, typer.Option(help="The edge's bundle (tandem mesh add-edge writes it).")
+    ],
+    prefix: Annotated[
+        Path, typer.Option(help="Install root: files go to PREFIX/etc/... (default /).")
+    ] = Path("/"),
+    dry_run: Annotated[bool, typer.Option(help="Print the files; write nothing.")] = False,
+    host: Annotated[str, typer.Option(help="Where the edge's OpenAI API listens.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The edge's HTTP port.")] = 8080,
+    memory_max: Annotated[str, typer.Option(help="systemd MemoryMax of the edge.")] = "4G",
+    mesh_api_keys: Annotated[
+        bool, typer.Option(help="Require per-tenant API keys from the mesh.")
+    ] = False,
+    tandem_bin: Annotated[
+        Path | None, typer.Option(help="The tandem executable the unit runs.")
+    ] = None,
+    nats_server_bin: Annotated[
+        Path | None, typer.Option(help="The nats-server the leaf unit runs.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an install for another mesh.")] = False,
+) -> None:
+    """Install this device's edge: systemd units for the edge and its NATS leaf node,
+    the leaf's config and the environment file, from the bundle of tandem mesh add-edge.
+
+    Then: systemctl daemon-reload && systemctl enable --now tandem-nats-leaf tandem-edge
+    """
+    from mesh.bundle import read_bundle
+    from mesh.errors import MeshError
+    from tandem.device import DeviceOptions, render
+    from tandem.device import install as write_install
+
+    options = DeviceOptions(
+        prefix=prefix.absolute(), host=host, port=port, memory_max=memory_max,
+        mesh_api_keys=mesh_api_keys, tandem_bin=tandem_bin, nats_server_bin=nats_server_bin,
+    )  # fmt: skip
+    try:
+        edge_bundle = read_bundle(bundle)
+        if dry_run:
+            for f in render(edge_bundle, options):
+                secret = f.mode & 0o077 == 0 and not f.path.name.endswith(".service")
+                body = "(secret: not printed)\n" if secret else f.text
+                typer.echo(f"# {f.path} (mode {f.mode:o})\n{body}")
+            return
+        paths = write_install(edge_bundle, options, force=force)
+    except MeshError as exc:
+        fail(str(exc))
+    for path in paths:
+        typer.echo(f"wrote {path}")
+    typer.echo(
+        "next: systemctl daemon-reload && systemctl enable --now tandem-nats-leaf tandem-edge"
+    )
