@@ -281,6 +281,11 @@ class VllmEngine:
         )
 
     @property
+    def loaded(self) -> bool:
+        """Whether ``start`` has finished: the engine can take requests."""
+        return self._llm is not None and self._tool_parser_cls is not None
+
+    @property
     def vocab_size(self) -> int:
         """Number of token ids the target accepts."""
         return len(self._tokenizer)
@@ -528,6 +533,8 @@ class CloudEngine(Protocol):
     busy: BusyClock
     simulated: bool
 
+    @property
+    def loaded(self) -> bool: ...
     @property
     def vocab_size(self) -> int: ...
     async def start(self) -> None: ...

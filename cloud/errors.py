@@ -4,7 +4,9 @@ CloudError                  base; ``code`` (and the message) shape the error chu
 ├── BadGenerateRequestError 400: the request cannot be served as asked
 ├── DeadlineExceededError   504: the requester's deadline passed
 ├── DrainingError           503: the worker is shutting down
-└── EngineFailedError       500: vLLM failed on this request
+├── EngineFailedError       500: vLLM failed on this request
+└── HttpPortError           start-up: /health, /ready and /metrics cannot listen (never
+                            sent over the mesh)
 """
 
 from __future__ import annotations
@@ -44,3 +46,7 @@ class EngineFailedError(CloudError):
     """vLLM raised while serving the request."""
 
     code = ErrorCode.SERVER_ERROR
+
+
+class HttpPortError(CloudError):
+    """The worker's HTTP port cannot be bound: a start-up failure, fatal."""

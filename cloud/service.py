@@ -1,4 +1,4 @@
-"""Running a cloud worker process: engine start, mesh service, SIGTERM drain."""
+"""Running a cloud worker process: engine start, mesh service, HTTP probes, SIGTERM drain."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import signal
 
 from cloud.engine import CloudEngine, VllmEngine
+from cloud.http import StatusServer
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from mesh.runtime import freeze_startup_objects
@@ -24,15 +25,24 @@ def make_engine(settings: CloudSettings) -> CloudEngine:
 
 
 async def run_worker(settings: CloudSettings) -> None:
-    """Start vLLM, join the mesh, serve until SIGTERM/SIGINT, then drain and stop."""
+    """Start vLLM, join the mesh, serve until SIGTERM/SIGINT, then drain and stop.
+
+    The HTTP side listens first, so a port clash fails before a minute of engine
+    start-up, and ``/ready`` says "the engine is loading" once the loop is free to
+    answer (vLLM's own start-up holds it). ``/health`` answers through the drain.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     engine = make_engine(settings)
-    await engine.start()
     worker = CloudWorker(settings, engine)
+    status = None
+    if settings.http_port:
+        status = StatusServer(worker, settings.http_host, settings.http_port)
+        await status.start()
     try:
+        await engine.start()
         await worker.start()
         freeze_startup_objects()
         await stop.wait()
@@ -40,3 +50,5 @@ async def run_worker(settings: CloudSettings) -> None:
         await worker.drain()
     finally:
         engine.shutdown()
+        if status is not None:
+            await status.stop()

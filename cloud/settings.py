@@ -61,6 +61,14 @@ class CloudSettings(BaseSettings):
     keepalive_s: float = Field(0.5, gt=0, description="idle gap before a keepalive chunk")
     liveness_s: float = Field(2.0, gt=0, description="how often to check the requester is there")
     drain_timeout_s: float = Field(60.0, ge=0)
+    http_host: str = Field(
+        "127.0.0.1",
+        description="address of /health, /ready and /metrics; loopback suits a dev machine, "
+        "a cluster sets 0.0.0.0 so the kubelet and Prometheus reach the pod",
+    )
+    http_port: int = Field(
+        8081, ge=0, le=65535, description="port of /health, /ready and /metrics; 0 disables them"
+    )
     engine: EngineKind = Field(
         EngineKind.REAL,
         description="'real': vLLM; 'sim': a simulated engine (latency model, no vLLM) for "

@@ -142,6 +142,11 @@ class SimVllmEngine:
         )
 
     @property
+    def loaded(self) -> bool:
+        """Whether ``start`` has finished (vocabulary loaded, scheduler running)."""
+        return self._scheduler is not None
+
+    @property
     def vocab(self) -> SimVocab:
         """The vocabulary (after ``start``)."""
         if self._vocab is None:

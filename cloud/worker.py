@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats.errors
@@ -82,6 +83,15 @@ class _Stream:
         self.last_sent = time.monotonic()
 
 
+@dataclass
+class VerifyCounts:
+    """Verification rounds this worker answered, and the draft tokens they judged."""
+
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+
 class CloudWorker:
     """Serves ``generate`` for one model pair's target on the mesh."""
 
@@ -96,13 +106,32 @@ class CloudWorker:
         self._streams: dict[str, _Stream] = {}  # open answer streams, for the keepalive ticker
         self._keepalive_task: asyncio.Task[None] | None = None
         self._draining = False
+        self._subscribed = False  # every endpoint and the cancel subject, once start() is done
         self._rate_mark = (time.monotonic(), 0)
         self._tokens_per_s = 0.0
+        self.verify_counts = VerifyCounts()
 
     @property
     def in_flight(self) -> int:
         """Requests being generated now."""
         return len(self._tasks)
+
+    @property
+    def draining(self) -> bool:
+        """Whether SIGTERM's drain has begun (new requests are refused)."""
+        return self._draining
+
+    def unready_reason(self) -> str | None:
+        """Why this worker should not be sent work now, or None when it is ready."""
+        if self._draining:
+            return "draining"
+        if not self.engine.loaded:
+            return "the engine is loading"
+        if not self._subscribed:
+            return "not subscribed on NATS yet"
+        if self._nc is None or not self._nc.is_connected:
+            return "the NATS connection is down"
+        return None
 
     async def start(self) -> None:
         """Connect, register the micro service endpoints, start heartbeats."""
@@ -139,6 +168,7 @@ class CloudWorker:
         )
         await self._beats.start()
         self._keepalive_task = asyncio.create_task(self._keepalives(), name="keepalives")
+        self._subscribed = True
         logger.info("worker %s serving %s on %s", s.worker_id, model, s.nats_url)
 
     def beat(self) -> NodeHeartbeat:
@@ -254,6 +284,10 @@ class CloudWorker:
             wrong = EngineFailedError(f"the target produced token {verdict.next_token}")
             await _refuse(msg, wrong)
             return
+        counts = self.verify_counts
+        counts.rounds += 1
+        counts.draft_tokens += len(request.draft_token_ids)
+        counts.accepted_tokens += verdict.accepted
         await msg.respond(
             VerifyReply(
                 request_id=request.request_id,

@@ -38,6 +38,13 @@ def serve(
     sim_profile: Annotated[
         Path | None, typer.Option(help="Latency profile JSON for --engine sim.")
     ] = None,
+    http_host: Annotated[
+        str | None,
+        typer.Option(help="Address of /health, /ready, /metrics; a cluster sets 0.0.0.0."),
+    ] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="Port of /health, /ready, /metrics (0: off).")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Serve a catalog pair's target model with vLLM on the mesh.
@@ -45,6 +52,7 @@ def serve(
     Every option also reads TANDEM_CLOUD_<OPTION> from the environment.
     Example: tandem cloud serve --nats-url nats://127.0.0.1:4222
     SIGTERM drains: in-flight requests finish, new ones go to other workers.
+    Probes and Prometheus: GET /health, /ready and /metrics on --http-port (8081).
     """
     options = given(locals())
     import asyncio
