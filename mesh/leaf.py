@@ -149,3 +149,50 @@ def render_edge_leaf(
             "",
         ]
     )
+
+
+async def kick_leaf_links(
+    url: str,
+    system_creds: Path,
+    *,
+    edges: set[str] | None = None,
+    tls_ca: Path | None = None,
+    timeout_s: float = 2.0,
+) -> list[str]:
+    """Close the hub's leaf links of ``edges`` (every leaf link when None); returns the
+    names of the links closed. A reload re-checks the hub's clients but not its leaf
+    links, so a revoked edge's link is kicked: its leaf relinks within a second and is
+    refused. A link is known by the leaf's ``server_name``, which the device's config
+    sets (``tandem-leaf-<edge>``); a device that changed it is cut off only by kicking
+    every link (``edges=None``: the others relink within a second)."""
+    import json as json_
+
+    from mesh.connection import MeshCredentials, connect
+
+    wanted = None if edges is None else {f"tandem-leaf-{subjects.token(e)}" for e in edges}
+    nc = await connect(
+        url, name="tandem-mesh-admin", credentials=MeshCredentials(system_creds, tls_ca)
+    )
+    kicked: list[str] = []
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        # Every server of the hub answers the PING (one per cluster node).
+        await nc.publish("$SYS.REQ.SERVER.PING.LEAFZ", b"{}", reply=inbox)
+        servers = []
+        while True:
+            try:
+                servers.append(json_.loads((await sub.next_msg(timeout=timeout_s / 4)).data))
+            except Exception:  # nats-py's TimeoutError: no more answers
+                break
+        for answer in servers:
+            server_id = answer["server"]["id"]
+            for link in answer.get("data", {}).get("leafs", []):
+                if wanted is not None and link.get("name") not in wanted:
+                    continue
+                request = json_.dumps({"cid": link["id"]}).encode()
+                await nc.request(f"$SYS.REQ.SERVER.{server_id}.KICK", request, timeout=timeout_s)
+                kicked.append(str(link.get("name")))
+    finally:
+        await nc.close()
+    return kicked

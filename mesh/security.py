@@ -283,12 +283,21 @@ class MeshDir:
                 f"tls {{\n  cert_file: {json.dumps(str(files.cert))}\n"
                 f"  key_file: {json.dumps(str(files.key))}\n  timeout: 2\n}}\n"
             )
+        system_seed = new_user_seed()
+        fd = os.open(self.system_creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(system_seed + b"\n")
+        system_user = json.dumps({"nkey": public_key(system_seed)})
         self.auth_conf.write_text(
             "# Who may connect, and do what (tandem mesh). Embedded hubs (tandem up) run\n"
             "# with this file alone; server.conf adds ports and storage for a standalone hub.\n"
             f"pid_file: {json.dumps(str(self.pid_file))}\n"
             f"{tls}"
             "authorization {\n  include users.conf\n}\n"
+            "# The hub's own administration (tandem mesh revoke cuts off a revoked edge's\n"
+            "# leaf link, which a reload does not): system.nk, held by tandem mesh only.\n"
+            f"accounts {{ SYS {{ users = [ {system_user} ] }} }}\n"
+            "system_account: SYS\n"
         )
         self.server_conf.write_text(
             "# Tandem hub (tandem mesh init): nats-server -c server.conf\n"
@@ -373,6 +382,19 @@ class MeshDir:
     def bundle(self, name: str) -> Path:
         """Edge ``name``'s install bundle (``tandem edge install --bundle``; 0600)."""
         return self.root / "leaf" / f"{subjects.token(name)}.bundle.json"
+
+    def client_url(self) -> str:
+        """The hub's client URL as ``server.conf`` sets it (``tls://`` when it runs TLS)."""
+        listen = "127.0.0.1:4222"
+        for line in self.server_conf.read_text().splitlines():
+            if line.startswith("listen:"):
+                listen = json.loads(line.partition(":")[2].strip())
+        return f"{'tls' if self.tls_ca.exists() else 'nats'}://{listen}"
+
+    @property
+    def system_creds(self) -> Path:
+        """The hub's system-account identity (``mesh.leaf.kick_leaf_links``); not a node."""
+        return self.root / "system.nk"
 
     @property
     def mesh_id(self) -> str:

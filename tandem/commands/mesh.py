@@ -160,10 +160,26 @@ def issue_cert(
 
 @app.command()
 def revoke(
-    name: Annotated[str, typer.Argument(help="The node to cut off.")], directory: DirOption = None
+    name: Annotated[str, typer.Argument(help="The node to cut off.")],
+    directory: DirOption = None,
+    hub_url: Annotated[
+        str | None,
+        typer.Option(help="The hub's client URL, to cut a leaf link (default: server.conf's)."),
+    ] = None,
+    kick_all_leaves: Annotated[
+        bool,
+        typer.Option(
+            help="Close every leaf link, not just the edge's (a device that renamed its leaf); "
+            "the others relink within a second."
+        ),
+    ] = False,
 ) -> None:
-    """Remove a node; a running hub drops its connection at once (config reload)."""
+    """Remove a node; a running hub drops its connection at once (config reload), and a
+    revoked edge's leaf link is closed (a reload does not re-check leaf links)."""
+    import asyncio
+
     from mesh.errors import MeshError
+    from mesh.leaf import kick_leaf_links
 
     mesh = _mesh(directory)
     try:
@@ -172,10 +188,23 @@ def revoke(
         fail(str(exc))
     reloaded = mesh.reload_hub()
     typer.echo(f"revoked {node.role} {node.name}" + ("; hub reloaded" if reloaded else ""))
-    if node.role == "edge":
-        # nats-server re-checks its clients at a reload, not its leaf links (mesh.leaf).
-        typer.echo("if it is attached as a leaf node, that link stays up until it drops: "
-                   "restart the hub to cut it now")  # fmt: skip
+    if not reloaded:
+        typer.echo("hub not running: it refuses the node when it starts")
+        return
+    if node.role != "edge":
+        return
+    if not mesh.system_creds.exists():
+        typer.echo("this mesh has no system identity (made before it existed): restart the "
+                   "hub to cut the edge's leaf link, if it has one")  # fmt: skip
+        return
+    url = hub_url or mesh.client_url()
+    tls_ca = mesh.tls_ca if mesh.tls_ca.exists() else None
+    edges = None if kick_all_leaves else {node.name}
+    try:
+        kicked = asyncio.run(kick_leaf_links(url, mesh.system_creds, edges=edges, tls_ca=tls_ca))
+    except (MeshError, OSError, TimeoutError) as exc:
+        fail(f"revoked, but the hub at {url} could not close leaf links: {exc}")
+    typer.echo(f"closed leaf links: {', '.join(kicked)}" if kicked else "no leaf link to close")
 
 
 @app.command("list")

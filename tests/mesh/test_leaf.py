@@ -22,12 +22,14 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from typer.testing import CliRunner
 
 from mesh import leaf, subjects
 from mesh.connection import MeshCredentials, connect
 from mesh.security import MeshDir, Role, public_key
 from mesh.server import EmbeddedNats, free_port
 from router.store import PolicyStore
+from tandem.cli import app
 
 MODEL = "smollm2-135m"
 POLICY = "rules: [{name: local, route: edge}]\n"
@@ -296,25 +298,30 @@ async def test_edge_local_subjects_never_leave_the_leaf(
 # -- (d) who may open a leaf link ---------------------------------------------------------------
 
 
-def test_a_revoked_edge_is_refused_a_leaf_link(tmp_path: Path) -> None:
-    mesh = _mesh(tmp_path / "mesh", {"edge-gone": "edge"})
-    hub = EmbeddedNats(config=mesh.server_conf, jetstream=False)
-    hub.start()
-    try:
-        with EmbeddedNats(config=mesh.leaf_conf("edge-gone"), jetstream=False) as gone:
+def test_a_revoked_edges_leaf_link_is_cut_within_seconds_and_others_stay(
+    tmp_path: Path,
+) -> None:
+    mesh = _mesh(tmp_path / "mesh", {"edge-gone": "edge", "edge-stays": "edge"})
+    with EmbeddedNats(config=mesh.server_conf, jetstream=False) as hub:
+        with EmbeddedNats(config=mesh.leaf_conf("edge-gone"), jetstream=False) as gone, \
+                EmbeddedNats(config=mesh.leaf_conf("edge-stays"), jetstream=False):  # fmt: skip
             _attached(hub, "edge-gone")
-            mesh.revoke("edge-gone")
+            _attached(hub, "edge-stays")
+            stays = _leaf_link(hub, "edge-stays")
+            started = time.monotonic()
+            # A reload re-checks the hub's clients, never its leaf links: tandem mesh revoke
+            # closes the revoked edge's link through the hub's system account.
+            result = CliRunner().invoke(
+                app, ["mesh", "revoke", "edge-gone", "--dir", str(mesh.root), "--hub-url", hub.url]
+            )
+            assert result.exit_code == 0, result.output
+            assert "closed leaf links: tandem-leaf-edge-gone" in result.output
             assert not mesh.leaf_conf("edge-gone").exists()
-            assert mesh.reload_hub()
-            # nats-server re-checks its clients at a reload, never its leaf links: this one
-            # stays up until it drops (docs/architecture.md; tandem mesh revoke says so),
-            # here at a hub restart. From then on the leaf is refused at every retry.
-            hub.stop()
-            hub.start()
-            _wait_for(lambda: _refused(gone), "the leaf's reconnects are refused")
+            _wait_for(lambda: _refused(gone), "the leaf's relinks are refused")
             assert _leaf_link(hub, "edge-gone") is None
-    finally:
-        hub.stop()
+            assert time.monotonic() - started < 5
+            after = _leaf_link(hub, "edge-stays")  # the other edge's link was not touched
+            assert after is not None and stays is not None and after["id"] == stays["id"]
 
 
 def _with_seed(name: str, seed: bytes, hub_url: str) -> str:
@@ -448,5 +455,5 @@ def test_tandem_mesh_writes_the_leaf_configs(tmp_path: Path) -> None:
     assert '"nats-leaf://127.0.0.1:7600"' in mesh.leaf_conf("porch").read_text()
     result = runner.invoke(app, ["mesh", "revoke", "porch", "--dir", str(root)])
     assert result.exit_code == 0, result.output
-    assert "restart the hub" in result.output  # a leaf link outlives a reload
+    assert "hub not running" in result.output
     assert not mesh.leaf_conf("porch").exists()
