@@ -12,6 +12,7 @@ tests that talk NATS directly do so as an edge ("probe") or an operator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -41,9 +42,10 @@ from mesh.protocol import (
     VerifyRequest,
 )
 from mesh.security import MeshDir, Role
-from mesh.server import EmbeddedNats
+from mesh.server import EmbeddedNats, free_port
 from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess, WorkerProcess
+from tests.cloud.test_http import TANDEM, metrics
 from tests.edge.test_structured_outputs import (  # the same schemas and tools
     CALL_IN_AUTO,
     PERSON,
@@ -97,9 +99,12 @@ def workers(nats_server: EmbeddedNats, mesh_dir: MeshDir) -> Iterator[dict[str, 
     """Two real cloud workers on the module's secured NATS."""
     # One core each: two vLLM engines bound to the same core would crawl.
     procs = {
-        wid: WorkerProcess(nats_server, wid, cpu_cores=core, nats_creds=mesh_dir.creds(wid))
+        wid: WorkerProcess(
+            nats_server, wid, cpu_cores=core, nats_creds=mesh_dir.creds(wid),
+            http_port=free_port(),  # /health, /ready, /metrics: one port each
+        )
         for wid, core in (("worker-a", "0"), ("worker-b", "1"))
-    }
+    }  # fmt: skip
     for proc in procs.values():
         proc.start()
     try:
@@ -127,6 +132,11 @@ def mesh_edge(
             time.sleep(0.2)
         time.sleep(2.5)  # a couple of heartbeats
         yield edge
+
+
+def _http(worker: WorkerProcess, path: str) -> httpx.Response:
+    """GET ``path`` on the worker's HTTP side."""
+    return httpx.get(f"http://127.0.0.1:{worker.options['http_port']}{path}", timeout=5)
 
 
 def _usage_extra(usage: object) -> dict[str, object]:
@@ -957,6 +967,60 @@ def test_no_worker_falls_back_to_the_edge_or_fails_per_policy(tmp_path) -> None:
             assert "no cloud worker" in resp.json()["error"]["message"]
 
 
+VLLM = (
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+    "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+    "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total",
+)  # fmt: skip
+
+
+def test_workers_answer_probes_and_export_vllms_metrics_and_tandems(
+    mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
+) -> None:
+    """/health and /ready answer 200; /metrics carries vLLM's own collectors (its names,
+    not the removed gpu_* ones) and Tandem's, and one more answer moves the serving
+    worker's counters. (After the verification tests: the verify counters are set.)"""
+    for worker in workers.values():
+        assert _http(worker, "/health").status_code == 200
+        assert _http(worker, "/ready").json() == {
+            "ready": True, "reason": None, "worker_id": worker.worker_id
+        }  # fmt: skip
+    before = {wid: metrics(_http(w, "/metrics").text) for wid, w in workers.items()}
+    answer = mesh_edge.client().chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=8, temperature=0, extra_headers=CLOUD
+    )
+    served = str(_usage_extra(answer.usage)["worker_id"])
+    after = {wid: metrics(_http(w, "/metrics").text) for wid, w in workers.items()}
+
+    for values in after.values():
+        assert set(VLLM) <= set(values)
+        assert set(TANDEM) <= {name.removesuffix("_total") for name in values}
+        assert not [name for name in values if name.startswith("vllm:gpu_")]
+        assert 0 <= values["vllm:kv_cache_usage_perc"] <= 1
+        assert values["vllm:prefix_cache_hits_total"] <= values["vllm:prefix_cache_queries_total"]
+        assert values["tandem_worker_ready"] == 1 and values["tandem_worker_draining"] == 0
+    mine, then = after[served], before[served]
+    for name in (
+        "vllm:request_success_total", "vllm:time_to_first_token_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+    ):  # fmt: skip
+        assert mine[name] == then[name] + 1, name
+    assert (
+        mine["vllm:inter_token_latency_seconds_count"]
+        >= then["vllm:inter_token_latency_seconds_count"] + 7
+    )  # 8 tokens: 7 gaps
+    assert mine["vllm:prefix_cache_queries_total"] > then["vllm:prefix_cache_queries_total"]
+    assert (
+        mine["tandem_worker_engine_busy_seconds_total"]
+        > then["tandem_worker_engine_busy_seconds_total"]
+    )
+    rounds = sum(v["tandem_worker_verify_rounds_total"] for v in after.values())
+    judged = sum(v["tandem_worker_verify_draft_tokens_total"] for v in after.values())
+    kept = sum(v["tandem_worker_verify_accepted_tokens_total"] for v in after.values())
+    assert rounds > 0 and 0 < kept <= judged
+
+
 def test_the_mesh_ran_under_its_permissions_without_a_refusal(
     mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
 ) -> None:
@@ -1031,12 +1095,28 @@ def test_sigterm_drains_in_flight_requests(
         result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
         result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
+    probes: list[tuple[int, int, str | None]] = []  # (/health, /ready, reason) during the drain
+
+    def probe() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # until the worker has exited
+            while survivor.alive:
+                ready = _http(survivor, "/ready")
+                probes.append((_http(survivor, "/health").status_code, ready.status_code,
+                               ready.json()["reason"]))  # fmt: skip
+                time.sleep(0.05)
+
     reader = threading.Thread(target=stream)
     reader.start()
     time.sleep(1.0)  # the request is in flight on the only worker left
+    prober = threading.Thread(target=probe)
+    prober.start()
     code = survivor.terminate()
     reader.join(60)
+    prober.join(10)
     assert result["finish"] in {"stop", "length"}
     assert len(str(result["text"])) > 20
     assert code == 0
     assert "draining" in survivor.log()
+    # Kubernetes stops counting the pod ready at once, and never thinks it dead.
+    assert (200, 503, "draining") in probes
+    assert all(health == 200 for health, _, _ in probes)
