@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge.errors import AuthenticationError
 from mesh import subjects
+from mesh.buckets import create_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -296,12 +297,13 @@ class KeyStore:
         except BucketNotFoundError:
             if not create:
                 raise
-            kv = await js.create_key_value(
+            kv = await create_bucket(
+                js,
                 api.KeyValueConfig(
                     bucket=subjects.API_KEYS_BUCKET,
                     history=1,
                     description="Tandem edge API keys (tandem keys ...): SHA-256 only",
-                )
+                ),
             )
             from edge.fleet_usage import FleetUsage
 

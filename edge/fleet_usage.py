@@ -36,6 +36,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from mesh import subjects
+from mesh.buckets import create_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,14 @@ class FleetUsage:
     @staticmethod
     async def create_bucket(nc: Client) -> None:
         """Make the bucket (operators: ``tandem keys create`` does it on first use)."""
-        await nc.jetstream().create_key_value(
+        await create_bucket(
+            nc.jetstream(),
             api.KeyValueConfig(
                 bucket=subjects.USAGE_BUCKET,
                 history=1,
                 ttl=_KEEP_S,
                 description="Tandem fleet-wide cloud tokens per tenant and UTC hour",
-            )
+            ),
         )
 
     def used(self, tenant: str) -> int:

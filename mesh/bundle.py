@@ -31,7 +31,7 @@ class EdgeBundle(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["tandem-edge-bundle/1"] = FORMAT
+    format: Literal["tandem-edge-bundle/1"] = "tandem-edge-bundle/1"
     mesh_id: str = Field(min_length=8, description="the mesh (hub) this edge belongs to")
     node_id: str = Field(min_length=1)
     seed: str = Field(description="the edge's nkey seed (SU...): secret")

@@ -31,6 +31,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict
 
 from mesh import subjects
+from mesh.buckets import create_bucket
 from router.errors import (
     PolicyBucketNotFoundError,
     PolicyConflictError,
@@ -117,12 +118,13 @@ class PolicyStore:
                 raise PolicyBucketNotFoundError(
                     f"no policy bucket {subjects.POLICY_BUCKET!r} on this mesh"
                 ) from exc
-            kv = await js.create_key_value(
+            kv = await create_bucket(
+                js,
                 api.KeyValueConfig(
                     bucket=subjects.POLICY_BUCKET,
                     history=HISTORY,
                     description="Tandem routing policy (tandem policy ...)",
-                )
+                ),
             )
         return cls(nc, kv)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from mesh import subjects
 from mesh.connection import MeshCredentials, connect
 from mesh.errors import MeshUnavailableError
 from mesh.security import MeshDir
@@ -246,18 +247,20 @@ def test_the_policy_job_loads_the_configmap_into_the_cluster(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "policy stored as revision" in done.stdout
 
-    async def stored() -> str | None:
+    async def stored() -> tuple[str | None, int]:
         nc = await connect(
             hybrid_cluster.servers[0].url, name="operator",
             credentials=MeshCredentials(mesh.creds("operator"), None),
         )  # fmt: skip
         try:
             current = await (await PolicyStore.open(nc, create=False)).current()
-            return current.yaml_text if current else None
+            info = await nc.jetstream().stream_info(f"KV_{subjects.POLICY_BUCKET}")
+            return (current.yaml_text if current else None), info.config.num_replicas or 1
         finally:
             await nc.close()
 
-    assert asyncio.run(stored()) == policy
+    # Replicated on all three servers (mesh.buckets): the policy outlives a pod's restart.
+    assert asyncio.run(stored()) == (policy, 3)
 
 
 def test_an_edge_leaf_attaches_over_tls(hybrid_cluster: LocalCluster, mesh: MeshDir) -> None:
