@@ -242,11 +242,20 @@ class WorkerProcess(_Daemon):
         log_path: Path | None = None,
         **options: Any,
     ) -> None:
-        # A local worker shares the machine: a small KV cache unless asked otherwise.
-        options = {"kv_cache_gb": 1, **options, "nats_url": nats.url, "worker_id": worker_id}
+        # A local worker shares the machine: a small KV cache, and its own free port for
+        # /health, /ready and /metrics (two workers would clash on the default 8081).
+        options = {
+            "kv_cache_gb": 1, "http_port": free_port(), **options,
+            "nats_url": nats.url, "worker_id": worker_id,
+        }  # fmt: skip
         super().__init__(worker_id, options, supervisor=supervisor, cores=cores, log_path=log_path)
         self.nats = nats
         self.worker_id = worker_id
+
+    @property
+    def http_url(self) -> str:
+        """Root of the worker's /health, /ready and /metrics, e.g. ``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.options['http_port']}"
 
     def start(self) -> None:
         """Launch; call ``wait_ready`` before use (vLLM takes a minute or two)."""

@@ -42,7 +42,7 @@ from mesh.protocol import (
     VerifyRequest,
 )
 from mesh.security import MeshDir, Role
-from mesh.server import EmbeddedNats, free_port
+from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess, WorkerProcess
 from tests.cloud.test_http import TANDEM, metrics
@@ -99,12 +99,9 @@ def workers(nats_server: EmbeddedNats, mesh_dir: MeshDir) -> Iterator[dict[str, 
     """Two real cloud workers on the module's secured NATS."""
     # One core each: two vLLM engines bound to the same core would crawl.
     procs = {
-        wid: WorkerProcess(
-            nats_server, wid, cpu_cores=core, nats_creds=mesh_dir.creds(wid),
-            http_port=free_port(),  # /health, /ready, /metrics: one port each
-        )
+        wid: WorkerProcess(nats_server, wid, cpu_cores=core, nats_creds=mesh_dir.creds(wid))
         for wid, core in (("worker-a", "0"), ("worker-b", "1"))
-    }  # fmt: skip
+    }
     for proc in procs.values():
         proc.start()
     try:
@@ -136,7 +133,7 @@ def mesh_edge(
 
 def _http(worker: WorkerProcess, path: str) -> httpx.Response:
     """GET ``path`` on the worker's HTTP side."""
-    return httpx.get(f"http://127.0.0.1:{worker.options['http_port']}{path}", timeout=5)
+    return httpx.get(f"{worker.http_url}{path}", timeout=5)
 
 
 def _usage_extra(usage: object) -> dict[str, object]:
