@@ -27,6 +27,8 @@ Layout of a mesh directory (``tandem mesh init DIR``)::
     DIR/leaf/NAME.bundle.json  edge NAME's install bundle (``mesh.bundle``): seed, hub URL,
                         CA, for ``tandem edge install --bundle`` on the device (0600)
     DIR/mesh-id         this mesh's id, named in its bundles
+    DIR/system.conf     the hub's system account (its user's seed: DIR/system.nk), with
+                        which tandem mesh closes a revoked edge's leaf link
 """
 
 from __future__ import annotations
@@ -288,16 +290,19 @@ class MeshDir:
         with os.fdopen(fd, "wb") as f:
             f.write(system_seed + b"\n")
         system_user = json.dumps({"nkey": public_key(system_seed)})
+        self.system_conf.write_text(
+            "# The hub's own administration (tandem mesh revoke closes a revoked edge's\n"
+            "# leaf link, which a reload does not): DIR/system.nk, held by tandem mesh only.\n"
+            f"accounts {{ SYS {{ users = [ {system_user} ] }} }}\n"
+            "system_account: SYS\n"
+        )
         self.auth_conf.write_text(
             "# Who may connect, and do what (tandem mesh). Embedded hubs (tandem up) run\n"
             "# with this file alone; server.conf adds ports and storage for a standalone hub.\n"
             f"pid_file: {json.dumps(str(self.pid_file))}\n"
             f"{tls}"
             "authorization {\n  include users.conf\n}\n"
-            "# The hub's own administration (tandem mesh revoke cuts off a revoked edge's\n"
-            "# leaf link, which a reload does not): system.nk, held by tandem mesh only.\n"
-            f"accounts {{ SYS {{ users = [ {system_user} ] }} }}\n"
-            "system_account: SYS\n"
+            "include system.conf\n"
         )
         self.server_conf.write_text(
             "# Tandem hub (tandem mesh init): nats-server -c server.conf\n"
@@ -390,6 +395,11 @@ class MeshDir:
             if line.startswith("listen:"):
                 listen = json.loads(line.partition(":")[2].strip())
         return f"{'tls' if self.tls_ca.exists() else 'nats'}://{listen}"
+
+    @property
+    def system_conf(self) -> Path:
+        """The hub's system account (``include``d by ``auth.conf``; a cluster mounts it)."""
+        return self.root / "system.conf"
 
     @property
     def system_creds(self) -> Path:

@@ -176,10 +176,7 @@ def revoke(
 ) -> None:
     """Remove a node; a running hub drops its connection at once (config reload), and a
     revoked edge's leaf link is closed (a reload does not re-check leaf links)."""
-    import asyncio
-
     from mesh.errors import MeshError
-    from mesh.leaf import kick_leaf_links
 
     mesh = _mesh(directory)
     try:
@@ -193,17 +190,43 @@ def revoke(
         return
     if node.role != "edge":
         return
+    _cut_leaf(mesh, node.name, hub_url, kick_all_leaves)
+
+
+@app.command("cut-leaf")
+def cut_leaf(
+    name: Annotated[str, typer.Argument(help="The revoked edge whose leaf link to close.")],
+    hub_url: Annotated[str, typer.Option(help="The hub's client URL (any server of it).")],
+    directory: DirOption = None,
+    kick_all_leaves: Annotated[
+        bool, typer.Option(help="Close every leaf link (a device that renamed its leaf).")
+    ] = False,
+) -> None:
+    """Close a revoked edge's leaf link on a hub that tandem mesh cannot reload itself
+    (a cluster: after its pods reloaded the new users, docs/deploy.md)."""
+    mesh = _mesh(directory)
+    if any(n.name == name for n in mesh.nodes()):
+        fail(f"{name} is still admitted: tandem mesh revoke {name} first")
+    _cut_leaf(mesh, name, hub_url, kick_all_leaves)
+
+
+def _cut_leaf(mesh: MeshDir, name: str, hub_url: str | None, kick_all: bool) -> None:
+    import asyncio
+
+    from mesh.errors import MeshError
+    from mesh.leaf import kick_leaf_links
+
     if not mesh.system_creds.exists():
         typer.echo("this mesh has no system identity (made before it existed): restart the "
                    "hub to cut the edge's leaf link, if it has one")  # fmt: skip
         return
     url = hub_url or mesh.client_url()
     tls_ca = mesh.tls_ca if mesh.tls_ca.exists() else None
-    edges = None if kick_all_leaves else {node.name}
+    edges = None if kick_all else {name}
     try:
         kicked = asyncio.run(kick_leaf_links(url, mesh.system_creds, edges=edges, tls_ca=tls_ca))
     except (MeshError, OSError, TimeoutError) as exc:
-        fail(f"revoked, but the hub at {url} could not close leaf links: {exc}")
+        fail(f"the hub at {url} could not close leaf links: {exc}")
     typer.echo(f"closed leaf links: {', '.join(kicked)}" if kicked else "no leaf link to close")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from mesh import subjects
 from mesh.connection import MeshCredentials, connect
@@ -31,6 +32,7 @@ from mesh.errors import MeshUnavailableError
 from mesh.security import MeshDir
 from mesh.server import EmbeddedNats, find_nats_server, free_port
 from router.store import PolicyStore
+from tandem.cli import app
 from tests.deploy.manifests import K8S, Obj, named, pod_spec, render, requires_kubectl
 
 pytestmark = [requires_kubectl, pytest.mark.timeout(90)]
@@ -78,6 +80,7 @@ def _localize(data: dict[str, str], node: LocalNode, peers: list[LocalNode], mes
     (node.conf_dir / "leafnodes.conf").write_text(leaf)
     # The Secret tandem-nats-users: what `tandem mesh init/add-*` render.
     (node.conf_dir / "users.conf").write_text(mesh.users_conf.read_text())
+    (node.conf_dir / "system.conf").write_text(mesh.system_conf.read_text())
 
 
 def _config_map(objects: list[Obj]) -> dict[str, str]:
@@ -281,3 +284,20 @@ def test_an_edge_leaf_attaches_over_tls(hybrid_cluster: LocalCluster, mesh: Mesh
                 break
             time.sleep(0.05)
         assert [leaf["name"] for leaf in leafs] == ["tandem-leaf-edge-1"]
+        # Revoked as docs/deploy.md says: users.conf updated, each pod reloaded, then the
+        # leaf link closed through the system account (a reload does not re-check it).
+        mesh.revoke("edge-1")
+        for node in hybrid_cluster.nodes:
+            (node.conf_dir / "users.conf").write_text(mesh.users_conf.read_text())
+            reload = f"reload={node.conf_dir / 'nats.pid'}"
+            subprocess.run([str(find_nats_server()), "--signal", reload], check=True, timeout=10)
+        cut = CliRunner().invoke(
+            app,
+            ["mesh", "cut-leaf", "edge-1", "--dir", str(mesh.root),
+             "--hub-url", hybrid_cluster.servers[0].url],
+        )  # fmt: skip
+        assert cut.exit_code == 0 and "tandem-leaf-edge-1" in cut.output, cut.output
+        deadline = time.monotonic() + _WAIT_S
+        while hybrid_cluster.varz(1, "/leafz")["leafs"]:  # relinks are refused from now on
+            assert time.monotonic() < deadline, "the revoked edge's leaf link stayed up"
+            time.sleep(0.05)
