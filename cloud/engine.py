@@ -267,6 +267,7 @@ class VllmEngine:
             max_model_len=self.settings.max_model_len,
             enable_prefix_caching=True,
             gpu_memory_utilization=self.settings.gpu_memory_utilization,
+            tensor_parallel_size=self.settings.tensor_parallel_size,
             block_size=self.settings.block_size,
             max_logprobs=TARGET_TOP_K,  # sampled verification reads this many per position
             disable_log_stats=False,

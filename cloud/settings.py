@@ -42,6 +42,9 @@ class CloudSettings(BaseSettings):
         "(VLLM_CPU_OMP_THREADS_BIND); default lets vLLM pick",
     )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one worker splits the model over (vLLM's; GPU clusters)"
+    )
     block_size: int | None = Field(
         None,
         ge=1,

@@ -31,6 +31,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TANDEM_HOME=/var/lib/tandem \
     HOME=/var/lib/tandem \
     VLLM_CACHE_ROOT=/var/lib/tandem/vllm-cache \
+    TANDEM_CLOUD_HTTP_HOST=0.0.0.0 \
     TANDEM_CLOUD_HTTP_PORT=8081
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     case "$TARGET" in \

@@ -45,8 +45,6 @@ pytestmark = [requires_kubectl, pytest.mark.timeout(60)]
 # TANDEM_CLOUD_* variable must be a CloudSettings field: pydantic-settings silently
 # ignores an unknown one, so a misspelled knob would otherwise do nothing.
 PENDING_WORKER_ENV = {
-    "TANDEM_CLOUD_HTTP_PORT": "the worker's HTTP side (/health, /ready, /metrics), issue 14",
-    "TANDEM_CLOUD_TENSOR_PARALLEL_SIZE": "no tensor-parallel setting in cloud/settings.py yet",
     "TANDEM_CLOUD_ROLE": "the disaggregated runtime's own issue",
 }
 WORKER_HTTP_PORT = 8081  # the worker's HTTP port (settings field http_port), by default
