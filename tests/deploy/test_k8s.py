@@ -228,6 +228,8 @@ def test_worker_probes_and_scrape_use_the_http_endpoint(
     for pool in workers(rendered[overlay]):
         (worker,) = pod_spec(pool)["containers"]
         port = int(env(worker).get("TANDEM_CLOUD_HTTP_PORT", WORKER_HTTP_PORT))
+        # The kubelet and Prometheus reach the pod's address, not its loopback (the default).
+        assert env(worker).get("TANDEM_CLOUD_HTTP_HOST") == "0.0.0.0"
         named_ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
         paths = {}
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
