@@ -110,6 +110,8 @@ class CloudWorker:
         self._rate_mark = (time.monotonic(), 0)
         self._tokens_per_s = 0.0
         self.verify_counts = VerifyCounts()
+        self._requests_total = 0  # generate requests admitted, for the planner's demand
+        self._prompt_tokens_total = 0
 
     @property
     def in_flight(self) -> int:
@@ -200,6 +202,9 @@ class CloudWorker:
             prefix_cache_hit_rate=load.prefix_hit_rate,
             draining=self._draining,
             engine_busy_s=self.engine.busy.busy_s,
+            requests_total=self._requests_total,
+            prompt_tokens_total=self._prompt_tokens_total,
+            output_tokens_total=load.generated_tokens,
         )
 
     # -- handlers -------------------------------------------------------------
@@ -213,6 +218,7 @@ class CloudWorker:
             request_id=request.request_id, worker_id=self.settings.worker_id
         )
         await msg.respond(accepted.to_bytes())
+        self._requests_total += 1
         owner = subjects.inbox_owner(request.reply_subject)
         self._track(request.request_id, owner, self._serve(request))
 
@@ -360,6 +366,7 @@ class CloudWorker:
     async def _generate(self, request: GenerateRequest, stream: _Stream) -> None:
         checked = self.engine.validate(request.messages, request.tools, request.tool_choice)
         prompt = self.engine.render(request.messages, request.tools)
+        self._prompt_tokens_total += len(prompt)
         text_parts: list[str] = []
         completion = len(request.resume_token_ids)
         cached = 0

@@ -81,6 +81,12 @@ class NodeLoad(WireMessage):
     # over a run, divided by the tokens served, give engine-seconds per token: a
     # verification pass and a decode step each count for the time they occupy the engine.
     engine_busy_s: float = Field(default=0.0, ge=0.0)
+    # Cumulative since the node started, for the planner's demand (cloud.planner): the
+    # generate requests admitted and their prompt and output tokens. Optional: a node
+    # that predates them sends None, and the planner falls back to its configured means.
+    requests_total: int | None = Field(default=None, ge=0)
+    prompt_tokens_total: int | None = Field(default=None, ge=0)
+    output_tokens_total: int | None = Field(default=None, ge=0)
 
 
 class NodeHeartbeat(WireMessage):
@@ -346,6 +352,36 @@ class CancelRequest(WireMessage):
 
     kind: Literal["cancel_request"] = "cancel_request"
     request_id: str = Field(min_length=1)
+
+
+# -- planner ---------------------------------------------------------------------------------
+
+
+class PlannerDecision(WireMessage):
+    """One step of the fleet planner (``cloud.planner``) on ``subjects.planner_decisions``,
+    with the inputs it decided from: what it saw, forecast, and sized the pool to."""
+
+    kind: Literal["planner_decision"] = "planner_decision"
+    pool: str = Field(min_length=1)
+    planner_id: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    at: float = Field(default_factory=time.time)
+    config_revision: int | None = None
+    action: Literal["hold", "scale_up", "scale_down", "error"]
+    reason: str
+    provisioned: int = Field(ge=0)  # workers the connector runs (ready or starting)
+    ready: int = Field(ge=0)  # of them, heard from and not draining
+    desired: int = Field(ge=0)  # what sizing asked for, before bounds and cooldowns
+    target: int = Field(ge=0)  # what the planner set the pool to
+    measured_rps: float = Field(ge=0.0)
+    forecast_rps: float = Field(ge=0.0)  # demand expected at now + lead time (upper band)
+    capacity_rps: float = Field(ge=0.0)  # one replica's arrivals within the SLO
+    waiting: int = Field(ge=0)
+    ttft_target_ms: float = Field(gt=0)
+    itl_target_ms: float = Field(gt=0)
+    headroom: float  # 1 - forecast / (ready x capacity): below 0 the SLO is at risk
+    drained: str | None = None  # the worker chosen to drain on a scale-down
+    error: str | None = None
 
 
 # -- policy ------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ POLICY_BUCKET = "tandem_policy"
 POLICY_KEY = "active"  # the one live routing policy in POLICY_BUCKET
 API_KEYS_BUCKET = "tandem_api_keys"  # the edge API's keys, one entry per key (hashes only)
 USAGE_BUCKET = "tandem_usage"  # fleet-wide cloud tokens per tenant and hour
+# The fleet planner's bucket (cloud.planner_config): per pool, its configuration
+# ("config.<pool>", edited like the policy) and its lease ("lease.<pool>").
+PLANNER_BUCKET = "tandem_planner"
 # The hub's JetStream domain (the policy, keys and usage buckets live there). A leaf node
 # runs no JetStream and reaches it as $JS.<domain>.API (mesh.leaf): nats-server never
 # carries the plain $JS.API across a leaf link of an ordinary account.
@@ -113,6 +116,16 @@ def cloud_service_name(model: str) -> str:
 def policy_applied() -> str:
     """Where edges report each policy revision they applied (or refused)."""
     return f"{PREFIX}.policy.applied"
+
+
+def planner_decisions(pool: str) -> str:
+    """Where the planner of ``pool`` publishes every decision (``PlannerDecision``)."""
+    return f"{PREFIX}.planner.{token(pool)}.decision"
+
+
+def all_planner_decisions() -> str:
+    """Wildcard over every pool's planner decisions (``tandem status``)."""
+    return f"{PREFIX}.planner.*.decision"
 
 
 # -- wildcards, for permissions (mesh.security) -------------------------------------------

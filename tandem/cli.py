@@ -9,6 +9,7 @@ Example::
     tandem policy show        # the live routing policy (edit, set, history, explain)
     tandem keys create --tenant acme --rpm 60   # a per-tenant API key of the edge API
     tandem models list
+    tandem planner run --connector local   # size the cloud fleet ahead of demand
     tandem bench run --start-mesh
 """
 
@@ -17,7 +18,19 @@ from __future__ import annotations
 import typer
 
 from mesh.version import __version__
-from tandem.commands import bench, cloud, edge, keys, mesh, models, policy, router, status, up
+from tandem.commands import (
+    bench,
+    cloud,
+    edge,
+    keys,
+    mesh,
+    models,
+    planner,
+    policy,
+    router,
+    status,
+    up,
+)
 
 app = typer.Typer(
     help="Tandem: a hybrid edge-cloud LLM inference mesh.",
@@ -32,6 +45,7 @@ app.add_typer(policy.app, name="policy")
 app.add_typer(mesh.app, name="mesh")
 app.add_typer(keys.app, name="keys")
 app.add_typer(bench.app, name="bench")
+app.add_typer(planner.app, name="planner")
 app.command(name="up")(up.up)
 app.command(name="status")(status.status)
 

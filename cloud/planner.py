@@ -1,0 +1,591 @@
+"""The fleet planner: sizes a pool of cloud workers ahead of demand, and drains on the way down.
+
+Every ``tick_s`` the planner (one per pool, holding the pool's lease in NATS KV):
+
+1. reads the pool's load from the mesh's heartbeats (``FleetView``): which workers are
+   ready, how many requests wait, and their cumulative arrivals (``requests_total``);
+2. every ``sample_s`` feeds the measured arrival rate to a forecaster
+   (``cloud.planner_forecast``) and asks it for the demand over the lead time, the
+   engine's start time plus one sample (a replica ordered now serves only then);
+3. converts demand into replicas with ``replica_capacity_rps``: what one replica can
+   take within the SLO, derived from the engine's latency profile (``models.latency``,
+   the same model the simulated engine runs), so capacity is computed, not guessed;
+4. guards with the queue: waiting requests beyond ``reactive.waiting_per_replica`` per
+   ready replica ask for more at once, whatever the forecast said;
+5. clamps to the bounds, honours the cooldowns, and acts through a connector: scale-up
+   starts replicas; scale-down drains one, the least-loaded the connector can remove,
+   and never takes the ready count below the minimum. A failing connector is retried
+   with exponential backoff; its failures are decisions too.
+
+Every decision is a ``PlannerDecision`` with its inputs, logged and published on
+``subjects.planner_decisions(pool)``; Prometheus gauges show desired and ready replicas.
+
+    planner = Planner(nc, "default", connector, profile=LatencyProfile.default().cloud)
+    await planner.start()            # LeaseHeldError if another planner runs the pool
+    await planner.run(stop_event)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from cloud.planner_config import (
+    ConnectorError,
+    Lease,
+    LeaseLostError,
+    PlannerConfig,
+    PlannerStore,
+    StoredPlannerConfig,
+)
+from cloud.planner_forecast import Forecast, Forecaster, RateMeter, make_forecaster
+from mesh import subjects
+from mesh.heartbeat import FleetView
+from mesh.protocol import NodeHeartbeat, PlannerDecision
+from models.latency import EngineProfile
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Connector", "Planner", "Sizing", "decide", "replica_capacity_rps"]
+
+Mode = Literal["predictive", "reactive"]
+LEASE_TTL_S = 15.0
+_RETRY_BASE_S, _RETRY_MAX_S = 1.0, 60.0
+
+
+# -- sizing: pure math ---------------------------------------------------------------------
+
+
+def step_time_s(
+    profile: EngineProfile, rps: float, prompt_tokens: float, output_tokens: float
+) -> float:
+    """Steady-state engine step of one replica taking ``rps`` arrivals (inf: overloaded).
+
+    The simulated engine's step (``cloud.sim_engine``) lasts ``tpot(B) = c + d·B`` for
+    its B decoding sequences, plus ``slope`` per prompt token and ``fixed`` per prompt
+    it prefills. Per second of engine time, prefill takes rho = rps·(P·slope + fixed), so
+    a step lasts s = (c + d·B) / (1 - rho). By Little's law the decoding batch is
+    B = rps·O·s (each request decodes for O steps). Substituting B:
+    s·(1 - rho) = c + d·rps·O·s  ⇒  s = c / (1 - rho - d·rps·O), finite while the
+    denominator is positive.
+    """
+    c, d = profile.tpot.intercept, profile.tpot.slope
+    rho = rps * (prompt_tokens * profile.prefill_s_per_token + profile.prefill_fixed_s)
+    denominator = 1.0 - rho - d * rps * output_tokens
+    if denominator <= 0:
+        return math.inf
+    return max(c, 1e-4) / denominator
+
+
+def meets_slo(
+    profile: EngineProfile,
+    rps: float,
+    prompt_tokens: float,
+    output_tokens: float,
+    ttft_s: float,
+    itl_s: float,
+) -> bool:
+    """Whether one replica taking ``rps`` meets both targets in the steady state.
+
+    ITL is one step. TTFT is the wait for the next step to begin (up to one step),
+    then the step that prefills the prompt (a step plus the prompt's own prefill):
+    2·s + P·slope + fixed, a P95-ish bound since the wait is at most one step.
+    """
+    s = step_time_s(profile, rps, prompt_tokens, output_tokens)
+    batch = rps * output_tokens * s
+    first_token = 2 * s + prompt_tokens * profile.prefill_s_per_token + profile.prefill_fixed_s
+    return s <= itl_s and first_token <= ttft_s and batch <= profile.max_batch
+
+
+def replica_capacity_rps(
+    profile: EngineProfile,
+    prompt_tokens: float,
+    output_tokens: float,
+    ttft_s: float,
+    itl_s: float,
+) -> float:
+    """The most arrivals per second one replica takes within the SLO (0: never met).
+
+    ``meets_slo`` is monotone in rps (the step only grows with load), so bisect.
+    """
+    if not meets_slo(profile, 1e-9, prompt_tokens, output_tokens, ttft_s, itl_s):
+        return 0.0
+    low, high = 0.0, 1.0
+    while meets_slo(profile, high, prompt_tokens, output_tokens, ttft_s, itl_s):
+        low, high = high, high * 2
+        if high > 1e6:
+            return high
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (
+            (mid, high)
+            if meets_slo(profile, mid, prompt_tokens, output_tokens, ttft_s, itl_s)
+            else (low, mid)
+        )
+    return low
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What one step decides from: the pool as seen, the demand expected, the clocks."""
+
+    now: float
+    provisioned: int  # workers the connector runs
+    ready: int  # of them, heard from and not draining
+    starting: int  # provisioned but not yet heard from
+    waiting: int
+    in_flight: int  # running + waiting over the ready workers
+    measured_rps: float
+    forecast_rps: float  # the band's upper edge over the lead time
+    capacity_rps: float
+    last_up_at: float
+    last_down_at: float
+
+
+def desired_replicas(config: PlannerConfig, sizing: Sizing, mode: Mode) -> tuple[int, str]:
+    """Replicas the demand asks for, before bounds and cooldowns, and why."""
+    if mode == "reactive":  # KEDA/HPA: desired = ceil(in-flight / target per replica)
+        return math.ceil(sizing.in_flight / config.in_flight_per_replica), (
+            f"in flight {sizing.in_flight} / {config.in_flight_per_replica:g} per replica"
+        )
+    capacity = sizing.capacity_rps * config.utilization_target
+    demand = max(sizing.forecast_rps, sizing.measured_rps)
+    want = math.ceil(demand / capacity) if capacity > 0 else config.bounds.max_replicas
+    reason = f"demand {demand:.2f} rps / {capacity:.2f} rps per replica"
+    per_replica = config.reactive.waiting_per_replica
+    if sizing.waiting > per_replica * max(sizing.ready, 1):
+        # One more replica per ``per_replica`` requests waiting beyond what the ready ones absorb.
+        queue_need = sizing.ready + math.ceil(
+            (sizing.waiting - per_replica * sizing.ready) / per_replica
+        )
+        if queue_need > want:
+            want, reason = queue_need, f"queue {sizing.waiting} > {per_replica:g} per ready replica"
+    return want, reason
+
+
+def decide(
+    config: PlannerConfig, sizing: Sizing, mode: Mode = "predictive"
+) -> tuple[str, int, int, str]:
+    """(action, desired, target, reason) of one step: bounds, cooldowns, drain safety."""
+    bounds = config.bounds
+    desired, reason = desired_replicas(config, sizing, mode)
+    floor = bounds.min_replicas
+    if bounds.scale_to_zero and floor == 0 and (sizing.forecast_rps > 0 or sizing.in_flight > 0):
+        floor = 1  # zero only when nothing is expected and nothing is in flight
+    target = min(max(desired, floor), bounds.max_replicas)
+    have = sizing.provisioned
+    if target > have:
+        if sizing.now - sizing.last_up_at < config.scale_up_cooldown_s:
+            return "hold", desired, have, f"{reason}; scale-up cooldown"
+        return "scale_up", desired, target, reason
+    if target < have:
+        if sizing.starting:
+            return "hold", desired, have, f"{reason}; {sizing.starting} replica(s) still starting"
+        since = sizing.now - max(sizing.last_up_at, sizing.last_down_at)
+        if since < config.scale_down_cooldown_s:
+            return "hold", desired, have, f"{reason}; scale-down cooldown"
+        if sizing.ready - 1 < max(bounds.min_replicas, target):
+            return "hold", desired, have, f"{reason}; too few ready replicas to drain one"
+        return "scale_down", desired, have - 1, reason  # one at a time: each drains
+    return "hold", desired, have, reason
+
+
+# -- connectors -------------------------------------------------------------------------
+
+
+class Connector(Protocol):
+    """How a planner starts and drains workers of its pool (local processes, Kubernetes)."""
+
+    async def workers(self) -> list[str]:
+        """Ids of the workers provisioned now (ready or starting), as they name themselves."""
+        ...
+
+    async def scale_up(self, count: int) -> list[str]:
+        """Start ``count`` more workers; their ids. ``ConnectorError`` on failure."""
+        ...
+
+    async def drain(self, worker_id: str) -> None:
+        """Remove ``worker_id`` after it drains (SIGTERM: in-flight requests finish)."""
+        ...
+
+    def removable(self, worker_ids: list[str]) -> list[str]:
+        """Which of these workers the connector can remove (a StatefulSet: the last only)."""
+        ...
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+
+class Planner:
+    """One pool's planner: lease, live configuration, forecast, decisions, connector."""
+
+    def __init__(
+        self,
+        nc: Client,
+        pool: str,
+        connector: Connector,
+        *,
+        profile: EngineProfile,
+        config: PlannerConfig | None = None,
+        mode: Mode = "predictive",
+        planner_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.nc, self.pool, self.connector, self.profile, self.mode = (
+            nc,
+            pool,
+            connector,
+            profile,
+            mode,
+        )
+        self.planner_id = planner_id or f"planner-{uuid.uuid4().hex[:8]}"
+        self.config = config or PlannerConfig()
+        self.config_revision: int | None = None
+        self.rejected: StoredPlannerConfig | None = None
+        self._clock = clock
+        self.fleet = FleetView(nc, clock=clock)
+        self._store: PlannerStore | None = None
+        self._lease: Lease | None = None
+        self._forecaster: Forecaster = make_forecaster(
+            self.config.forecaster, self.config.season_periods
+        )
+        self._meter = RateMeter(window_s=self.config.sample_s)
+        self._next_sample_at = -math.inf
+        self._rate = 0.0
+        self._last_up_at = self._last_down_at = -math.inf
+        self._started: dict[str, float] = {}  # worker id: when it was ordered
+        self._failures, self._retry_at = 0, -math.inf
+        self._tasks: list[asyncio.Task[None]] = []
+        self.decisions: list[PlannerDecision] = []  # this process's, for benches and tests
+        self.registry = registry or CollectorRegistry()
+        self._gauges = {
+            name: Gauge(f"tandem_planner_{name}_replicas", help_, ["pool"], registry=self.registry)
+            for name, help_ in (
+                ("desired", "replicas the demand asks for"),
+                ("target", "replicas the planner set the pool to"),
+                ("ready", "replicas heard from and not draining"),
+                ("provisioned", "replicas the connector runs"),
+            )
+        }
+        self._forecast_gauge = Gauge(
+            "tandem_planner_forecast_rps",
+            "demand expected over the lead time",
+            ["pool"],
+            registry=self.registry,
+        )
+        self._actions = Counter(
+            "tandem_planner_decisions",
+            "planner decisions by action",
+            ["pool", "action"],
+            registry=self.registry,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the pool's lease (``LeaseHeldError`` if held), follow config and load."""
+        self._store = await PlannerStore.open(self.nc)
+        self._lease = await self._store.acquire_lease(self.pool, self.planner_id, ttl_s=LEASE_TTL_S)
+        stored = await self._store.config(self.pool)
+        if stored is not None:
+            self.apply(stored)
+        await self.fleet.start()
+        self._tasks.append(asyncio.create_task(self._follow_config(), name="planner-config"))
+        self._tasks.append(asyncio.create_task(self._renew_lease(), name="planner-lease"))
+        logger.info("planner %s holds pool %s (mode %s)", self.planner_id, self.pool, self.mode)
+
+    async def stop(self) -> None:
+        """Stop following and give the lease back; the fleet stays as it is."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.fleet.stop()
+        if self._store is not None and self._lease is not None:
+            with contextlib.suppress(Exception):
+                await self._store.release_lease(self._lease)
+            self._lease = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every ``tick_s`` until ``stop`` is set or the lease is lost."""
+        while not stop.is_set():
+            if self._lease is None:
+                raise LeaseLostError(f"planner {self.planner_id} lost the lease of {self.pool}")
+            await self.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.tick_s)
+
+    # -- configuration ------------------------------------------------------------------
+
+    def apply(self, stored: StoredPlannerConfig) -> bool:
+        """Switch to ``stored`` if valid and new; an invalid one is logged and refused."""
+        if self.config_revision is not None and stored.revision <= self.config_revision:
+            return True
+        if stored.config is None:
+            if self.rejected is None or self.rejected.revision != stored.revision:
+                logger.error(
+                    "planner config revision %d of %s is invalid; keeping %s: %s",
+                    stored.revision,
+                    self.pool,
+                    self.config_revision or "the built-in one",
+                    stored.error,
+                )
+            self.rejected = stored
+            return False
+        old = self.config
+        self.config, self.config_revision = stored.config, stored.revision
+        if (old.forecaster, old.season_periods) != (
+            stored.config.forecaster,
+            stored.config.season_periods,
+        ):
+            self._forecaster = make_forecaster(
+                stored.config.forecaster, stored.config.season_periods
+            )
+        if old.sample_s != stored.config.sample_s:
+            self._meter = RateMeter(window_s=stored.config.sample_s)
+        logger.info("planner config revision %d of %s applied", stored.revision, self.pool)
+        return True
+
+    async def _follow_config(self) -> None:
+        assert self._store is not None
+        while True:
+            try:
+                async for stored in self._store.watch_config(self.pool):
+                    self.apply(stored)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: re-watch
+                logger.debug("planner config watch interrupted (%s)", exc)
+            await asyncio.sleep(1.0)
+
+    async def _renew_lease(self) -> None:
+        assert self._store is not None
+        while self._lease is not None:
+            await asyncio.sleep(LEASE_TTL_S / 3)
+            try:
+                self._lease = await self._store.renew_lease(self._lease, ttl_s=LEASE_TTL_S)
+            except LeaseLostError:
+                logger.error(
+                    "planner %s lost the lease of %s; it stops acting", self.planner_id, self.pool
+                )
+                self._lease = None
+            except Exception as exc:  # NATS away: try again before the lease runs out
+                logger.warning("renewing the lease of %s failed: %s", self.pool, exc)
+
+    # -- one step -------------------------------------------------------------------
+
+    def _pool_beats(self, ids: set[str]) -> list[NodeHeartbeat]:
+        return [
+            b for b in self.fleet.nodes(max_age_s=5.0)
+            if b.role == "cloud" and b.model == self.config.model and b.node_id in ids
+        ]  # fmt: skip
+
+    def _observe(self, now: float, beats: list[NodeHeartbeat]) -> None:
+        counters = {
+            b.node_id: b.load.requests_total for b in beats if b.load.requests_total is not None
+        }
+        if now < self._next_sample_at:
+            return
+        first = self._next_sample_at == -math.inf
+        self._next_sample_at = now + self.config.sample_s
+        if first:
+            self._meter.seed(counters)
+        self._meter.observe(now, counters)
+        self._rate = self._meter.rate()
+        if not first:
+            self._forecaster.update(self._rate)
+
+    def forecast(self) -> Forecast:
+        """The highest upper band over the lead time: engine start plus one sample."""
+        c = self.config
+        horizon = max(1, math.ceil((c.engine_start_s + c.sample_s) / c.sample_s))
+        forecasts = [self._forecaster.forecast(h) for h in range(1, horizon + 1)]
+        top = max(forecasts, key=lambda f: f.upper(c.band_z))
+        return top
+
+    def capacity_rps(self, beats: list[NodeHeartbeat]) -> tuple[float, float, float]:
+        """One replica's capacity for the request shape measured (or configured)."""
+        w = self.config.workload
+        requests = sum(b.load.requests_total or 0 for b in beats)
+        prompt, output = w.prompt_tokens, w.output_tokens
+        if requests >= 20:  # enough to trust the measured means over the configured ones
+            prompt = sum(b.load.prompt_tokens_total or 0 for b in beats) / requests
+            output = max(1.0, sum(b.load.output_tokens_total or 0 for b in beats) / requests)
+        uncached = prompt * (1 - w.cached_share)
+        slo = self.config.slo
+        cap = replica_capacity_rps(
+            self.profile, uncached, output, slo.ttft_p95_ms / 1e3, slo.itl_p95_ms / 1e3
+        )
+        return cap, uncached, output
+
+    async def tick(self) -> PlannerDecision:
+        """One planning step: observe, forecast, decide, act, publish."""
+        now = self._clock()
+        try:
+            provisioned = await self.connector.workers()
+        except ConnectorError as exc:
+            return await self._failed(now, 0, 0, 0, str(exc))
+        ids = set(provisioned)
+        beats = self._pool_beats(ids)
+        ready = [b for b in beats if not b.load.draining]
+        heard = {b.node_id for b in beats}
+        for worker_id in heard:
+            self._started.pop(worker_id, None)
+        starting = [w for w in provisioned if w not in heard]
+        self._observe(now, beats)
+        capacity, _, _ = self.capacity_rps(beats)
+        forecast = self.forecast().upper(self.config.band_z)
+        sizing = Sizing(
+            now=now,
+            provisioned=len(provisioned),
+            ready=len(ready),
+            starting=len(starting),
+            waiting=sum(b.load.waiting for b in ready),
+            in_flight=sum(b.load.waiting + b.load.running for b in ready),
+            measured_rps=self._rate,
+            forecast_rps=forecast,
+            capacity_rps=capacity,
+            last_up_at=self._last_up_at,
+            last_down_at=self._last_down_at,
+        )
+        stuck = [
+            w for w in starting if now - self._started.get(w, now) > self.config.ready_timeout_s
+        ]
+        if stuck:
+            return await self._give_up_on(now, sizing, stuck)
+        action, desired, target, reason = decide(self.config, sizing, self.mode)
+        drained, error = None, None
+        if action != "hold" and now < self._retry_at:
+            action, target, reason = (
+                "hold",
+                sizing.provisioned,
+                f"{reason}; retrying after a failure",
+            )
+        try:
+            if action == "scale_up":
+                for worker_id in await self.connector.scale_up(target - sizing.provisioned):
+                    self._started[worker_id] = now
+                self._last_up_at = now
+            elif action == "scale_down":
+                drained = self._least_loaded(ready)
+                if drained is None:
+                    action, target, reason = (
+                        "hold",
+                        sizing.provisioned,
+                        f"{reason}; no removable ready replica",
+                    )
+                else:
+                    await self.connector.drain(drained)
+                    self._last_down_at = now
+            if action != "hold":
+                self._failures = 0
+        except ConnectorError as exc:
+            return await self._failed(
+                now, sizing.provisioned, sizing.ready, desired, str(exc), sizing
+            )
+        return await self._publish(
+            self._decision(action, reason, sizing, desired, target, drained, error)
+        )
+
+    def _least_loaded(self, ready: list[NodeHeartbeat]) -> str | None:
+        removable = set(self.connector.removable([b.node_id for b in ready]))
+        candidates = [b for b in ready if b.node_id in removable]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda b: (b.load.running + b.load.waiting, b.node_id)).node_id
+
+    async def _give_up_on(self, now: float, sizing: Sizing, stuck: list[str]) -> PlannerDecision:
+        for worker_id in stuck:
+            self._started.pop(worker_id, None)
+            with contextlib.suppress(ConnectorError):
+                await self.connector.drain(worker_id)
+        timeout = self.config.ready_timeout_s
+        message = f"worker(s) {', '.join(stuck)} not ready in {timeout:.0f} s; removed"
+        return await self._failed(
+            now, sizing.provisioned, sizing.ready, sizing.provisioned, message, sizing
+        )
+
+    async def _failed(
+        self,
+        now: float,
+        provisioned: int,
+        ready: int,
+        desired: int,
+        message: str,
+        sizing: Sizing | None = None,
+    ) -> PlannerDecision:
+        self._failures += 1
+        delay = min(_RETRY_MAX_S, _RETRY_BASE_S * 2 ** (self._failures - 1))
+        self._retry_at = now + delay
+        logger.error(
+            "planner %s: connector failed (retry in %.0f s): %s", self.pool, delay, message
+        )
+        sizing = sizing or Sizing(now, provisioned, ready, 0, 0, 0, self._rate, 0.0, 0.0, 0.0, 0.0)
+        decision = self._decision(
+            "error", f"retry in {delay:.0f} s", sizing, desired, provisioned, None, message
+        )
+        return await self._publish(decision)
+
+    def _decision(
+        self,
+        action: str,
+        reason: str,
+        s: Sizing,
+        desired: int,
+        target: int,
+        drained: str | None,
+        error: str | None,
+    ) -> PlannerDecision:
+        capacity = s.capacity_rps * self.config.utilization_target
+        headroom = 1 - s.forecast_rps / (s.ready * capacity) if s.ready and capacity > 0 else 0.0
+        return PlannerDecision(
+            pool=self.pool,
+            planner_id=self.planner_id,
+            model=self.config.model,
+            config_revision=self.config_revision,
+            action=action,  # type: ignore[arg-type]
+            reason=reason,
+            provisioned=s.provisioned,
+            ready=s.ready,
+            desired=desired,
+            target=target,
+            measured_rps=round(s.measured_rps, 4),
+            forecast_rps=round(s.forecast_rps, 4),
+            capacity_rps=round(s.capacity_rps, 4),
+            waiting=s.waiting,
+            ttft_target_ms=self.config.slo.ttft_p95_ms,
+            itl_target_ms=self.config.slo.itl_p95_ms,
+            headroom=round(headroom, 4),
+            drained=drained,
+            error=error,
+        )
+
+    async def _publish(self, decision: PlannerDecision) -> PlannerDecision:
+        self.decisions.append(decision)
+        if decision.action != "hold":
+            logger.info("planner decision: %s", decision.model_dump_json())
+        for name, value in (
+            ("desired", decision.desired),
+            ("target", decision.target),
+            ("ready", decision.ready),
+            ("provisioned", decision.provisioned),
+        ):
+            self._gauges[name].labels(self.pool).set(value)
+        self._forecast_gauge.labels(self.pool).set(decision.forecast_rps)
+        self._actions.labels(self.pool, decision.action).inc()
+        with contextlib.suppress(Exception):  # visibility is best effort; the action stands
+            await self.nc.publish(subjects.planner_decisions(self.pool), decision.to_bytes())
+        return decision

@@ -1,0 +1,206 @@
+"""Demand forecasters of the fleet planner: request arrivals per second, some steps ahead.
+
+Two short implementations in numpy-free Python, each fed one observation per sample
+period and asked for the value ``h`` periods ahead with an uncertainty band:
+
+- ``HoltWinters``: additive Holt-Winters (level + trend + a season of ``season``
+  periods; ``season=0`` is Holt's linear trend). A diurnal curve is trend plus season.
+- ``KalmanTrend``: the local-linear-trend state-space model (level and slope as a
+  hidden state, a random walk each) estimated by a Kalman filter: it follows bursts
+  quickly and its variance says how far off the forecast may be.
+
+Why not statsforecast: it brings numba, llvmlite, scipy and pandas (hundreds of MB and
+a JIT compile on first use, minutes on two cores), and refits whole series per call;
+the planner needs an online update per sample, which these give in a few lines each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+ForecasterKind = Literal["holt_winters", "kalman", "last"]
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Expected value ``mean`` with its standard deviation ``std``."""
+
+    mean: float
+    std: float
+
+    def upper(self, z: float) -> float:
+        """The band's upper edge, ``mean + z·std``, never below 0 (arrivals are not negative)."""
+        return max(0.0, self.mean + z * self.std)
+
+
+class Forecaster(Protocol):
+    """One observation per period in, a forecast ``h`` periods ahead out."""
+
+    def update(self, y: float) -> None: ...
+
+    def forecast(self, h: int) -> Forecast: ...
+
+
+class LastValue:
+    """The naive forecaster: tomorrow is today (the reactive baseline)."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def update(self, y: float) -> None:
+        """Remember ``y``."""
+        self._last = y
+
+    def forecast(self, h: int) -> Forecast:
+        """The last value, with no band."""
+        return Forecast(self._last, 0.0)
+
+
+class HoltWinters:
+    """Additive Holt-Winters, updated online (Hyndman & Athanasopoulos, FPP3 §8.3).
+
+    level_t  = alpha(y_t - s_{t-m}) + (1-alpha)(level_{t-1} + trend_{t-1})
+    trend_t  = beta(level_t - level_{t-1}) + (1-beta)trend_{t-1}
+    s_t      = gamma(y_t - level_t) + (1-gamma)s_{t-m}
+    y_hat_{t+h}  = level_t + h·trend_t + s_{t+h-m(k+1)}   (the season's matching slot)
+
+    The band is the RMS of the one-step errors seen so far, widened by sqrt(h).
+    """
+
+    def __init__(
+        self, alpha: float = 0.5, beta: float = 0.1, gamma: float = 0.3, season: int = 0
+    ) -> None:
+        if not (0 < alpha <= 1 and 0 <= beta <= 1 and 0 <= gamma <= 1 and season >= 0):
+            raise ValueError("alpha in (0, 1], beta and gamma in [0, 1], season >= 0")
+        self.alpha, self.beta, self.gamma, self.season = alpha, beta, gamma, season
+        self._level: float | None = None
+        self._trend = 0.0
+        self._seasonal = [0.0] * season
+        self._t = 0  # observations seen
+        self._sq_err, self._n_err = 0.0, 0
+
+    def update(self, y: float) -> None:
+        """Take the next observation."""
+        slot = self._t % self.season if self.season else 0
+        if self._level is None:
+            self._level = y
+        else:
+            predicted = self.forecast(1).mean
+            self._sq_err += (y - predicted) ** 2
+            self._n_err += 1
+            s_old = self._seasonal[slot] if self.season else 0.0
+            level = self.alpha * (y - s_old) + (1 - self.alpha) * (self._level + self._trend)
+            self._trend = self.beta * (level - self._level) + (1 - self.beta) * self._trend
+            self._level = level
+            if self.season:
+                self._seasonal[slot] = self.gamma * (y - level) + (1 - self.gamma) * s_old
+        self._t += 1
+
+    def forecast(self, h: int) -> Forecast:
+        """y_hat ``h`` periods after the last observation."""
+        if self._level is None:
+            return Forecast(0.0, 0.0)
+        s = self._seasonal[(self._t - 1 + h) % self.season] if self.season else 0.0
+        rms = math.sqrt(self._sq_err / self._n_err) if self._n_err else 0.0
+        return Forecast(self._level + h * self._trend + s, rms * math.sqrt(h))
+
+
+class KalmanTrend:
+    """The local linear trend model, filtered (Durbin & Koopman, ch. 3).
+
+    State x = [level, slope]; x_t = F x_{t-1} + w, F = [[1, 1], [0, 1]], w ~ N(0, Q),
+    Q = diag(q_level, q_slope); observation y_t = level_t + v, v ~ N(0, r).
+    Predict: x^- = F x, P^- = F P F^T + Q.
+    Update: K = P^-H^T / (H P^- H^T + r), x = x^- + K(y - H x^-),
+    P = (I - K H) P^-, with H = [1, 0]. h steps ahead: level + h·slope, with the level's
+    variance propagated through F^h and Q (plus r: a forecast of an observation).
+    """
+
+    def __init__(self, q_level: float = 1.0, q_slope: float = 0.05, r: float = 4.0) -> None:
+        if min(q_level, q_slope) < 0 or r <= 0:
+            raise ValueError("q_level and q_slope >= 0, r > 0")
+        self.q_level, self.q_slope, self.r = q_level, q_slope, r
+        self._x: list[float] | None = None
+        self._p = [[1e6, 0.0], [0.0, 1e6]]  # a diffuse prior: the first values decide
+
+    def update(self, y: float) -> None:
+        """Take the next observation."""
+        if self._x is None:
+            self._x, self._p = [y, 0.0], [[self.r, 0.0], [0.0, 1.0]]
+            return
+        x, p = self._predict(self._x, self._p)
+        s = p[0][0] + self.r
+        k0, k1 = p[0][0] / s, p[1][0] / s
+        innovation = y - x[0]
+        self._x = [x[0] + k0 * innovation, x[1] + k1 * innovation]
+        self._p = [
+            [(1 - k0) * p[0][0], (1 - k0) * p[0][1]],
+            [p[1][0] - k1 * p[0][0], p[1][1] - k1 * p[0][1]],
+        ]
+
+    def _predict(
+        self, x: list[float], p: list[list[float]]
+    ) -> tuple[list[float], list[list[float]]]:
+        # F P F^T with F = [[1, 1], [0, 1]], written out.
+        p00 = p[0][0] + p[0][1] + p[1][0] + p[1][1] + self.q_level
+        p01 = p[0][1] + p[1][1]
+        p10 = p[1][0] + p[1][1]
+        p11 = p[1][1] + self.q_slope
+        return [x[0] + x[1], x[1]], [[p00, p01], [p10, p11]]
+
+    def forecast(self, h: int) -> Forecast:
+        """The level ``h`` periods after the last observation."""
+        if self._x is None:
+            return Forecast(0.0, 0.0)
+        x, p = self._x, self._p
+        for _ in range(max(1, h)):
+            x, p = self._predict(x, p)
+        return Forecast(x[0], math.sqrt(p[0][0] + self.r))
+
+
+def make_forecaster(kind: ForecasterKind, season: int = 0) -> Forecaster:
+    """The forecaster a planner configuration names."""
+    if kind == "holt_winters":
+        return HoltWinters(season=season)
+    if kind == "kalman":
+        return KalmanTrend()
+    return LastValue()
+
+
+class RateMeter:
+    """Arrivals per second of a pool, from the workers' cumulative ``requests_total``.
+
+    Each worker's counter is differenced against its previous beat (a restarted worker,
+    whose counter went down, contributes its new count); the pool's rate is the sum of
+    the increments over the window's seconds.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._last: dict[str, int] = {}
+        self._events: deque[tuple[float, int]] = deque()
+
+    def observe(self, at: float, counters: dict[str, int]) -> None:
+        """Record each worker's ``requests_total`` as seen at ``at``."""
+        added = 0
+        for worker, total in counters.items():
+            before = self._last.get(worker)
+            added += total if before is None or total < before else total - before
+            self._last[worker] = total
+        self._events.append((at, added))
+        while self._events and self._events[0][0] < at - self._window_s:
+            self._events.popleft()
+
+    def seed(self, counters: dict[str, int]) -> None:
+        """Take the counters as a baseline (their past is not this window's arrivals)."""
+        self._last.update(counters)
+
+    def rate(self) -> float:
+        """Arrivals per second over the window (0 before two observations)."""
+        if len(self._events) < 2:
+            return 0.0
+        span = self._events[-1][0] - self._events[0][0]
+        return sum(n for _, n in list(self._events)[1:]) / span if span > 0 else 0.0

@@ -1,0 +1,190 @@
+"""The planner's pure parts: forecasting on series with known answers, sizing from the
+latency profile, and the decision rules (bounds, cooldowns, drain safety)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from cloud.planner import Sizing, decide, meets_slo, replica_capacity_rps, step_time_s
+from cloud.planner_config import PlannerConfig, PlannerConfigError
+from cloud.planner_forecast import HoltWinters, KalmanTrend, RateMeter
+from models.latency import EngineProfile, LinearFit
+
+# -- forecasting ---------------------------------------------------------------------------
+
+
+def test_holt_follows_a_linear_trend_exactly() -> None:
+    hw = HoltWinters(alpha=0.5, beta=0.3)
+    for t in range(60):
+        hw.update(10 + 2 * t)
+    # The last value was 128; a straight line continues by 2 per period.
+    assert hw.forecast(1).mean == pytest.approx(130, abs=0.01)
+    assert hw.forecast(10).mean == pytest.approx(148, abs=0.05)
+
+
+def test_holt_winters_learns_a_season_and_forecasts_its_peak() -> None:
+    season = 12
+    shape = [50 + 40 * math.sin(2 * math.pi * i / season) for i in range(season)]
+    hw = HoltWinters(alpha=0.3, beta=0.05, gamma=0.5, season=season)
+    for t in range(season * 20):
+        hw.update(shape[t % season])
+    # 240 observations: the next is slot 0 again; 3 ahead is the crest (90).
+    for h in range(1, season + 1):
+        assert hw.forecast(h).mean == pytest.approx(shape[(h - 1) % season], abs=1.0)
+    assert max(range(1, season + 1), key=lambda h: hw.forecast(h).mean) == 4
+
+
+def test_kalman_tracks_a_noisy_ramp_and_its_band_covers_the_noise() -> None:
+    rng = random.Random(7)
+    kf = KalmanTrend(q_level=0.1, q_slope=0.0001, r=4.0)
+    misses = 0
+    for t in range(300):
+        truth_ahead = 5 + 0.5 * (t + 5)
+        if t >= 50:  # once it has learnt the slope: is the truth 5 ahead inside the band?
+            ahead = kf.forecast(5 + 1)
+            misses += abs(ahead.mean - truth_ahead) > 2 * ahead.std
+        kf.update(5 + 0.5 * t + rng.gauss(0, 2))
+    ahead = kf.forecast(5)
+    assert ahead.mean == pytest.approx(5 + 0.5 * 304, abs=2.5)
+    assert 2.0 <= ahead.std <= 6.0  # at least the observation noise (2), not wildly more
+    assert misses <= 0.05 * 250
+
+
+def test_kalman_follows_a_step_within_a_few_samples() -> None:
+    kf = KalmanTrend()
+    for _ in range(30):
+        kf.update(10.0)
+    for _ in range(6):
+        kf.update(50.0)
+    assert kf.forecast(1).mean > 45
+
+
+def test_rate_meter_sums_increments_and_survives_a_restart() -> None:
+    meter = RateMeter(window_s=10)
+    meter.seed({"a": 100, "b": 0})
+    meter.observe(0.0, {"a": 100, "b": 0})
+    meter.observe(5.0, {"a": 120, "b": 10})  # 30 arrivals in 5 s
+    assert meter.rate() == pytest.approx(6.0)
+    meter.observe(10.0, {"a": 5, "b": 20})  # a restarted: its 5 are new
+    assert meter.rate() == pytest.approx((30 + 15) / 10)
+
+
+# -- sizing ------------------------------------------------------------------------------
+
+
+def _profile(c: float = 0.05, d: float = 0.005, slope: float = 0.004) -> EngineProfile:
+    fit = LinearFit
+    return EngineProfile(
+        engine="test line", ttft=fit(intercept=0.0, slope=slope, r2=1, n=2),
+        tpot=fit(intercept=c, slope=d, r2=1, n=2), max_batch=128, max_step_tokens=2048,
+        kv_bytes_per_token=1,
+    )  # fmt: skip
+
+
+def test_step_time_is_the_fixed_point_of_the_batching_model() -> None:
+    p = _profile()
+    rps, prompt, out = 0.5, 100, 40
+    s = step_time_s(p, rps, prompt, out)
+    # s = (c + d·B) / (1 - rho) with B = rps·O·s and rho = rps·P·slope, solved by hand:
+    rho = rps * prompt * 0.004
+    assert s == pytest.approx(0.05 / (1 - rho - 0.005 * rps * out))
+    batch = rps * out * s
+    assert s == pytest.approx((0.05 + 0.005 * batch) / (1 - rho))
+    assert step_time_s(p, 100.0, prompt, out) == math.inf  # beyond saturation
+
+
+def test_capacity_is_the_largest_rate_within_the_slo() -> None:
+    p = _profile()
+    cap = replica_capacity_rps(p, 100, 40, ttft_s=2.0, itl_s=0.25)
+    assert meets_slo(p, cap * 0.999, 100, 40, 2.0, 0.25)
+    assert not meets_slo(p, cap * 1.01, 100, 40, 2.0, 0.25)
+    # Here ITL binds: s = 0.25 exactly at capacity.
+    assert step_time_s(p, cap, 100, 40) == pytest.approx(0.25, rel=1e-3)
+    # A tighter ITL, a longer prompt, a slower engine: less capacity each.
+    assert replica_capacity_rps(p, 100, 40, 2.0, 0.15) < cap
+    assert replica_capacity_rps(p, 300, 40, 2.0, 0.25) < cap
+    assert replica_capacity_rps(_profile(d=0.01), 100, 40, 2.0, 0.25) < cap
+    # A target the engine cannot meet even idle: no capacity at all.
+    assert replica_capacity_rps(p, 100, 40, 2.0, 0.04) == 0.0
+
+
+# -- decisions -----------------------------------------------------------------------------
+
+
+def _sizing(**kw: float) -> Sizing:
+    base = dict(
+        now=1000.0, provisioned=2, ready=2, starting=0, waiting=0, in_flight=0,
+        measured_rps=1.0, forecast_rps=1.0, capacity_rps=1.0, last_up_at=0.0, last_down_at=0.0,
+    )  # fmt: skip
+    base.update(kw)
+    return Sizing(**base)  # type: ignore[arg-type]
+
+
+def _config(**kw: object) -> PlannerConfig:
+    data: dict[str, object] = {"utilization_target": 1.0, "scale_down_cooldown_s": 60}
+    data.update(kw)
+    return PlannerConfig.model_validate(data)
+
+
+def test_scale_up_to_the_forecast_and_clamp_to_the_maximum() -> None:
+    action, desired, target, _ = decide(_config(), _sizing(forecast_rps=4.5))
+    assert (action, desired, target) == ("scale_up", 5, 5)
+    action, desired, target, _ = decide(
+        _config(bounds={"max_replicas": 3}), _sizing(forecast_rps=4.5)
+    )
+    assert (action, desired, target) == ("scale_up", 5, 3)
+
+
+def test_the_queue_guard_scales_up_when_the_forecast_was_short() -> None:
+    action, desired, target, reason = decide(_config(), _sizing(forecast_rps=1, waiting=20))
+    # 20 waiting, 4 per ready replica: the 2 ready absorb 8, 12 more need 3 more replicas.
+    assert (action, target) == ("scale_up", 5)
+    assert "queue" in reason
+
+
+def test_scale_down_one_at_a_time_after_the_cooldown_never_below_the_minimum() -> None:
+    config = _config(bounds={"min_replicas": 2})
+    low = _sizing(provisioned=4, ready=4, forecast_rps=0.1, measured_rps=0.1)
+    action, _, target, _ = decide(config, low)
+    assert (action, target) == ("scale_down", 3)
+    recent = _sizing(provisioned=4, ready=4, forecast_rps=0.1, measured_rps=0.1, last_up_at=980)
+    assert decide(config, recent)[0] == "hold"  # 20 s after a scale-up: cooldown
+    at_min = _sizing(provisioned=2, ready=2, forecast_rps=0.0, measured_rps=0.0)
+    assert decide(config, at_min)[0] == "hold"
+    # Three provisioned but only two ready (one draining away): never drain to one.
+    unsure = _sizing(provisioned=3, ready=2, forecast_rps=0.0, measured_rps=0.0)
+    assert decide(config, unsure)[0] == "hold"
+    starting = _sizing(provisioned=4, ready=3, starting=1, forecast_rps=0.0, measured_rps=0.0)
+    assert decide(config, starting)[0] == "hold"
+
+
+def test_scale_to_zero_only_when_allowed_and_idle() -> None:
+    idle = _sizing(provisioned=1, ready=1, forecast_rps=0.0, measured_rps=0.0)
+    assert decide(_config(), idle)[0] == "hold"  # min 1
+    zero = _config(bounds={"min_replicas": 0, "scale_to_zero": True})
+    assert decide(zero, idle)[:3:2] == ("scale_down", 0)
+    busy = _sizing(provisioned=1, ready=1, forecast_rps=0.2, measured_rps=0.0)
+    assert decide(zero, busy)[0] == "hold"
+
+
+def test_reactive_mode_sizes_on_in_flight_requests_only() -> None:
+    action, desired, _, reason = decide(
+        _config(), _sizing(in_flight=30, forecast_rps=100), mode="reactive"
+    )
+    assert (action, desired) == ("scale_up", 4)  # 30 / 8 per replica
+    assert "in flight" in reason
+
+
+def test_an_invalid_configuration_names_the_field() -> None:
+    with pytest.raises(PlannerConfigError) as caught:
+        PlannerConfig.from_yaml("bounds: {min_replicas: 5, max_replicas: 2}\nslo: {itl_p95_ms: -1}\n")
+    message = str(caught.value)
+    assert "slo.itl_p95_ms" in message and "min_replicas 5 > max_replicas 2" in message
+    with pytest.raises(PlannerConfigError, match=r"bounds: .*scale_to_zero"):
+        PlannerConfig.from_yaml("bounds: {min_replicas: 0}\n")
+    with pytest.raises(PlannerConfigError, match="tick_sec"):
+        PlannerConfig.from_yaml("tick_sec: 1\n")
+    assert PlannerConfig.from_yaml(PlannerConfig().to_yaml()) == PlannerConfig()
