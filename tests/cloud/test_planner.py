@@ -139,7 +139,7 @@ def test_scale_up_to_the_forecast_and_clamp_to_the_maximum() -> None:
 
 
 def test_the_queue_guard_scales_up_when_the_forecast_was_short() -> None:
-    action, desired, target, reason = decide(_config(), _sizing(forecast_rps=1, waiting=20))
+    action, _, target, reason = decide(_config(), _sizing(forecast_rps=1, waiting=20))
     # 20 waiting, 4 per ready replica: the 2 ready absorb 8, 12 more need 3 more replicas.
     assert (action, target) == ("scale_up", 5)
     assert "queue" in reason
@@ -180,7 +180,9 @@ def test_reactive_mode_sizes_on_in_flight_requests_only() -> None:
 
 def test_an_invalid_configuration_names_the_field() -> None:
     with pytest.raises(PlannerConfigError) as caught:
-        PlannerConfig.from_yaml("bounds: {min_replicas: 5, max_replicas: 2}\nslo: {itl_p95_ms: -1}\n")
+        PlannerConfig.from_yaml(
+            "bounds: {min_replicas: 5, max_replicas: 2}\nslo: {itl_p95_ms: -1}\n"
+        )
     message = str(caught.value)
     assert "slo.itl_p95_ms" in message and "min_replicas 5 > max_replicas 2" in message
     with pytest.raises(PlannerConfigError, match=r"bounds: .*scale_to_zero"):

@@ -1,0 +1,164 @@
+"""The planner through the local connector: real simulated worker processes
+(``tandem cloud serve --engine sim``) on a real nats-server, started and drained.
+
+A scale-down drains the least-loaded worker and every request in flight on it
+finishes there (none lost, none failed over); a worker that never becomes ready is
+removed and reported, and the planner orders a replacement after its backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from cloud.planner import Planner
+from cloud.planner_config import PlannerConfig
+from cloud.planner_connectors import LocalConnector
+from mesh import subjects
+from mesh.connection import connect
+from mesh.protocol import GenerateAccepted, GenerateRequest, SamplingParams, TokenChunk
+from mesh.server import EmbeddedNats
+from models.catalog import DEFAULT_PAIR
+from models.latency import LatencyProfile
+from tandem.commands.planner import local_spawner
+from tandem.local import serves
+from tandem.supervisor import Supervisor
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Client]:
+    client = await connect(nats_server.url, name="planner-local-test")
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def supervisor() -> Iterator[Supervisor]:
+    with Supervisor() as sup:
+        yield sup
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not in {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+async def _generate(nc: Client, worker_id: str, max_tokens: int) -> list[TokenChunk]:
+    """One generation on ``worker_id``'s own subject, as an edge streams it (and answers
+    the worker's liveness probes); every chunk up to the end."""
+    inbox = nc.new_inbox()
+    chunks: list[TokenChunk] = []
+    done = asyncio.Event()
+
+    async def on_chunk(msg: Msg) -> None:
+        chunk = TokenChunk.from_bytes(msg.data)
+        chunks.append(chunk)
+        if chunk.is_end:
+            done.set()
+
+    async def on_probe(msg: Msg) -> None:
+        await msg.respond(b"")
+
+    subs = [
+        await nc.subscribe(inbox, cb=on_chunk),
+        await nc.subscribe(subjects.liveness(inbox), cb=on_probe),
+    ]
+    request = GenerateRequest(
+        request_id=uuid.uuid4().hex, model=DEFAULT_PAIR, reply_subject=inbox,
+        messages=[{"role": "user", "content": "Plan the next step."}],
+        sampling=SamplingParams(max_tokens=max_tokens),
+    )  # fmt: skip
+    reply = await nc.request(subjects.worker(worker_id, "generate"), request.to_bytes(), timeout=5)
+    assert GenerateAccepted.from_bytes(reply.data).worker_id == worker_id
+    await asyncio.wait_for(done.wait(), 60)
+    for sub in subs:
+        await sub.unsubscribe()
+    return chunks
+
+
+def _running(planner: Planner) -> dict[str, int]:
+    return {b.node_id: b.load.running + b.load.waiting for b in planner.fleet.nodes()}
+
+
+async def test_scale_down_drains_the_least_loaded_worker_and_loses_no_request(
+    nats_server: EmbeddedNats, nc: Client, supervisor: Supervisor
+) -> None:
+    prefix = f"sim-{uuid.uuid4().hex[:4]}"
+    connector = LocalConnector(
+        local_spawner(supervisor, nats_server.url, engine="sim"), prefix=prefix
+    )
+    config = PlannerConfig.model_validate(
+        {"bounds": {"min_replicas": 1, "max_replicas": 2}, "scale_down_cooldown_s": 0}
+    )
+    planner = Planner(nc, prefix, connector, profile=LatencyProfile.default().cloud, config=config)
+    await planner.start()
+    try:
+        busy, quiet = await connector.scale_up(2)
+        await _until(
+            lambda: serves(nats_server, busy) and serves(nats_server, quiet), 60, "workers"
+        )
+        # Three answers on one worker, one on the other: the quieter one is drained.
+        work = [asyncio.create_task(_generate(nc, w, 80)) for w in (busy, busy, busy, quiet)]
+        await _until(
+            lambda: _running(planner).get(busy) == 3 and _running(planner).get(quiet) == 1,
+            10,
+            "load",
+        )
+        decision = await planner.tick()
+        assert (decision.action, decision.drained, decision.target) == ("scale_down", quiet, 1)
+        assert await connector.workers() == [busy]
+        answers = await asyncio.gather(*work)
+        await connector.wait_drained()
+    finally:
+        await planner.stop()
+        await connector.close()
+    for chunks in answers:  # each complete, in order, on the worker it started on
+        end = chunks[-1]
+        assert end.is_end and end.error is None and end.finish_reason == "length"
+        assert [c.seq for c in chunks] == list(range(len(chunks)))
+        assert end.usage is not None and end.usage.completion_tokens == 80
+    assert answers[3][-1].usage.worker_id == quiet  # type: ignore[union-attr]
+    assert connector.drained[0] == (quiet, 0)  # it drained and exited cleanly
+
+
+async def test_a_worker_that_never_gets_ready_is_removed_and_replaced_after_backoff(
+    nats_server: EmbeddedNats, nc: Client, supervisor: Supervisor
+) -> None:
+    prefix = f"stuck-{uuid.uuid4().hex[:4]}"
+    # Workers pointed at a port nothing listens on: they run, and are never heard from.
+    spawn = local_spawner(supervisor, "nats://127.0.0.1:9", engine="sim")
+    connector = LocalConnector(spawn, prefix=prefix)
+    config = PlannerConfig.model_validate({"bounds": {"min_replicas": 1}, "ready_timeout_s": 10})
+    now = [500.0]
+    planner = Planner(
+        nc, prefix, connector, profile=LatencyProfile.default().cloud, config=config,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    await planner.start()
+    try:
+        first = await planner.tick()
+        assert (first.action, first.target) == ("scale_up", 1)
+        now[0] += 11  # past the ready timeout, never heard from
+        stuck = await planner.tick()
+        assert stuck.action == "error" and f"{prefix}-0 not ready in 10 s" in (stuck.error or "")
+        await connector.wait_drained()
+        assert await connector.workers() == []
+        now[0] += 0.5
+        assert (await planner.tick()).action == "hold"  # backing off, 1 s
+        now[0] += 1
+        retry = await planner.tick()
+        assert (retry.action, retry.target) == ("scale_up", 1)  # the minimum, again
+        assert await connector.workers() == [f"{prefix}-1"]
+    finally:
+        await planner.stop()
+        await connector.close()
