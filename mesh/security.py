@@ -45,8 +45,8 @@ from mesh import leaf, subjects
 from mesh.connection import DEFAULT_NATS_PORT
 from mesh.errors import MeshError
 
-Role = Literal["edge", "worker", "operator"]
-ROLES: tuple[Role, ...] = ("edge", "worker", "operator")
+Role = Literal["edge", "worker", "operator", "planner"]
+ROLES: tuple[Role, ...] = ("edge", "worker", "operator", "planner")
 
 _QUEUE = "q"  # nats.micro's default queue group: the workers' endpoints join it
 
@@ -98,6 +98,7 @@ def _kv_create(bucket: str) -> tuple[str, ...]:
 _POLICY = subjects.POLICY_BUCKET
 _KEYS = subjects.API_KEYS_BUCKET
 _USAGE = subjects.USAGE_BUCKET
+_PLANNER = subjects.PLANNER_BUCKET
 
 
 def permissions(role: Role, name: str, *, workers: Iterable[str] = ()) -> dict[str, Any]:
@@ -157,12 +158,28 @@ def permissions(role: Role, name: str, *, workers: Iterable[str] = ()) -> dict[s
             *_kv_read(_USAGE),  # tandem keys list: fleet-wide cloud tokens this hour
             *_kv_create(_USAGE),  # tandem keys create makes the bucket edges count in
             "$SRV.>",  # nats.micro discovery of the workers' services: PING, INFO, STATS
+            *_kv_read(_PLANNER),  # tandem planner config show
+            *_kv_create(_PLANNER),  # tandem planner config set (PlannerStore.open)
+            *_kv_put(_PLANNER),
         ]
         subscribe = [
             own_inbox,
+            subjects.all_planner_decisions(),  # tandem status: the planners' targets
             subjects.all_node_loads(),  # tandem status
             subjects.policy_applied(),  # tandem policy set --wait: which edges applied it
         ]
+        return _shape(publish, subscribe, responses=False)
+    if role == "planner":
+        publish = [
+            # PlannerStore: the configuration (watch_config, config) and the lease
+            # (acquire/renew/release_lease: create and compare-and-set updates) ...
+            *_kv_read(_PLANNER),
+            *_kv_put(_PLANNER),
+            *_kv_create(_PLANNER),  # ... in a bucket it creates if no operator did yet
+            # Planner._publish: its decisions, for any pool (a pool is named at run time).
+            subjects.all_planner_decisions(),
+        ]
+        subscribe = [own_inbox, subjects.all_node_loads()]  # Planner.fleet: the heartbeats
         return _shape(publish, subscribe, responses=False)
     raise MeshConfigError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
 
