@@ -117,12 +117,21 @@ class KalmanTrend:
     Update: K = P^-H^T / (H P^- H^T + r), x = x^- + K(y - H x^-),
     P = (I - K H) P^-, with H = [1, 0]. h steps ahead: level + h·slope, with the level's
     variance propagated through F^h and Q (plus r: a forecast of an observation).
+
+    ``adaptive``: demand has no natural unit (0.5 or 500 calls/s), so r is learnt from
+    the innovations (an EWMA of their squares, weight ``1/32``) and q_level, q_slope
+    are read as fractions of it: the same filter fits a small pool and a large one.
     """
 
-    def __init__(self, q_level: float = 1.0, q_slope: float = 0.05, r: float = 4.0) -> None:
+    def __init__(
+        self, q_level: float = 1.0, q_slope: float = 0.05, r: float = 4.0, *, adaptive: bool = False
+    ) -> None:
         if min(q_level, q_slope) < 0 or r <= 0:
             raise ValueError("q_level and q_slope >= 0, r > 0")
+        self._q_ratio = (q_level, q_slope) if adaptive else None
         self.q_level, self.q_slope, self.r = q_level, q_slope, r
+        if adaptive:
+            self.q_level, self.q_slope = q_level * r, q_slope * r
         self._x: list[float] | None = None
         self._p = [[1e6, 0.0], [0.0, 1e6]]  # a diffuse prior: the first values decide
 
@@ -135,6 +144,9 @@ class KalmanTrend:
         s = p[0][0] + self.r
         k0, k1 = p[0][0] / s, p[1][0] / s
         innovation = y - x[0]
+        if self._q_ratio is not None:  # learn the noise level, then keep Q in proportion
+            self.r = max(1e-6, self.r + (innovation**2 - self.r) / 32)
+            self.q_level, self.q_slope = self._q_ratio[0] * self.r, self._q_ratio[1] * self.r
         self._x = [x[0] + k0 * innovation, x[1] + k1 * innovation]
         self._p = [
             [(1 - k0) * p[0][0], (1 - k0) * p[0][1]],
@@ -166,7 +178,7 @@ def make_forecaster(kind: ForecasterKind, season: int = 0) -> Forecaster:
     if kind == "holt_winters":
         return HoltWinters(season=season)
     if kind == "kalman":
-        return KalmanTrend()
+        return KalmanTrend(q_level=0.25, q_slope=0.01, r=0.01, adaptive=True)
     return LastValue()
 
 

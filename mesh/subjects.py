@@ -128,6 +128,12 @@ def all_planner_decisions() -> str:
     return f"{PREFIX}.planner.*.decision"
 
 
+def sim_fleet_host(host_id: str) -> str:
+    """Control subject of a simulated fleet host of a scale run (bench/planner_bench.py):
+    it starts and drains simulated workers on request. Never on a production mesh."""
+    return f"{PREFIX}.simfleet.{token(host_id)}.control"
+
+
 # -- wildcards, for permissions (mesh.security) -------------------------------------------
 
 

@@ -53,6 +53,21 @@ def test_kalman_tracks_a_noisy_ramp_and_its_band_covers_the_noise() -> None:
     assert misses <= 0.05 * 250
 
 
+def test_the_adaptive_kalman_band_scales_with_the_demand() -> None:
+    """The same filter on a pool of 0.5 calls/s and one of 500: bands in proportion."""
+    stds = []
+    for scale in (0.5, 500.0):
+        rng = random.Random(3)
+        kf = KalmanTrend(q_level=0.25, q_slope=0.01, r=0.01, adaptive=True)
+        for _ in range(200):
+            kf.update(scale * (1 + 0.1 * rng.gauss(0, 1)))
+        ahead = kf.forecast(4)
+        assert ahead.mean == pytest.approx(scale, rel=0.15)
+        stds.append(ahead.std / scale)
+    assert 0.05 <= stds[0] <= 0.4
+    assert stds[1] == pytest.approx(stds[0], rel=1e-3)
+
+
 def test_kalman_follows_a_step_within_a_few_samples() -> None:
     kf = KalmanTrend()
     for _ in range(30):
