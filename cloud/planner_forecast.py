@@ -203,7 +203,8 @@ class RateMeter:
             added += total if before is None or total < before else total - before
             self._last[worker] = total
         self._events.append((at, added))
-        while self._events and self._events[0][0] < at - self._window_s:
+        # Keep the previous observation at least: samples come about a window apart.
+        while len(self._events) > 2 and self._events[0][0] < at - self._window_s:
             self._events.popleft()
 
     def seed(self, counters: dict[str, int]) -> None:

@@ -85,6 +85,12 @@ def test_rate_meter_sums_increments_and_survives_a_restart() -> None:
     assert meter.rate() == pytest.approx(6.0)
     meter.observe(10.0, {"a": 5, "b": 20})  # a restarted: its 5 are new
     assert meter.rate() == pytest.approx((30 + 15) / 10)
+    # Samples a little more than a window apart (a planner's ticks drift): still a rate.
+    late = RateMeter(window_s=5)
+    late.observe(0.0, {"a": 0})
+    late.observe(5.01, {"a": 10})
+    late.observe(10.03, {"a": 30})
+    assert late.rate() == pytest.approx(20 / 5.02)
 
 
 # -- sizing ------------------------------------------------------------------------------
