@@ -138,7 +138,9 @@ class KalmanTrend:
     def update(self, y: float) -> None:
         """Take the next observation."""
         if self._x is None:
-            self._x, self._p = [y, 0.0], [[self.r, 0.0], [0.0, 1.0]]
+            # The slope starts unknown on the data's own scale (adaptive) or unit scale.
+            slope_var = self.r if self._q_ratio is not None else 1.0
+            self._x, self._p = [y, 0.0], [[self.r, 0.0], [0.0, slope_var]]
             return
         x, p = self._predict(self._x, self._p)
         s = p[0][0] + self.r
