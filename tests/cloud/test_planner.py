@@ -65,7 +65,7 @@ def test_the_adaptive_kalman_band_scales_with_the_demand() -> None:
         assert ahead.mean == pytest.approx(scale, rel=0.15)
         stds.append(ahead.std / scale)
     assert 0.05 <= stds[0] <= 0.4
-    assert stds[1] == pytest.approx(stds[0], rel=1e-3)
+    assert stds[1] == pytest.approx(stds[0], rel=0.02)  # the first r (0.01) fades at 1/32
 
 
 def test_kalman_follows_a_step_within_a_few_samples() -> None:
