@@ -131,7 +131,10 @@ class KubernetesConnector:
             try:
                 config.load_incluster_config()
             except config.ConfigException:
-                config.load_kube_config()
+                try:
+                    config.load_kube_config()
+                except (config.ConfigException, OSError) as exc:
+                    raise ConnectorError(f"no Kubernetes API configured: {exc}") from exc
             api_client = client.ApiClient()
         self._apps = client.AppsV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
