@@ -115,6 +115,83 @@ def key_check_cost(calls: int = 200_000) -> dict[str, float]:
     }
 
 
+async def _stream_rounds(
+    url: str, creds: tuple[Path, Path] | None, ca: Path | None, rounds: int, tokens: int
+) -> list[tuple[float, float]]:
+    """(first message, whole stream) seconds of ``rounds`` request-and-stream exchanges:
+    the cloud route's shape (a request, ``tokens`` messages to the requester's inbox)."""
+    from mesh.connection import MeshCredentials, connect
+
+    edge_creds = MeshCredentials(creds[0], ca) if creds else MeshCredentials(None, None)
+    worker_creds = MeshCredentials(creds[1], ca) if creds else MeshCredentials(None, None)
+    edge = await connect(url, name="bench-edge", credentials=edge_creds)
+    worker = await connect(url, name="bench-worker", credentials=worker_creds)
+    subject = "tandem.v1.cloud.bench.generate"
+
+    async def serve(msg: Any) -> None:
+        stream_to = msg.data.decode()
+        for i in range(tokens):
+            await worker.publish(stream_to, b'{"token": %d}' % i)
+        await msg.respond(b"ok")
+
+    await worker.subscribe(subject, queue="q", cb=serve)
+    await worker.flush()
+    out = []
+    try:
+        for _ in range(rounds):
+            inbox = edge.new_inbox()
+            got: list[float] = []
+            done = asyncio.Event()
+
+            async def on_token(msg: Any, got: list[float] = got, done: Any = done) -> None:
+                got.append(time.perf_counter())
+                if len(got) == tokens:
+                    done.set()
+
+            sub = await edge.subscribe(inbox, cb=on_token)
+            t0 = time.perf_counter()
+            await edge.request(subject, inbox.encode(), timeout=5)
+            await asyncio.wait_for(done.wait(), 5)
+            out.append((got[0] - t0, got[-1] - t0))
+            await sub.unsubscribe()
+    finally:
+        await edge.close()
+        await worker.close()
+    return out
+
+
+def nats_cost(rounds: int = 300, tokens: int = 64) -> dict[str, dict[str, float]]:
+    """The mesh layer alone, open vs identities + permissions + TLS, interleaved in
+    blocks so a drift of the machine touches both: no engine, no HTTP."""
+    from mesh.server import EmbeddedNats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mesh = MeshDir(Path(tmp) / "mesh")
+        mesh.init(tls_hosts=["127.0.0.1", "localhost"])
+        mesh.add("bench-edge", "edge")
+        mesh.add("bench-worker", "worker")
+        creds = (mesh.creds("bench-edge"), mesh.creds("bench-worker"))
+        samples: dict[str, list[tuple[float, float]]] = {"open": [], "secure": []}
+        with EmbeddedNats() as open_hub, EmbeddedNats(config=mesh.auth_conf) as secure_hub:
+            for _ in range(6):
+                samples["open"] += asyncio.run(
+                    _stream_rounds(open_hub.url, None, None, rounds // 6, tokens)
+                )
+                samples["secure"] += asyncio.run(
+                    _stream_rounds(secure_hub.url, creds, mesh.tls_ca, rounds // 6, tokens)
+                )
+    out = {}
+    for mode, pairs in samples.items():
+        firsts = sorted(p[0] for p in pairs)
+        wholes = sorted(p[1] for p in pairs)
+        out[mode] = {
+            "first_p50_ms": firsts[len(firsts) // 2] * 1000,
+            "first_p99_ms": firsts[int(len(firsts) * 0.99)] * 1000,
+            "stream_p50_ms": wholes[len(wholes) // 2] * 1000,
+        }
+    return out
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -134,6 +211,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keys-only", action="store_true", help="only the key-check cost")
+    parser.add_argument(
+        "--mesh-only", action="store_true", help="the key check and the NATS layer, no engine"
+    )
     args = parser.parse_args()
     load_before = _load()
     cost = key_check_cost()
@@ -143,6 +223,18 @@ def main() -> None:
     )
     if args.keys_only:
         print(f"load average {load_before}")
+        return
+    layer = nats_cost()
+    for mode, figures in layer.items():
+        print(
+            f"NATS request + {64} streamed messages, {mode}: first message p50 "
+            f"{figures['first_p50_ms']:.3f} ms, p99 {figures['first_p99_ms']:.3f} ms; "
+            f"whole stream p50 {figures['stream_p50_ms']:.3f} ms"
+        )
+    added = layer["secure"]["first_p50_ms"] - layer["open"]["first_p50_ms"]
+    print(f"identities + permissions + TLS add {added:+.3f} ms to the first message at p50")
+    if args.mesh_only:
+        print(f"load average before {load_before}, after {_load()}")
         return
     prompts, n = chats(args.requests), args.max_tokens
     results: dict[str, list[dict[str, float]]] = {}

@@ -132,6 +132,15 @@ def add_operator(
     _add(name, "operator", directory)
 
 
+@app.command("add-planner")
+def add_planner(
+    name: Annotated[str, typer.Argument(help="The planner's name.")], directory: DirOption = None
+) -> None:
+    """Admit a planner: it follows its configuration, holds its pool's lease, publishes
+    its decisions and reads heartbeats (tandem planner run --nats-creds ...)."""
+    _add(name, "planner", directory)
+
+
 @app.command("issue-cert")
 def issue_cert(
     name: Annotated[str, typer.Argument(help="The edge's node id.")],
