@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -29,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.cloud_bench import chats, client_run
+from bench.cloud_bench import _load, _median, _spread, chats, client_run
 from edge.api_keys import Authenticator, KeyRing, new_key, write_key_file
 from edge.rate_limits import RateLimiter
 from mesh.security import MeshDir
@@ -190,19 +189,6 @@ def nats_cost(rounds: int = 300, tokens: int = 64) -> dict[str, dict[str, float]
             "stream_p50_ms": wholes[len(wholes) // 2] * 1000,
         }
     return out
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _median(runs: list[dict[str, float]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
-
-
-def _spread(runs: list[dict[str, float]], key: str) -> str:
-    values = [r[key] for r in runs]
-    return f"{min(values):.1f}-{max(values):.1f}"
 
 
 def main() -> None:

@@ -208,6 +208,26 @@ class Authenticator:
 # -- a file of keys, for an edge off the mesh ------------------------------------------------
 
 
+class _Follower:
+    """A background task that keeps a ring current (``_follow``), started and stopped
+    with the daemon."""
+
+    _name = "api-keys"
+    _task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        raise NotImplementedError
+
+
 class _KeyFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keys: list[ApiKey] = Field(default_factory=list)
@@ -235,14 +255,14 @@ def write_key_file(path: Path, keys: Iterable[ApiKey]) -> None:
     os.replace(tmp, path)
 
 
-class KeyFileFollower:
+class KeyFileFollower(_Follower):
     """Keeps a ring on a key file: re-read within a second of a change. A file that
     stops parsing keeps the last good keys (and says so in the log)."""
 
     def __init__(self, path: Path, ring: KeyRing, poll_s: float = _FILE_POLL_S) -> None:
         self._path, self._ring, self._poll_s = path, ring, poll_s
         self._seen: tuple[int, int] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._name = "api-key-file"
         self.load()  # at startup a bad file is fatal: the daemon exits saying why
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -257,15 +277,6 @@ class KeyFileFollower:
         self._ring.replace(read_key_file(self._path))
         self._seen = stamp
         logger.info("API keys: %d from %s", len(self._ring), self._path)
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="api-key-file")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _follow(self) -> None:
         while True:
@@ -359,24 +370,15 @@ def _decode(value: bytes | None) -> ApiKey | None:
         return None
 
 
-class ApiKeyFollower:
+class ApiKeyFollower(_Follower):
     """Keeps a ring on the mesh's key bucket: a watch for new and revoked keys within
     milliseconds, and a full re-read every ``resync_s`` (and after a reconnect) in case
     the watch missed something while NATS was away."""
 
     def __init__(self, nc: Client, ring: KeyRing, resync_s: float = _RESYNC_S) -> None:
         self._nc, self._ring, self._resync_s = nc, ring, resync_s
-        self._task: asyncio.Task[None] | None = None
+        self._name = "api-key-watch"
         self.synced = asyncio.Event()  # set once the first full read landed
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="api-key-watch")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _follow(self) -> None:
         while True:

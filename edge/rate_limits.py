@@ -91,23 +91,9 @@ class RateLimiter:
         if requests is not None:
             requests.drain(now)
             if requests.used + 1 > requests.capacity:
-                wait = requests.seconds_until(requests.capacity - 1)
-                raise RateLimitError(
-                    f"rate limit reached for key {key.id}: {requests.capacity} requests per "
-                    f"minute; retry in {duration(wait)}",
-                    retry_after_s=wait,
-                    headers=self._headers(requests, tokens),
-                    kind="requests",
-                )
+                raise self._refusal(key, requests, "requests", requests, tokens)
         if tokens is not None and tokens.used >= tokens.capacity:
-            wait = tokens.seconds_until(tokens.capacity - 1)
-            raise RateLimitError(
-                f"rate limit reached for key {key.id}: {tokens.capacity} tokens per minute; "
-                f"retry in {duration(wait)}",
-                retry_after_s=wait,
-                headers=self._headers(requests, tokens),
-                kind="tokens",
-            )
+            raise self._refusal(key, tokens, "tokens", requests, tokens)
         if requests is not None:
             requests.used += 1
         return self._headers(requests, tokens)
@@ -120,6 +106,24 @@ class RateLimiter:
         assert bucket is not None
         bucket.drain(self._clock())
         bucket.used += tokens
+
+    def _refusal(
+        self,
+        key: ApiKey,
+        full: _Bucket,
+        kind: str,
+        requests: _Bucket | None,
+        tokens: _Bucket | None,
+    ) -> RateLimitError:
+        """The 429 of a full bucket: retry once one unit has drained."""
+        wait = full.seconds_until(full.capacity - 1)
+        return RateLimitError(
+            f"rate limit reached for key {key.id}: {full.capacity} {kind} per minute; "
+            f"retry in {duration(wait)}",
+            retry_after_s=wait,
+            headers=self._headers(requests, tokens),
+            kind=kind,
+        )
 
     @staticmethod
     def _headers(requests: _Bucket | None, tokens: _Bucket | None) -> dict[str, str]:
