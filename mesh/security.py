@@ -461,6 +461,11 @@ class MeshDir:
             return False
         return True
 
+    def rerender(self) -> None:
+        """Render ``users.conf`` again from ``nodes.json``: after an upgrade, the nodes get
+        the permissions this version's code needs (``tandem up`` does it at each start)."""
+        self._save(self.nodes())
+
     def _save(self, nodes: Iterable[Node]) -> None:
         nodes = list(nodes)
         self.registry.write_text(json.dumps([asdict(n) for n in nodes], indent=2) + "\n")

@@ -46,6 +46,8 @@ def local_mesh(root: Path) -> MeshDir:
     mesh = MeshDir(root)
     if not mesh.registry.exists():
         mesh.init()
+    else:
+        mesh.rerender()  # permissions as this version's code needs them
     identities: tuple[tuple[str, NodeRole], ...] = (
         ("operator", "operator"), (EDGE_ID, "edge"), (WORKER_ID, "worker"),
     )  # fmt: skip

@@ -236,8 +236,11 @@ async def test_tandem_up_keeps_its_identities_and_refuses_anonymous_clients(
 
     first = {n.name: n.public_key for n in local_mesh(tmp_path).nodes()}
     assert set(first) == {"operator", EDGE_ID, WORKER_ID}
+    (tmp_path / "users.conf").write_text("users = []\n")  # as an older version left it
     again = local_mesh(tmp_path)  # the next tandem up: the same identities
     assert {n.name: n.public_key for n in again.nodes()} == first
+    # ... with the permissions this version needs (the operator reads planners' decisions)
+    assert subjects.all_planner_decisions() in again.users_conf.read_text()
     argv = edge_role("127.0.0.1", 8080, "nats://x", MODEL, mesh=again).argv
     assert argv[argv.index("--nats-creds") + 1] == str(again.creds(EDGE_ID))
     with EmbeddedNats(config=again.auth_conf) as hub:
