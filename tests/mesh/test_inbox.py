@@ -50,6 +50,10 @@ async def test_a_new_client_gets_a_new_subscription(nats_server: EmbeddedNats) -
         old_inbox, _ = await mux.open(old)
         new_inbox, new_q = await mux.open(new)
         assert old_inbox.rsplit(".", 1)[0] != new_inbox.rsplit(".", 1)[0]
+        # The edge sends its request on the connection that subscribed, so the server
+        # has the subscription first; here the sender is another connection: a flush
+        # makes sure the server registered it before the publish (else a lost race).
+        await new.flush()
         await old.publish(new_inbox, b"x")
         assert (await asyncio.wait_for(new_q.get(), 5)).data == b"x"
     finally:
