@@ -24,6 +24,7 @@ async def test_each_inbox_gets_its_own_messages_and_answers_alive_while_open(
     try:
         (first, first_q), (second, second_q) = await mux.open(nc), await mux.open(nc)
         assert first != second and mux.open_inboxes == 2
+        await nc.flush()  # the subscription is on the server before another client sends
         await sender.publish(second, b"to-second")
         await sender.publish(first, b"to-first")
         assert (await asyncio.wait_for(first_q.get(), 5)).data == b"to-first"
