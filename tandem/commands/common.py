@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from mesh.connection import MeshCredentials
 
 S = TypeVar("S", bound=BaseSettings)
+T = TypeVar("T")
 
 # The data directory (models, label caches), for the commands that read or write it.
 HomeOption = Annotated[
@@ -90,3 +92,30 @@ def operator_credentials(creds: Path | None, tls_ca: Path | None) -> MeshCredent
         local = MeshDir(local_mesh_dir()).creds("operator")
         creds = local if local.exists() else None
     return MeshCredentials(creds, tls_ca)
+
+
+def on_mesh(
+    nats_url: str,
+    name: str,
+    creds: Path | None,
+    tls_ca: Path | None,
+    work: Callable[[Any], Awaitable[T]],
+) -> T:
+    """Connect as an operator (``operator_credentials``), run ``work(nc)``, close; a mesh
+    that cannot be reached is one line. The command's own errors pass through."""
+    import asyncio
+
+    from mesh.connection import connect
+    from mesh.errors import MeshError
+
+    async def main() -> T:
+        nc = await connect(nats_url, name=name, credentials=operator_credentials(creds, tls_ca))
+        try:
+            return await work(nc)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(main())
+    except MeshError as exc:
+        fail(str(exc))

@@ -14,7 +14,6 @@ with ``--mesh-api-keys`` and a file with ``--api-keys-file``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -27,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.connection import DEFAULT_NATS_URL
-from tandem.commands.common import NatsCredsOption, NatsTlsCaOption, fail, operator_credentials
+from tandem.commands.common import NatsCredsOption, NatsTlsCaOption, fail, on_mesh
 
 app = typer.Typer(help="Per-tenant API keys of the edge API: create, list, revoke.")
 _IDENTITY: dict[str, Path | None] = {"creds": None, "tls_ca": None}
@@ -71,21 +70,13 @@ def _on_mesh(nats_url: str, work: Callable[[Any, Any], Awaitable[T]]) -> T:
     import nats.errors
 
     from edge.api_keys import KeyStore
-    from mesh.connection import connect
-    from mesh.errors import MeshError
 
-    async def main() -> T:
-        credentials = operator_credentials(_IDENTITY["creds"], _IDENTITY["tls_ca"])
-        nc = await connect(nats_url, name="tandem-keys", credentials=credentials)
-        try:
-            return await work(await KeyStore.open(nc, create=True), nc)
-        finally:
-            await nc.close()
+    async def with_store(nc: Any) -> T:
+        return await work(await KeyStore.open(nc, create=True), nc)
 
     try:
-        return asyncio.run(main())
-    except MeshError as exc:
-        fail(str(exc))
+        return on_mesh(nats_url, "tandem-keys", _IDENTITY["creds"], _IDENTITY["tls_ca"],
+                       with_store)  # fmt: skip
     except (TimeoutError, nats.errors.Error) as exc:  # a refused publish surfaces as a timeout
         fail(
             f"the mesh did not answer ({type(exc).__name__}: {exc}); does this identity have "

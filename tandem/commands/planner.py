@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
 from mesh.connection import DEFAULT_NATS_URL
-from tandem.commands.common import NatsCredsOption, NatsTlsCaOption, fail, operator_credentials
+from tandem.commands.common import (
+    NatsCredsOption,
+    NatsTlsCaOption,
+    fail,
+    on_mesh,
+)
 from tandem.supervisor import Child, Supervisor, tandem_argv
 
 app = typer.Typer(help="Size the cloud fleet ahead of demand (the planner) and configure it.")
@@ -79,26 +84,6 @@ def local_spawner(
         return LocalWorkerProcess(worker_id, child)
 
     return spawn
-
-
-def _connect_and(
-    nats_url: str, creds: Path | None, tls_ca: Path | None, work: Callable[[Any], Awaitable[T]]
-) -> T:
-    from mesh.connection import connect
-    from mesh.errors import MeshError
-
-    async def main() -> T:
-        credentials = operator_credentials(creds, tls_ca)
-        nc = await connect(nats_url, name="tandem-planner", credentials=credentials)
-        try:
-            return await work(nc)
-        finally:
-            await nc.close()
-
-    try:
-        return asyncio.run(main())
-    except MeshError as exc:
-        fail(str(exc))
 
 
 @app.command()
@@ -174,7 +159,7 @@ def run(
                     await conn.close()  # local workers are this process's children
 
     try:
-        _connect_and(nats_url, nats_creds, nats_tls_ca, main)
+        on_mesh(nats_url, "tandem-planner", nats_creds, nats_tls_ca, main)
     except PlannerError as exc:
         fail(str(exc))
 
@@ -202,7 +187,7 @@ def config_show(
         head = f"# pool {pool}: revision {stored.revision} by {stored.author}, {state}"
         return f"{head}\n{stored.yaml_text}"
 
-    typer.echo(_connect_and(nats_url, nats_creds, nats_tls_ca, work), nl=False)
+    typer.echo(on_mesh(nats_url, "tandem-planner", nats_creds, nats_tls_ca, work), nl=False)
 
 
 @config_app.command("set")
@@ -233,7 +218,7 @@ def config_set(
         )
 
     try:
-        revision = _connect_and(nats_url, nats_creds, nats_tls_ca, work)
+        revision = on_mesh(nats_url, "tandem-planner", nats_creds, nats_tls_ca, work)
     except PlannerError as exc:
         fail(str(exc))
     typer.echo(f"pool {pool}: stored revision {revision}")

@@ -46,7 +46,7 @@ from router.errors import (
     RevisionNotFoundError,
 )
 from router.policy import RequestFeatures, RoutingPolicy, explain
-from tandem.commands.common import NatsCredsOption, NatsTlsCaOption, fail, operator_credentials
+from tandem.commands.common import NatsCredsOption, NatsTlsCaOption, fail, on_mesh
 
 app = typer.Typer(help="Show, edit, roll back and explain the live routing policy.")
 # The operator identity every subcommand connects with (set by the group's options).
@@ -67,28 +67,20 @@ _APPLIED_WAIT_S = 2.0
 
 def _run(nats_url: str, work: Callable[[Any], Awaitable[T]]) -> T:
     """Connect, open the store, run ``work(store)``, close; one clear line on failure."""
-    from mesh.connection import connect
-    from mesh.errors import MeshError
     from router.store import PolicyStore
 
-    async def main() -> T:
-        credentials = operator_credentials(_IDENTITY["creds"], _IDENTITY["tls_ca"])
-        nc = await connect(nats_url, name="tandem-policy", credentials=credentials)
-        try:
-            return await work(await PolicyStore.open(nc))
-        finally:
-            await nc.close()
+    async def with_store(nc: Any) -> T:
+        return await work(await PolicyStore.open(nc))
 
     try:
-        return asyncio.run(main())
+        return on_mesh(nats_url, "tandem-policy", _IDENTITY["creds"], _IDENTITY["tls_ca"],
+                       with_store)  # fmt: skip
     except PolicyConflictError as exc:
         fail(str(exc), code=3)
     except PolicyStoreError as exc:
         fail(str(exc))
     except PolicyError as exc:
         fail(f"the policy is invalid; nothing was written:\n{exc}", code=2)
-    except MeshError as exc:
-        fail(str(exc))
 
 
 def _read_file(path: Path) -> str:
