@@ -165,8 +165,6 @@ async def kick_leaf_links(
     refused. A link is known by the leaf's ``server_name``, which the device's config
     sets (``tandem-leaf-<edge>``); a device that changed it is cut off only by kicking
     every link (``edges=None``: the others relink within a second)."""
-    import json as json_
-
     from mesh.connection import MeshCredentials, connect
 
     wanted = None if edges is None else {f"tandem-leaf-{subjects.token(e)}" for e in edges}
@@ -182,7 +180,7 @@ async def kick_leaf_links(
         servers = []
         while True:
             try:
-                servers.append(json_.loads((await sub.next_msg(timeout=timeout_s / 4)).data))
+                servers.append(json.loads((await sub.next_msg(timeout=timeout_s / 4)).data))
             except Exception:  # nats-py's TimeoutError: no more answers
                 break
         for answer in servers:
@@ -190,7 +188,7 @@ async def kick_leaf_links(
             for link in answer.get("data", {}).get("leafs", []):
                 if wanted is not None and link.get("name") not in wanted:
                     continue
-                request = json_.dumps({"cid": link["id"]}).encode()
+                request = json.dumps({"cid": link["id"]}).encode()
                 await nc.request(f"$SYS.REQ.SERVER.{server_id}.KICK", request, timeout=timeout_s)
                 kicked.append(str(link.get("name")))
     finally:
