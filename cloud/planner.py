@@ -53,6 +53,7 @@ from mesh import subjects
 from mesh.heartbeat import FleetView
 from mesh.protocol import NodeHeartbeat, PlannerDecision
 from models.latency import EngineProfile
+from router.store import PolicyStore
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +268,9 @@ class Planner:
         self._started: dict[str, float] = {}  # worker id: when it was ordered
         self._failures, self._retry_at = 0, -math.inf
         self._tasks: list[asyncio.Task[None]] = []
+        # The routing policy's slo (TTFT, ITL ms), followed live: the targets a config
+        # that sets none sizes for (``PlannerConfig.slo``).
+        self.policy_slo: tuple[float | None, float | None] = (None, None)
         self.decisions: list[PlannerDecision] = []  # this process's, for benches and tests
         self.registry = registry or CollectorRegistry()
         self._gauges = {
@@ -303,6 +307,7 @@ class Planner:
         await self.fleet.start()
         self._tasks.append(asyncio.create_task(self._follow_config(), name="planner-config"))
         self._tasks.append(asyncio.create_task(self._renew_lease(), name="planner-lease"))
+        self._tasks.append(asyncio.create_task(self._follow_policy(), name="planner-policy"))
         logger.info("planner %s holds pool %s (mode %s)", self.planner_id, self.pool, self.mode)
 
     async def stop(self) -> None:
@@ -371,6 +376,27 @@ class Planner:
                 logger.debug("planner config watch interrupted (%s)", exc)
             await asyncio.sleep(1.0)
 
+    def slo_targets_ms(self) -> tuple[float, float]:
+        """(TTFT, ITL) the pool is sized for: the config's, the policy's, or the defaults."""
+        return self.config.slo.resolve(*self.policy_slo)
+
+    async def _follow_policy(self) -> None:
+        """Keep ``policy_slo`` on the routing policy's last valid revision (read only)."""
+        while True:
+            try:
+                store = await PolicyStore.open(self.nc, create=False)  # operators create it
+                async for stored in store.watch():
+                    if stored.policy is not None:  # an invalid revision: keep the last good
+                        slo = stored.policy.slo
+                        if (slo.ttft_p95_ms, slo.itl_p95_ms) != self.policy_slo:
+                            self.policy_slo = (slo.ttft_p95_ms, slo.itl_p95_ms)
+                            logger.info("planner %s: routing policy slo %s", self.pool, slo)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # no policy bucket yet, or NATS away: look again
+                logger.debug("planner policy watch interrupted (%s)", exc)
+            await asyncio.sleep(2.0)
+
     async def _renew_lease(self) -> None:
         assert self._store is not None
         while self._lease is not None:
@@ -425,10 +451,8 @@ class Planner:
             prompt = sum(b.load.prompt_tokens_total or 0 for b in beats) / requests
             output = max(1.0, sum(b.load.output_tokens_total or 0 for b in beats) / requests)
         uncached = prompt * (1 - w.cached_share)
-        slo = self.config.slo
-        cap = replica_capacity_rps(
-            self.profile, uncached, output, slo.ttft_p95_ms / 1e3, slo.itl_p95_ms / 1e3
-        )
+        ttft_ms, itl_ms = self.slo_targets_ms()
+        cap = replica_capacity_rps(self.profile, uncached, output, ttft_ms / 1e3, itl_ms / 1e3)
         return cap, uncached, output
 
     async def tick(self) -> PlannerDecision:
@@ -566,8 +590,8 @@ class Planner:
             forecast_rps=round(s.forecast_rps, 4),
             capacity_rps=round(s.capacity_rps, 4),
             waiting=s.waiting,
-            ttft_target_ms=self.config.slo.ttft_p95_ms,
-            itl_target_ms=self.config.slo.itl_p95_ms,
+            ttft_target_ms=self.slo_targets_ms()[0],
+            itl_target_ms=self.slo_targets_ms()[1],
             headroom=round(headroom, 4),
             drained=drained,
             error=error,

@@ -87,11 +87,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Slo(_Strict):
-    """The targets the fleet is sized for (the routing policy has ``slo.ttft_p95_ms`` too)."""
+DEFAULT_TTFT_P95_MS = 2000.0
+DEFAULT_ITL_P95_MS = 250.0
 
-    ttft_p95_ms: Annotated[float, Field(gt=0)] = 2000.0
-    itl_p95_ms: Annotated[float, Field(gt=0)] = 250.0
+
+class Slo(_Strict):
+    """The targets the fleet is sized for. A field left out follows the routing policy's
+    ``slo`` (``tandem policy``: one SLO for the router and the planner), and the built-in
+    default where the policy sets none; a field set here overrides both for this pool."""
+
+    ttft_p95_ms: Annotated[float, Field(gt=0)] | None = None
+    itl_p95_ms: Annotated[float, Field(gt=0)] | None = None
+
+    def resolve(
+        self, policy_ttft_ms: float | None, policy_itl_ms: float | None
+    ) -> tuple[float, float]:
+        """(TTFT, ITL) targets in ms: this config's, else the policy's, else the defaults."""
+        ttft = self.ttft_p95_ms or policy_ttft_ms or DEFAULT_TTFT_P95_MS
+        itl = self.itl_p95_ms or policy_itl_ms or DEFAULT_ITL_P95_MS
+        return ttft, itl
 
 
 class Bounds(_Strict):

@@ -176,6 +176,7 @@ def permissions(role: Role, name: str, *, workers: Iterable[str] = ()) -> dict[s
             *_kv_read(_PLANNER),
             *_kv_put(_PLANNER),
             *_kv_create(_PLANNER),  # ... in a bucket it creates if no operator did yet
+            *_kv_read(_POLICY),  # Planner._follow_policy: the routing policy's slo; no write
             # Planner._publish: its decisions, for any pool (a pool is named at run time).
             subjects.all_planner_decisions(),
         ]

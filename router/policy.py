@@ -150,6 +150,40 @@ class Slo(_Strict):
         default=None,
         description="an edge whose estimated queue wait exceeds this counts as overloaded",
     )
+    itl_p95_ms: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="inter-token latency the cloud fleet is sized for (the planner's target)",
+    )
+
+
+class UncachedThreshold(_Strict):
+    """Ask for a remote prefill when at least this many prompt tokens are not cached."""
+
+    uncached_tokens_at_least: Annotated[int, Field(ge=1)] = 512
+
+
+class Disaggregation(_Strict):
+    """Decode-role cloud workers (``tandem cloud serve --role decode``): when a request's
+    prompt is prefilled by the prefill pool instead of the decode worker itself.
+
+    Followed live by every decode worker (edges ignore it). ``always``, ``never``, or
+    ``{uncached_tokens_at_least: N}``: the uncached tokens are the prompt's minus those
+    the decode worker's own prefix cache holds (its estimate, ``cloud.disaggregation``),
+    as llm-d's router decides.
+    """
+
+    remote_prefill: Literal["always", "never"] | UncachedThreshold = Field(
+        default_factory=lambda: UncachedThreshold(),
+        description="always | never | {uncached_tokens_at_least: N}",
+    )
+
+    def wants_remote_prefill(self, prompt_tokens: int, cached_tokens: int) -> bool:
+        """Whether a prompt of ``prompt_tokens``, ``cached_tokens`` of them already in the
+        decode worker's cache, should be prefilled by a prefill worker."""
+        rule = self.remote_prefill
+        if isinstance(rule, UncachedThreshold):
+            return prompt_tokens - cached_tokens >= rule.uncached_tokens_at_least
+        return rule == "always"
 
 
 class Budget(_Strict):
@@ -190,6 +224,7 @@ class RoutingPolicy(_Strict):
     escalation: Escalation = Field(default_factory=lambda: Escalation())
     slo: Slo = Field(default_factory=lambda: Slo())
     budgets: list[Budget] = Field(default_factory=list)
+    disaggregation: Disaggregation = Field(default_factory=lambda: Disaggregation())
 
     @model_validator(mode="after")
     def _rule_names_are_unique(self) -> RoutingPolicy:

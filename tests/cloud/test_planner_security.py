@@ -142,3 +142,48 @@ async def test_the_planner_is_refused_what_it_does_not_need(
         assert await _refused(refusals, subject), f"{action} {subject} was not refused"
     finally:
         await nc.close()
+
+
+async def test_the_planner_sizes_for_the_routing_policys_slo_unless_its_config_sets_one(
+    hub: EmbeddedNats, mesh_dir: MeshDir
+) -> None:
+    """One SLO for router and planner: a pool config without ``slo`` follows the policy's,
+    live; a field the config sets wins. The planner reads the policy, never writes it."""
+    from router.store import PolicyStore
+
+    operator, _ = await _as(hub, mesh_dir, "operator")
+    planner_nc, refusals = await _as(hub, mesh_dir, "planner-1")
+    try:
+        policies = await PolicyStore.open(operator)
+        current = await policies.current()
+        revision = await policies.set(
+            "slo: {ttft_p95_ms: 900, itl_p95_ms: 120}\n",
+            expect_revision=current.revision if current else 0,
+        )
+        planner = Planner(
+            planner_nc, "follows-policy", OneWorker(), profile=LatencyProfile.default().cloud
+        )
+        await planner.start()
+        try:
+            deadline = time.monotonic() + 5
+            while planner.slo_targets_ms() != (900, 120):
+                assert time.monotonic() < deadline, f"policy slo not followed: {planner.policy_slo}"
+                await asyncio.sleep(0.05)
+            await policies.set("slo: {itl_p95_ms: 80}\n", expect_revision=revision)
+            deadline = time.monotonic() + 5
+            while planner.slo_targets_ms() != (2000, 80):  # TTFT back to the built-in default
+                assert time.monotonic() < deadline, f"revision not followed: {planner.policy_slo}"
+                await asyncio.sleep(0.05)
+            store = await PlannerStore.open(operator)
+            own = "slo: {ttft_p95_ms: 1500}\n"
+            await store.set_config("follows-policy", own, expect_revision=0)
+            deadline = time.monotonic() + 5
+            while planner.slo_targets_ms() != (1500, 80):  # the pool's own field wins
+                assert time.monotonic() < deadline, "the pool's slo did not override"
+                await asyncio.sleep(0.05)
+        finally:
+            await planner.stop()
+        assert not [r for r in refusals if "permissions violation" in r]
+    finally:
+        for nc in (operator, planner_nc):
+            await nc.close()
