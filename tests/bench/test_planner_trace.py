@@ -1,0 +1,38 @@
+"""The planner benchmark's trace and report (the run itself is ``python -m
+bench.planner_bench``, documented in docs/benchmarks.md): seeded, diurnal, bursty."""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+from bench.planner_bench import CpuMeter, arrival_rates, make_trace, markdown, parse_args
+
+
+def test_the_trace_is_seeded_and_follows_the_diurnal_curve() -> None:
+    args = parse_args(["--duration-s", "300", "--trough-sessions", "20", "--peak-sessions", "400"])
+    trace = make_trace(args)
+    assert [(p.start_s, p.calls) for p in trace] == [(p.start_s, p.calls) for p in make_trace(args)]
+    other = make_trace(parse_args(["--duration-s", "300", "--seed", "17"]))
+    assert [p.start_s for p in other[:20]] != [p.start_s for p in trace[:20]]
+    rates = arrival_rates(trace, args, bin_s=10.0)
+    night = statistics.fmean(rates[:3])  # the trough at t=0 ...
+    afternoon = statistics.fmean(rates[12:18])  # ... the peak mid-run
+    assert afternoon > 4 * night
+    assert all(2 <= len(p.calls) <= 6 and len(p.gaps_s) == len(p.calls) - 1 for p in trace)
+
+
+def test_the_report_shows_cpu_by_role_and_the_load() -> None:
+    meter = CpuMeter({"harness": [os.getpid()], "fleet": [], "nats": [None]})
+    meter.begin()
+    sum(i * i for i in range(200_000))  # some CPU in the harness
+    cpu = meter.cores()
+    assert cpu["harness"] > 0 and cpu["fleet"] == 0 and 0 <= cpu["machine_busy_share"] <= 1
+    result = {
+        "policy": "static-peak", "slo_attainment": 1.0, "ttft_p95_s": 0.5, "call_p95_s": 1.0,
+        "call_p99_s": 1.5, "session_p95_s": 9.0, "session_p99_s": 12.0, "worker_hours": 0.5,
+        "utilization": 0.4, "lost": 0, "scale_actions": 0, "cpu_cores": cpu,
+        "load_average_before": [0.5, 0.4, 0.3], "load_average_after": [1.5, 0.9, 0.4],
+    }  # fmt: skip
+    row = markdown([result], parse_args([])).splitlines()[-1]
+    assert f"{cpu['harness']:.2f}/0.00/0.00 cores" in row and "0.50 → 1.50" in row
