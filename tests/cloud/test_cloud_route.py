@@ -12,7 +12,6 @@ tests that talk NATS directly do so as an edge ("probe") or an operator.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -107,6 +106,7 @@ def workers(nats_server: EmbeddedNats, mesh_dir: MeshDir) -> Iterator[dict[str, 
     try:
         for proc in procs.values():
             proc.wait_ready()
+        asyncio.run(_warm_up(nats_server, mesh_dir, list(procs)))
         yield procs
     finally:
         for proc in procs.values():
@@ -129,6 +129,24 @@ def mesh_edge(
             time.sleep(0.2)
         time.sleep(2.5)  # a couple of heartbeats
         yield edge
+
+
+async def _warm_up(nats_server: EmbeddedNats, mesh_dir: MeshDir, worker_ids: list[str]) -> None:
+    """One short request to each worker by its own subject. A worker is ready once it
+    subscribes, but its first requests are slow (vLLM warms up on them): slower, on a
+    loaded machine, than the module edge's 3 s stall timeout, which then fails them over
+    and the load-sharing test sees one worker serve everything."""
+    nc = await _as(nats_server, mesh_dir, "probe")
+    try:
+        for worker_id in worker_ids:
+            chunks = await _direct_generate(
+                nc, subject=subjects.worker(worker_id, "generate"),
+                sampling=SamplingParams(max_tokens=4, temperature=0),
+            )  # fmt: skip
+            usage = chunks[-1].usage
+            assert usage is not None and usage.worker_id == worker_id, chunks[-1]
+    finally:
+        await nc.close()
 
 
 def _http(worker: WorkerProcess, path: str) -> httpx.Response:
@@ -530,7 +548,11 @@ async def _engine_busy_s(nc: nats.NATS) -> float:
     return sum(replies)
 
 
-async def _direct_generate(nc: nats.NATS, **overrides: object) -> list[TokenChunk]:
+async def _direct_generate(
+    nc: nats.NATS, *, subject: str = subjects.cloud_generate(MODEL), **overrides: object
+) -> list[TokenChunk]:
+    """A generate sent as an edge sends it (to the queue group unless ``subject``), with
+    its token stream collected."""
     inbox = nc.new_inbox()
     got: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
@@ -549,13 +571,13 @@ async def _direct_generate(nc: nats.NATS, **overrides: object) -> list[TokenChun
         "messages": [{"role": "user", "content": "hi"}],
         **overrides,
     }
-    reply = await nc.request(
-        subjects.cloud_generate(MODEL), GenerateRequest(**fields).to_bytes(), timeout=5
-    )  # type: ignore[arg-type]
+    reply = await nc.request(subject, GenerateRequest(**fields).to_bytes(), timeout=30)  # type: ignore[arg-type]
     GenerateAccepted.from_bytes(reply.data)
     chunks = []
     while not chunks or not chunks[-1].is_end:
-        chunks.append(await asyncio.wait_for(got.get(), 30))
+        # Generous: on a loaded 2-core machine a worker has paused a stream for over 30 s
+        # (CI, once); the product's stall detector lives in the edge, not here.
+        chunks.append(await asyncio.wait_for(got.get(), 120))
     await sub.unsubscribe()
     await alive.unsubscribe()
     return chunks
@@ -1095,12 +1117,14 @@ def test_sigterm_drains_in_flight_requests(
     probes: list[tuple[int, int, str | None]] = []  # (/health, /ready, reason) during the drain
 
     def probe() -> None:
-        with contextlib.suppress(httpx.HTTPError):  # until the worker has exited
-            while survivor.alive:
+        while survivor.alive:  # until the worker has exited
+            try:
                 ready = _http(survivor, "/ready")
                 probes.append((_http(survivor, "/health").status_code, ready.status_code,
                                ready.json()["reason"]))  # fmt: skip
-                time.sleep(0.05)
+            except httpx.HTTPError:  # a probe that timed out, or the worker just exited
+                pass
+            time.sleep(0.05)
 
     reader = threading.Thread(target=stream)
     reader.start()
