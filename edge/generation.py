@@ -37,6 +37,19 @@ class EngineConfig:
     slots: int = 1
     max_queue: int = 64
     session_cache_bytes: int = 512 * 1024 * 1024
+    # The batched engine (``edge.batched_engine``): one context decoding ``sequences``
+    # requests together, a KV cache of ``kv_tokens`` (unset: 8 windows), prompts
+    # evaluated ``prefill_chunk`` tokens per step. ``slots`` then sizes the slot path
+    # the speculative route still takes.
+    batched: bool = False
+    sequences: int = 32
+    kv_tokens: int | None = None
+    prefill_chunk: int = 128
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the engine generates for at once."""
+        return self.sequences if self.batched else self.slots
 
 
 class Decoder(Protocol):
@@ -119,10 +132,13 @@ class EdgeEngine(Protocol):
 
     config: EngineConfig
     simulated: bool
-    generated_tokens: int
-    cancelled_generations: int
-    busy_seconds: float
 
+    @property
+    def generated_tokens(self) -> int: ...
+    @property
+    def cancelled_generations(self) -> int: ...
+    @property
+    def busy_seconds(self) -> float: ...
     @property
     def n_ctx(self) -> int: ...
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,21 @@ class EdgeSettings(BaseSettings):
     n_threads: int = Field(1, ge=1, description="llama.cpp generation threads per slot")
     n_threads_batch: int | None = Field(None, ge=1, description="prompt threads; default n_threads")
     slots: int = Field(1, ge=1, le=64, description="concurrent llama.cpp contexts")
+    batching: Literal["slots", "batched"] = Field(
+        "slots",
+        description="'slots': one llama.cpp context per request (slots of them); 'batched': "
+        "one context decoding up to `sequences` requests together (continuous batching; the "
+        "speculative route still runs on slots)",
+    )
+    sequences: int = Field(
+        32, ge=1, le=256, description="batching=batched: requests decoded together"
+    )
+    kv_tokens: int | None = Field(
+        None,
+        ge=128,
+        description="batching=batched: KV cache cells shared by the sequences; "
+        "8 context windows if unset",
+    )
     max_queue: int = Field(64, ge=0, description="requests that may wait for a slot before 429")
     session_cache_mb: int = Field(512, ge=0, description="RAM for saved conversation KV states")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)

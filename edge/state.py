@@ -60,7 +60,7 @@ class EdgeState:
         """This edge's queue and slots, and the healthy cloud workers for its model."""
         fleet = self.registration.fleet if self.registration else None
         workers = None if fleet is None else len(fleet.healthy_workers(self.model_id))
-        return EdgeLoad(self.engine.waiting, self.engine.config.slots, workers)
+        return EdgeLoad(self.engine.waiting, self.engine.config.concurrency, workers)
 
     @property
     def fleet_usage(self) -> FleetUsage | None:
@@ -84,6 +84,9 @@ def engine_config(settings: EdgeSettings) -> tuple[EngineConfig, str]:
         slots=settings.slots,
         max_queue=settings.max_queue,
         session_cache_bytes=settings.session_cache_mb * 1024 * 1024,
+        batched=settings.batching == "batched",
+        sequences=settings.sequences,
+        kv_tokens=settings.kv_tokens,
     )
     return config, load_template(pair.chat_template)
 
@@ -105,6 +108,10 @@ def make_engine(settings: EdgeSettings, config: EngineConfig) -> EdgeEngine:
         from models.latency import LatencyProfile
 
         return SimEngine(config, LatencyProfile.load(settings.sim_profile).edge)
+    if config.batched:
+        from edge.batched_engine import BatchedEngine
+
+        return BatchedEngine(config)
     return LlamaEngine(config)
 
 

@@ -26,6 +26,13 @@ def serve(
     n_ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
     n_threads: Annotated[int | None, typer.Option(help="llama.cpp threads per slot.")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent llama.cpp contexts.")] = None,
+    batching: Annotated[
+        str | None,
+        typer.Option(help="'slots' (a context per request) or 'batched' (one shared context)."),
+    ] = None,
+    sequences: Annotated[
+        int | None, typer.Option(help="batching=batched: requests decoded together.")
+    ] = None,
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429.")] = None,
     max_n: Annotated[int | None, typer.Option(help="Most choices (n) per request.")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require this Bearer key.")] = None,
