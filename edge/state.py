@@ -26,7 +26,7 @@ from edge.routing import ComplexityScorer, Observations
 from edge.settings import EdgeSettings
 from models.catalog import Catalog
 from models.chat_template import load_template
-from models.convert import edge_gguf_path
+from models.edge_weights import prepare_edge_weights
 from router.live import LivePolicy
 from router.policy import PolicyError, RoutingPolicy
 
@@ -77,7 +77,7 @@ def engine_config(settings: EdgeSettings) -> tuple[EngineConfig, str]:
     """The engine config for the settings' catalog pair, and the pair's chat template."""
     pair = Catalog.load().get(settings.model)
     config = EngineConfig(
-        model_path=settings.gguf or edge_gguf_path(pair),
+        model_path=settings.gguf or prepare_edge_weights(pair),
         n_ctx=settings.n_ctx or pair.edge.n_ctx,  # unset: the catalog pair's window
         n_threads=settings.n_threads,
         n_threads_batch=settings.n_threads_batch or settings.n_threads,

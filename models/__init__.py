@@ -30,6 +30,12 @@ from models.convert import (
     is_prepared,
     prepare_cloud_weights,
 )
+from models.edge_weights import (
+    QUANTIZER_VERSION,
+    QuantizeRecord,
+    edge_weights_path,
+    prepare_edge_weights,
+)
 from models.errors import (
     CatalogError,
     ConversionError,
@@ -57,6 +63,7 @@ __all__ = [
     "DEFAULT_N_CTX",
     "DEFAULT_PAIR",
     "DEQUANTIZE_EDGE",
+    "QUANTIZER_VERSION",
     "Catalog",
     "CatalogError",
     "CatalogFile",
@@ -71,6 +78,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelPair",
     "ModelSettings",
+    "QuantizeRecord",
     "TemplateNotFoundError",
     "TemplateRenderError",
     "VocabMismatch",
@@ -79,11 +87,13 @@ __all__ = [
     "check_vocab_compatible",
     "cloud_weights_dir",
     "edge_gguf_path",
+    "edge_weights_path",
     "is_prepared",
     "llama_token_bytes",
     "load_template",
     "locate_bundled_gguf",
     "prepare_cloud_weights",
+    "prepare_edge_weights",
     "render_chat",
     "require_compatible",
     "tandem_home",

@@ -47,6 +47,12 @@ class EdgeModel(BaseModel):
 
     gguf: str = Field(description="`bundled:<distribution>/<file>` or a path to a GGUF file")
     n_ctx: int = Field(default=DEFAULT_N_CTX, gt=0)
+    layout: Literal["gguf", "q8_0"] = Field(
+        default="gguf",
+        description="weights the edge runs: 'gguf' (the file as it is) or 'q8_0' (re-quantized "
+        "once into $TANDEM_HOME by `tandem models prepare`; CPUs whose Q4 kernels are slow "
+        "decode Q8_0 faster)",
+    )
 
     @field_validator("gguf")
     @classmethod

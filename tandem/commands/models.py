@@ -28,6 +28,7 @@ from models import (
     is_prepared,
     load_template,
     prepare_cloud_weights,
+    prepare_edge_weights,
     require_compatible,
 )
 from tandem.commands.common import HomeOption, fail
@@ -74,10 +75,15 @@ def prepare(
     force: Annotated[bool, typer.Option("--force", help="Convert even if up to date.")] = False,
     home: HomeOption = None,
 ) -> None:
-    """Prepare a pair's cloud weights (the edge GGUF dequantized to HF safetensors)."""
+    """Prepare a pair's cloud weights (the edge GGUF dequantized to HF safetensors), and
+    its edge weights when the pair's edge layout asks for re-quantized ones (q8_0)."""
     with _user_errors():
         pair = _pair(name, home)
         started = time.perf_counter()
+        if pair.edge.layout != "gguf":
+            with _stderr().status(f"Re-quantizing the edge weights of {pair.name}..."):
+                edge = prepare_edge_weights(pair, home=home, force=force)
+            typer.echo(str(edge))
         with _stderr().status(f"Preparing the cloud weights of {pair.name}..."):
             path = prepare_cloud_weights(pair, home=home, force=force)
         _stderr().print(f"{pair.name}: ready in {time.perf_counter() - started:.1f} s")
