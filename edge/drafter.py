@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec
 import numpy as np
 
 from edge.errors import EngineError
+from edge.escalation import last_logits
 from edge.generation import GenerationRequest
 from edge.sessions import common_prefix_len
 from edge.text import TextAssembler
@@ -49,6 +50,7 @@ from mesh.protocol import DraftDistribution, TokenLogprob
 from mesh.sampling import DRAFT_TOP_K, top_k_distribution
 
 if TYPE_CHECKING:
+    from edge.batched_engine import SequenceRun
     from edge.engine import SlotRun
 
 logger = logging.getLogger(__name__)
@@ -174,14 +176,9 @@ def draft_block(
     Every token is evaluated except an end token, after which nothing is drafted;
     ``stop(draft)``, asked after each token, ends the block early.
     """
-    import llama_cpp
-
-    n_vocab = llama.n_vocab()
     draft = Draft()
     for _ in range(k):
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1), shape=(n_vocab,)
-        )
+        logits = last_logits(llama)
         draft.add(*pick(logits, llama.n_tokens))
         token = draft.tokens[-1]
         if is_eog(token):
@@ -270,7 +267,7 @@ class SpeculativeDecoder:
     max_draft_tokens: int = 16
     fallback_to_edge: bool = True
 
-    def run(self, run: SlotRun) -> str:
+    def run(self, run: SlotRun | SequenceRun) -> str:
         """Draft on llama.cpp, verify in the cloud, emit what the target confirms."""
         llama, params, stats = run.llama, run.request.sampling, run.stats
         assembler = TextAssembler(params.stop)

@@ -18,7 +18,13 @@ import numpy as np
 
 
 def last_logits(llama: Any) -> np.ndarray:
-    """The logits llama.cpp sampled the latest token from (valid until the next eval)."""
+    """The logits llama.cpp sampled the latest token from (valid until the next eval).
+
+    A batched engine's sequence (``edge.batched_engine.SequenceLlama``) keeps its own
+    copy: the shared context's logits belong to whichever step ran last."""
+    own = getattr(llama, "last_logits", None)
+    if own is not None:
+        return np.asarray(own())
     import llama_cpp
 
     return np.ctypeslib.as_array(

@@ -22,6 +22,7 @@ from models.catalog import DEFAULT_N_CTX
 from models.token_cache import CachedTokenizer
 
 if TYPE_CHECKING:
+    from edge.batched_engine import SequenceRun
     from edge.engine import SlotRun
 
 
@@ -54,9 +55,10 @@ class EngineConfig:
 
 class Decoder(Protocol):
     """A decode loop other than plain sampling on the edge model: the speculative one
-    (``edge.drafter.SpeculativeDecoder``). It runs in the slot's thread."""
+    (``edge.drafter.SpeculativeDecoder``). It runs in the slot's thread, or on a batched
+    engine in a thread of its own."""
 
-    def run(self, run: SlotRun) -> str:
+    def run(self, run: SlotRun | SequenceRun) -> str:
         """Generate on the slot; return the text not yet emitted."""
         ...
 

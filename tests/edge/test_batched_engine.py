@@ -14,19 +14,23 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import httpx
 import openai
 import pytest
 
+from cloud.speculative import verify_greedy  # noqa: F401  (the rule ScriptedTarget applies)
 from edge.batched_engine import BatchedEngine
+from edge.drafter import Confirmed, Draft, SpeculativeDecoder, Verifier
 from edge.generation import EngineConfig, FinishEvent, GenerationRequest
 from edge.sampling import SamplingParams
 from mesh.protocol import TokenLogprob
 from models.bundled import locate_bundled_gguf
 from models.chat_template import load_template, render_chat
 from tandem.local import EdgeProcess
+from tests.edge.test_drafter import ScriptedTarget
 
 # The default Q4_1 model's logits move by up to ~0.25 nats between a sequence decoded
 # alone and the same sequence decoded in a batch of 8 (measured here on the common
@@ -279,6 +283,120 @@ async def test_bad_requests_fail_clearly_and_the_engine_keeps_serving(
     assert "window" in str(info.value)
     answer = await _generate(batched, _greedy(_ask(batched, QUESTIONS[4]), 3))
     assert answer.reason in ("stop", "length") and answer.tokens
+
+
+# Tasks the default model answers at length (raw ChatML, as tests/edge/test_drafter.py).
+COUNTING = [
+    "List the numbers from 1 to 40, separated by commas.",
+    "Count from 10 to 50.",
+    "Count from 100 to 140.",
+    "List the even numbers up to 80.",
+    "Count from 60 to 99.",
+    "Name the planets.",
+]
+
+
+def _raw_chat(engine: BatchedEngine, question: str) -> list[int]:
+    return engine.tokenize(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+class FailingTarget(ScriptedTarget):
+    """Verifies its first ``rounds`` drafts, then every verification fails."""
+
+    def __init__(self, prompt_len: int, target: list[int], rounds: int) -> None:
+        super().__init__(prompt_len, target, delay_s=0.01)
+        self.rounds = rounds
+
+    def verify(self, context: list[int], block: Draft) -> Future[Confirmed]:
+        if self.calls >= self.rounds:
+            self.calls += 1
+            failed: Future[Confirmed] = Future()
+            failed.set_exception(ConnectionError("the cloud went away"))
+            return failed
+        return super().verify(context, block)
+
+
+def _speculative(
+    prompt: list[int], max_tokens: int, verifier: Verifier, fallback: bool
+) -> GenerationRequest:
+    request = GenerationRequest(
+        list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    )
+    request.decoder = SpeculativeDecoder(verifier, fallback_to_edge=fallback)
+    return request
+
+
+async def test_concurrent_speculative_sessions_draft_in_shared_steps(
+    batched: BatchedEngine,
+) -> None:
+    """Six speculative sessions at once, against scripted targets that disagree with the
+    draft model here and there: each answer is exactly its target, and the sessions'
+    draft tokens were evaluated together (far fewer decode steps than drafted tokens)."""
+    prompts = [_raw_chat(batched, q) for q in COUNTING]
+    own = await asyncio.gather(*(_generate(batched, _greedy(p, 48)) for p in prompts))
+    targets, budgets = [], []
+    for answer in own:
+        # The verifier may be asked one token past the budget: the target is longer.
+        budgets.append(min(40, len(answer.tokens) - 1))
+        assert budgets[-1] >= 20, answer.text
+        target = list(answer.tokens)
+        for position in (5, 17, 18):  # the target disagrees with the draft model here
+            target[position] = (target[position] + 1) % batched.n_vocab
+        targets.append(target)
+    scripted = [ScriptedTarget(len(p), t, 0.02) for p, t in zip(prompts, targets, strict=True)]
+    steps, stepped = batched.decode_steps, batched.stepped_sequences
+    answers = await asyncio.gather(
+        *(
+            _generate(batched, _speculative(p, n, v.verify, fallback=False))
+            for p, n, v in zip(prompts, budgets, scripted, strict=True)
+        )
+    )
+    drafted = 0
+    for answer, target, n, verifier in zip(answers, targets, budgets, scripted, strict=True):
+        assert answer.finish is not None
+        stats = answer.finish.stats
+        assert answer.tokens == target[:n]
+        assert stats.finish_reason == "length" and not stats.fell_back
+        assert stats.verify_rounds == verifier.calls and stats.accepted < stats.drafted
+        drafted += stats.drafted
+    assert sum(a.finish.stats.pipelined_rounds for a in answers) >= 1
+    # Sessions' draft steps shared decode steps (a serial drafter would step one each).
+    mean_batch = (batched.stepped_sequences - stepped) / (batched.decode_steps - steps)
+    print(f"speculative: {drafted} drafted, mean batch {mean_batch:.2f} sequences per step")
+    assert mean_batch > 1.5
+    assert batched.running == 0 or await _drained(batched)
+
+
+async def test_a_failed_verification_falls_back_to_batched_plain_decoding(
+    batched: BatchedEngine,
+) -> None:
+    prompt = _raw_chat(batched, COUNTING[0])
+    own = await _generate(batched, _greedy(prompt, 48))
+    assert len(own.tokens) > 30, own.text
+    failing = FailingTarget(len(prompt), own.tokens, rounds=2)
+    answer = await _generate(batched, _speculative(prompt, 30, failing.verify, fallback=True))
+    assert answer.finish is not None
+    stats = answer.finish.stats
+    assert stats.fell_back and stats.verify_rounds == 2
+    assert stats.finish_reason == "length" and len(answer.tokens) == 30
+    confirmed = stats.accepted + stats.verify_rounds  # each round adds the target's token
+    assert answer.tokens[:confirmed] == own.tokens[:confirmed]
+
+    cancelled = batched.cancelled_generations
+    slow = ScriptedTarget(len(prompt), own.tokens, delay_s=0.05)
+    early = await _generate(batched, _speculative(prompt, 40, slow.verify, False), cancel_after=3)
+    assert len(early.tokens) >= 3 and early.finish is None
+    assert await _drained(batched)
+    assert batched.cancelled_generations == cancelled + 1
+
+
+async def _drained(engine: BatchedEngine) -> bool:
+    """Whether every request let go of its sequence within a few seconds."""
+    for _ in range(300):
+        if engine.running == 0 and engine.waiting == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 @pytest.fixture(scope="module")
