@@ -1,6 +1,7 @@
 """The edge's half of speculative decoding: draft greedily on llama.cpp, let the cloud verify.
 
-Runs in an engine slot's thread (it owns the llama.cpp context):
+Runs in an engine slot's thread (it owns the llama.cpp context), or on the batched engine in a
+thread of its own whose evaluations join the shared decode steps (``edge.batched_engine``):
 
 1. bring the KV cache to the prompt (reusing the longest cached prefix);
 2. draft up to ``k`` tokens greedily, evaluating each so the next can be drafted;
