@@ -150,7 +150,7 @@ class FleetView:
         return sorted(fresh, key=lambda beat: beat.node_id)
 
     def healthy_workers(self, model: str, max_age_s: float = 5.0) -> list[NodeHeartbeat]:
-        """Fresh, non-draining cloud nodes serving ``model``, least loaded first.
+        """Fresh, non-draining cloud nodes serving ``model`` to edges, least loaded first.
 
         The answer may be up to ``_HEALTHY_TTL_S`` old in its load figures, never in
         which nodes it lists. Do not change the list returned: it is shared.
@@ -163,7 +163,10 @@ class FleetView:
         workers = [
             beat
             for beat in self.nodes(max_age_s)
-            if beat.role == "cloud" and beat.model == model and not beat.load.draining
+            if beat.role == "cloud"
+            and beat.model == model
+            and not beat.load.draining
+            and beat.worker_role != "prefill"  # prefill workers serve decode workers only
         ]
         workers.sort(key=lambda b: (b.load.waiting, b.load.running, b.node_id))
         self._healthy[key] = (now, workers)

@@ -101,6 +101,10 @@ class NodeHeartbeat(WireMessage):
     endpoint: str | None = None
     sent_at: float = Field(default_factory=time.time)
     simulated: bool = False  # the node runs a simulated engine (scale runs only)
+    # A cloud worker's part in a disaggregated deployment (cloud.settings.WorkerRole):
+    # "both" (monolithic), "prefill" (serves decode workers only, never edges) or "decode".
+    # None from edges and from workers that predate the roles (they are "both").
+    worker_role: Literal["prefill", "decode", "both"] | None = None
 
 
 # -- cloud streaming --------------------------------------------------------------------------
@@ -345,6 +349,45 @@ class VerifyReply(WireMessage):
     # When the sampling asks for logprobs: one per emitted token (the accepted drafts,
     # then next_token), from the target model.
     logprobs: list[TokenLogprob] | None = None
+
+
+class PrefillRequest(WireMessage):
+    """A decode worker asks a prefill worker to compute a prompt's KV (``max_tokens=1``) and
+    hand it over through the KV connector (``subjects.cloud_prefill``).
+
+    ``prompt_token_ids`` is exactly what the decode worker will feed its engine (prompt
+    plus any resumed tokens), so the connector finds the KV by the same tokens.
+    ``kv_transfer_params`` is what vLLM's connector wants on the producing request
+    (``{"do_remote_decode": true, ...}`` for NixlConnector; ignored by shared storage).
+    """
+
+    kind: Literal["prefill_request"] = "prefill_request"
+    request_id: str = Field(min_length=1)
+    session_id: str | None = None
+    model: str = Field(min_length=1)
+    prompt_token_ids: list[int] = Field(min_length=1)
+    kv_transfer_params: dict[str, Any] | None = None
+    deadline: float | None = None
+
+
+class PrefillReply(WireMessage):
+    """The prefill worker computed the KV: the connector holds it for the decode worker.
+
+    ``kv_transfer_params`` come from vLLM's finished producing request (where to pull
+    the blocks from, for NixlConnector); the decode worker passes them to its own
+    request unchanged. ``first_token`` is the prefill's one greedy token (information
+    only: the decode worker samples its own first token with the request's sampling).
+    """
+
+    kind: Literal["prefill_reply"] = "prefill_reply"
+    request_id: str = Field(min_length=1)
+    worker_id: str = Field(min_length=1)
+    prompt_tokens: int = Field(ge=0)
+    cached_tokens: int = Field(ge=0)  # of them, found in the prefill worker's own cache
+    first_token: int | None = Field(default=None, ge=0)
+    kv_transfer_params: dict[str, Any] | None = None
+    simulated: bool = False
+    engine_s: float | None = Field(default=None, ge=0.0)  # simulated: modelled prefill time
 
 
 class CancelRequest(WireMessage):

@@ -135,10 +135,20 @@ def permissions(role: Role, name: str, *, workers: Iterable[str] = ()) -> dict[s
         publish = [
             subjects.node_load(name),  # Heartbeater
             "_INBOX.*.>",  # token streams to requesters' reply subjects, liveness probes
+            # A decode worker asks the prefill pool (cloud.disaggregation.PrefillClient):
+            # the queue group, or a session's own prefill worker. Only workers may: an
+            # edge's request never reaches a prefill worker directly.
+            subjects.cloud_any("prefill"),
+            subjects.worker_any("prefill"),
+            # A decode worker follows the routing policy's disaggregation section
+            # (router.live.PolicyFollower): read and watch, never a write, and its report.
+            *_kv_read(_POLICY),
+            subjects.policy_applied(),
         ]
         subscribe = [
             f"{subjects.cloud_any('generate')} {_QUEUE}",  # nats.micro endpoints, group q
             f"{subjects.cloud_any('verify')} {_QUEUE}",
+            f"{subjects.cloud_any('prefill')} {_QUEUE}",  # a prefill worker's endpoint
             subjects.worker_all(name),  # its affinity endpoints
             subjects.cloud_cancels(),  # cancels are broadcast to every worker, from any node
             "$SRV.>",  # nats.micro discovery: PING, INFO, STATS

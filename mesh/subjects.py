@@ -64,6 +64,12 @@ def cloud_verify(model: str) -> str:
     return f"{PREFIX}.cloud.{token(model)}.verify"
 
 
+def cloud_prefill(model: str) -> str:
+    """Queue-group subject of the prefill workers of ``model``: a decode worker asks one to
+    compute a prompt's KV (``PrefillRequest``); edges never publish here (``mesh.security``)."""
+    return f"{PREFIX}.cloud.{token(model)}.prefill"
+
+
 def cloud_cancel(model: str, node_id: str) -> str:
     """Where node ``node_id`` broadcasts its ``CancelRequest``s to the workers of ``model``.
 

@@ -32,7 +32,8 @@ POLICY_2 = "rules: [{name: cloudy, route: cloud}]\ndefault: {route: cloud}\n"
 @pytest.fixture(scope="module")
 def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> MeshDir:
     identities: dict[str, Role] = {
-        "operator": "operator", "edge-a": "edge", "edge-b": "edge", "w1": "worker"
+        "operator": "operator", "edge-a": "edge", "edge-b": "edge", "w1": "worker",
+        "w2": "worker",
     }  # fmt: skip
     return mesh_with(tmp_path_factory.mktemp("mesh"), identities)
 
@@ -123,6 +124,9 @@ async def test_an_edge_asks_workers_and_reads_only_its_own_inbox(
         ("publish", f"$KV.{subjects.POLICY_BUCKET}.{subjects.POLICY_KEY}"),  # writing the policy
         ("publish", subjects.node_load("w1")),  # a worker's heartbeats
         ("publish", "_INBOX.edge-b.stream"),  # into another edge's stream
+        ("publish", subjects.cloud_prefill(MODEL)),  # the prefill pool: decode workers only
+        ("publish", subjects.worker("w1", "prefill")),  # ... nor one prefill worker
+        ("serve", subjects.cloud_prefill(MODEL)),  # nor serve as a prefill worker
     ],
 )
 async def test_an_edge_is_refused_what_it_does_not_need(
@@ -138,6 +142,54 @@ async def test_an_edge_is_refused_what_it_does_not_need(
         assert await edge.refused(subject), f"{action} {subject} was not refused"
     finally:
         await edge.nc.close()
+
+
+async def test_a_decode_worker_asks_the_prefill_pool_and_one_prefill_worker(
+    hub: EmbeddedNats, mesh_dir: MeshDir
+) -> None:
+    """Worker to worker: w2 (decode) asks the prefill queue group and w1's own prefill
+    subject (session affinity); w1 (prefill) serves both. Nothing is refused."""
+    prefill, decode = await _node(hub, mesh_dir, "w1"), await _node(hub, mesh_dir, "w2")
+    try:
+
+        async def serve(msg: nats.aio.msg.Msg) -> None:
+            await msg.respond(b"kv ready")
+
+        await prefill.nc.subscribe(subjects.cloud_prefill(MODEL), queue="q", cb=serve)
+        await prefill.nc.subscribe(subjects.worker("w1", "prefill"), cb=serve)
+        await prefill.nc.flush()
+        for subject in (subjects.cloud_prefill(MODEL), subjects.worker("w1", "prefill")):
+            reply = await decode.nc.request(subject, b"prompt ids", timeout=5)
+            assert reply.data == b"kv ready"
+        assert not prefill.refusals and not decode.refusals
+    finally:
+        await prefill.nc.close()
+        await decode.nc.close()
+
+
+async def test_a_decode_worker_follows_the_policy_but_cannot_write_it(
+    hub: EmbeddedNats, mesh_dir: MeshDir
+) -> None:
+    operator, worker = await _node(hub, mesh_dir, "operator"), await _node(hub, mesh_dir, "w2")
+    try:
+        written = await PolicyStore.open(operator.nc)
+        current = await written.current()
+        revision = await written.set(
+            "disaggregation: {remote_prefill: always}\n",
+            expect_revision=current.revision if current else 0,
+            author="t",
+        )
+        followed = await PolicyStore.open(worker.nc, create=False)
+        stored = await followed.current()
+        assert stored is not None and stored.revision == revision
+        assert stored.policy is not None
+        assert stored.policy.disaggregation.remote_prefill == "always"
+        with pytest.raises(Exception):  # noqa: B017  # a worker reads, never writes
+            await followed.set(POLICY, expect_revision=revision, author="worker")
+        assert await worker.refused(f"$KV.{subjects.POLICY_BUCKET}")
+    finally:
+        await operator.nc.close()
+        await worker.nc.close()
 
 
 @pytest.mark.parametrize(
