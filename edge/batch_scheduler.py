@@ -526,7 +526,12 @@ class BatchScheduler:
             job.admitted.set()
             return
         job.pending = list(prompt[keep:])
-        job.sampler = self._sampler(job.request)
+        try:
+            job.sampler = self._sampler(job.request)
+        except Exception as exc:  # this request's sampler only; the batch goes on
+            logger.exception("building a sampler failed")
+            self._fail(job, exc)
+            return
         if job.budget <= 0:
             self._finish(job, "length")
 
