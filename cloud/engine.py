@@ -9,6 +9,7 @@ prompt then enters the engine as token ids.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cloud.errors import BadGenerateRequestError, EngineFailedError
+from cloud.errors import BadGenerateRequestError, EngineFailedError, KvConnectorError
 from cloud.settings import CloudSettings
 from cloud.speculative import Verdict, verify_greedy, verify_sampled
 from mesh.grammar import TOOL_CALL_TRIGGER, tool_call_grammar
@@ -81,6 +82,93 @@ class BusyClock:
     def busy_s(self) -> float:
         """Busy seconds so far, including the interval still open."""
         return self._total + (self._clock() - self._since if self._inside else 0.0)
+
+
+# What a producing (prefill) request asks of the connector: keep the KV for a remote
+# decode. NixlConnector reads it (and answers where to pull the blocks from); shared
+# storage connectors ignore it. The same fields as vLLM's own disaggregation proxy.
+PREFILL_TRANSFER_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """A prefill computed for a decode worker (``CloudEngine.prefill``)."""
+
+    first_token: int | None
+    cached_tokens: int  # prompt tokens this engine found in its own prefix cache
+    kv_transfer_params: dict[str, Any] | None  # for the decode worker's request, as vLLM gave
+    engine_s: float | None = None  # simulated engines: modelled prefill seconds
+
+
+# Connectors Tandem loads from cloud/kv_connectors.py (vLLM's, with a fix; same names).
+_PATCHED_CONNECTORS = ("ExampleConnector",)
+
+
+def kv_transfer_config(settings: CloudSettings) -> Any:
+    """vLLM's ``KVTransferConfig`` for the worker's role and connector (None without one).
+
+    Checked here, before a minute of engine start-up: the connector must be one vLLM
+    knows, and a shared-storage connector needs a directory it can write.
+    """
+    if settings.kv_connector is None:
+        return None
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    extra = dict(settings.kv_connector_extra_config)
+    # KVTransferConfig's own fields may come in the extra config too (NixlConnector's
+    # kv_buffer_device: cpu, kv_connector_module_path for an out-of-tree connector).
+    own = {f.name for f in dataclasses.fields(KVTransferConfig)} - {
+        "kv_connector", "kv_role", "kv_connector_extra_config"
+    }  # fmt: skip
+    fields = {k: extra.pop(k) for k in own & set(extra)}
+    # KV that cannot be loaded (files gone, a peer away) is computed, not an error: a
+    # decode worker answers with or without the hand-over.
+    fields.setdefault("kv_load_failure_policy", "recompute")
+    if settings.kv_connector in _PATCHED_CONNECTORS:  # vLLM's, with Tandem's fix
+        fields.setdefault("kv_connector_module_path", "cloud.kv_connectors")
+    try:
+        config = KVTransferConfig(
+            kv_connector=settings.kv_connector,
+            kv_role=settings.kv_role,  # type: ignore[arg-type]
+            kv_connector_extra_config=extra,
+            **fields,
+        )
+        KVConnectorFactory.get_connector_class(config)
+    except (ValueError, TypeError, ImportError, AttributeError) as exc:
+        known = ", ".join(sorted(getattr(KVConnectorFactory, "_registry", {})))
+        raise KvConnectorError(
+            f"KV connector {settings.kv_connector!r} cannot be used: {exc} (vLLM knows: {known})"
+        ) from exc
+    if settings.kv_connector == "ExampleConnector":
+        _check_shared_storage(extra.get("shared_storage_path"))
+    return config
+
+
+def _check_shared_storage(path: Any) -> None:
+    """ExampleConnector keeps KV in files under ``shared_storage_path``, which every
+    prefill and decode worker must share: refuse a missing or unwritable one (vLLM
+    would fall back to /tmp, which no other worker sees)."""
+    if not isinstance(path, str) or not path:
+        raise KvConnectorError(
+            "ExampleConnector needs kv_connector_extra_config.shared_storage_path: a directory "
+            'every prefill and decode worker shares, e.g. {"shared_storage_path": "/kv"}'
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".tandem-write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise KvConnectorError(f"shared_storage_path {path!r} is not writable: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -259,6 +347,7 @@ class VllmEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(self.settings.kv_cache_gb)))
         if self.settings.cpu_cores:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.settings.cpu_cores
+        transfer = kv_transfer_config(self.settings)  # a bad connector fails before the engine
         weights = prepare_cloud_weights(self.pair)
         args = AsyncEngineArgs(
             model=str(weights),
@@ -271,6 +360,7 @@ class VllmEngine:
             block_size=self.settings.block_size,
             max_logprobs=TARGET_TOP_K,  # sampled verification reads this many per position
             disable_log_stats=False,
+            kv_transfer_config=transfer,
         )
         started = time.perf_counter()
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self.load)])
@@ -291,6 +381,16 @@ class VllmEngine:
         """Number of token ids the target accepts."""
         return len(self._tokenizer)
 
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV cache block: the prefix cache's (and connectors') granularity."""
+        return int(self._llm.vllm_config.cache_config.block_size)
+
+    @property
+    def cache_blocks(self) -> int:
+        """KV cache blocks the engine holds (vLLM sizes the cache at start)."""
+        return int(self._llm.vllm_config.cache_config.num_gpu_blocks or 1)
+
     def render(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> list[int]:
@@ -309,7 +409,13 @@ class VllmEngine:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _sampling(self, wire: WireSampling, prompt_len: int, already: int) -> Any:
+    def _sampling(
+        self,
+        wire: WireSampling,
+        prompt_len: int,
+        already: int,
+        kv_transfer_params: dict[str, Any] | None = None,
+    ) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -335,6 +441,10 @@ class VllmEngine:
                 logprobs=wire.logprobs,
                 output_kind=RequestOutputKind.DELTA,
                 structured_outputs=structured_outputs(wire.constraint),
+                # A remote prefill's hand-over (NixlConnector: where the blocks are).
+                extra_args=None
+                if kv_transfer_params is None
+                else {"kv_transfer_params": kv_transfer_params},
             )
         except (ValueError, TypeError) as exc:
             raise BadGenerateRequestError(f"invalid sampling parameters: {exc}") from exc
@@ -345,8 +455,13 @@ class VllmEngine:
         prompt_ids: list[int],
         sampling: WireSampling,
         resume_ids: list[int],
+        kv_transfer_params: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta]:
-        """Stream deltas for a prompt, continuing after ``resume_ids`` when given."""
+        """Stream deltas for a prompt, continuing after ``resume_ids`` when given.
+
+        ``kv_transfer_params``: what a prefill worker's reply said about the prompt's KV
+        (``prefill``); the connector loads it instead of computing it. Without them, or
+        when the connector finds nothing, vLLM computes the prompt itself."""
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -356,7 +471,7 @@ class VllmEngine:
                 "a constrained answer cannot continue on another worker after a failure"
             )
         full_prompt = prompt_ids + resume_ids
-        params = self._sampling(sampling, len(full_prompt), len(resume_ids))
+        params = self._sampling(sampling, len(full_prompt), len(resume_ids), kv_transfer_params)
         try:
             with self.busy.occupied():
                 async for out in self._llm.generate(
@@ -487,6 +602,45 @@ class VllmEngine:
         assert final is not None
         return final
 
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        kv_transfer_params: dict[str, Any] | None,
+    ) -> PrefillResult:
+        """Compute a prompt's KV for a decode worker: one greedy token, the connector saves
+        the KV (a producer's every request) and vLLM returns how to fetch it."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(prompt_ids) >= self.settings.max_model_len:
+            raise BadGenerateRequestError(
+                f"This model's maximum context length is {self.settings.max_model_len} tokens, "
+                f"but the prompt takes {len(prompt_ids)} tokens."
+            )
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            detokenize=False,
+            extra_args={"kv_transfer_params": kv_transfer_params or PREFILL_TRANSFER_PARAMS},
+        )
+        final = None
+        try:
+            with self.busy.occupied():
+                async for out in self._llm.generate(
+                    TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+                ):
+                    final = out
+        except ValueError as exc:  # vLLM's input validation
+            raise BadGenerateRequestError(str(exc)) from exc
+        assert final is not None
+        tokens = final.outputs[0].token_ids
+        return PrefillResult(
+            first_token=tokens[0] if tokens else None,
+            cached_tokens=final.num_cached_tokens or 0,
+            kv_transfer_params=final.kv_transfer_params,
+        )
+
     async def abort(self, request_id: str) -> None:
         """Stop a request in vLLM (frees its KV blocks)."""
         await self._llm.abort(request_id)
@@ -538,6 +692,10 @@ class CloudEngine(Protocol):
     def loaded(self) -> bool: ...
     @property
     def vocab_size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def cache_blocks(self) -> int: ...
     async def start(self) -> None: ...
     def validate(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any
@@ -546,8 +704,16 @@ class CloudEngine(Protocol):
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> list[int]: ...
     def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: WireSampling, resume_ids: list[int]
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: WireSampling,
+        resume_ids: list[int],
+        kv_transfer_params: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta]: ...
+    async def prefill(
+        self, request_id: str, prompt_ids: list[int], kv_transfer_params: dict[str, Any] | None
+    ) -> PrefillResult: ...
     async def verify(
         self,
         request_id: str,

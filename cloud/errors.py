@@ -5,7 +5,9 @@ CloudError                  base; ``code`` (and the message) shape the error chu
 ├── DeadlineExceededError   504: the requester's deadline passed
 ├── DrainingError           503: the worker is shutting down
 ├── EngineFailedError       500: vLLM failed on this request
-└── HttpPortError           start-up: /health, /ready and /metrics cannot listen (never
+├── HttpPortError           start-up: /health, /ready and /metrics cannot listen (never
+│                           sent over the mesh)
+└── KvConnectorError        start-up: the KV connector configuration cannot be used (never
                             sent over the mesh)
 """
 
@@ -50,3 +52,8 @@ class EngineFailedError(CloudError):
 
 class HttpPortError(CloudError):
     """The worker's HTTP port cannot be bound: a start-up failure, fatal."""
+
+
+class KvConnectorError(CloudError):
+    """The worker's KV connector (``--kv-connector`` and its extra config) cannot be used:
+    a start-up failure, fatal, reported before the engine starts."""

@@ -86,6 +86,18 @@ class _TandemCollector(Collector):
             ("engine_busy_seconds",
              "Wall seconds with at least one request inside the engine (measured around "
              "the worker's calls into it).", w.engine.busy.busy_s),
+            # Disaggregation (cloud.disaggregation): a prefill worker's, a decode worker's.
+            ("prefills_served", "Prompts prefilled for decode workers (prefill role).",
+             w.prefill_counts.served),
+            ("remote_prefills_asked", "Prompts sent to the prefill pool (decode role).",
+             w.prefill_counts.asked),
+            ("remote_prefills_transferred", "Of them, prefilled remotely (KV handed over).",
+             w.prefill_counts.transferred),
+            ("remote_prefills_fell_back",
+             "Of them, prefilled here after all (no prefill worker, timeout, error).",
+             w.prefill_counts.fell_back),
+            ("local_prefills", "Prompts the policy left to this decode worker.",
+             w.prefill_counts.local),
         ):  # fmt: skip
             family = CounterMetricFamily(f"tandem_worker_{name}", doc, labels=["model_name"])
             family.add_metric(labels, value)

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mesh.connection import DEFAULT_NATS_URL
 from models.catalog import DEFAULT_N_CTX, DEFAULT_PAIR
 from models.latency import EngineKind
+
+# What a worker does in a disaggregated deployment (cloud.disaggregation):
+#   both     today's monolithic worker: serves generate and verify, prefills itself
+#   prefill  serves the prefill pool only: computes a prompt's KV for a decode worker
+#   decode   serves generate and verify; asks the prefill pool for long uncached prompts
+WorkerRole = Literal["prefill", "decode", "both"]
+# vLLM's KVTransferConfig.kv_role for each worker role.
+KV_ROLES: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 
 
 class CloudSettings(BaseSettings):
@@ -80,4 +89,57 @@ class CloudSettings(BaseSettings):
     sim_profile: Path | None = Field(
         None, description="latency profile JSON for --engine sim; the shipped default if unset"
     )
+    role: WorkerRole = Field(
+        "both",
+        description="'both': a monolithic worker (the default); 'prefill': computes prompts' "
+        "KV for decode workers; 'decode': serves edges, fetching long prompts' KV from a "
+        "prefill worker (both need --kv-connector)",
+    )
+    kv_connector: str | None = Field(
+        None,
+        description="vLLM KV connector carrying KV between prefill and decode workers: "
+        "ExampleConnector (shared storage; vLLM-CPU), NixlConnector (GPU clusters)",
+    )
+    # NoDecode: the validator below parses the JSON, so bad JSON is a clear error there.
+    kv_connector_extra_config: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict,
+        description="the connector's extra config, a JSON object (vLLM's "
+        'kv_connector_extra_config), e.g. \'{"shared_storage_path": "/kv"}\'',
+    )
+    prefill_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="decode role: how long to wait for a prefill worker before prefilling "
+        "locally (the request's deadline bounds it too)",
+    )
     log_level: str = "info"
+
+    @field_validator("kv_connector_extra_config", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        """The CLI passes the extra config as JSON text (the environment does too)."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ValueError('must be a JSON object, e.g. {"shared_storage_path": "/kv"}')
+        return value
+
+    @model_validator(mode="after")
+    def _roles_need_a_connector(self) -> Self:
+        # A simulated engine models the hand-over without a connector.
+        if self.role != "both" and self.kv_connector is None and self.engine == "real":
+            raise ValueError(
+                f"--role {self.role} needs --kv-connector: the prompt's KV travels between "
+                "prefill and decode workers through vLLM's KV connector"
+            )
+        if self.kv_connector_extra_config and self.kv_connector is None:
+            raise ValueError("kv_connector_extra_config is set but no kv_connector")
+        return self
+
+    @property
+    def kv_role(self) -> str | None:
+        """vLLM's ``kv_role`` for this worker, or None without a connector."""
+        return None if self.kv_connector is None else KV_ROLES[self.role]

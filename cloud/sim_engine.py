@@ -20,6 +20,13 @@ the KV cache size.
 Answers are the filler text of ``models.sim_vocab`` in real token ids; the final
 delta carries the request's modelled engine time (queueing + its steps), which
 the worker reports as ``simulated`` in the stream's usage.
+
+Disaggregation (``--role prefill|decode``) runs on the same scheduler: each role's
+steps follow its own engine profile (``LatencyProfile.cloud_for``); a prefill is a
+request with one output token whose reply hands over ``simulated_kv_tokens`` (whole
+blocks, as vLLM's connectors move them); a decode request carrying them waits the
+modelled KV transfer (``DisaggregationProfile.transfer_s``) before it is scheduled,
+then finds those tokens cached.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud.engine import BusyClock, Delta, EngineLoad, check_messages
+from cloud.engine import BusyClock, Delta, EngineLoad, PrefillResult, check_messages
 from cloud.errors import BadGenerateRequestError
 from cloud.settings import CloudSettings
 from cloud.speculative import Verdict
@@ -40,12 +47,15 @@ from models.catalog import Catalog, ModelPair
 from models.chat_template import load_template, render_chat
 from models.convert import edge_gguf_path
 from models.errors import ModelError
-from models.latency import EngineProfile, LatencyProfile
+from models.latency import DisaggregationProfile, EngineProfile, LatencyProfile
 from models.sim_vocab import SimVocab
 
 logger = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 128
+# The hand-over a simulated prefill worker replies with: how many prompt tokens' KV the
+# decode worker receives (kv_transfer_params carry it from one engine to the other).
+SIM_KV_TOKENS = "simulated_kv_tokens"
 
 
 @dataclass
@@ -63,6 +73,8 @@ class _Sequence:
     started_prefill: bool = False
     emitted: int = 0
     text: str = ""
+    transferred: int = 0  # prompt tokens whose KV came from a (simulated) prefill worker
+    ready_at: float = 0.0  # when it may be scheduled: after its KV transfer, if any
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,11 @@ class PrefixCache:
     def __init__(self, capacity_blocks: int) -> None:
         self._capacity = max(1, capacity_blocks)
         self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def capacity(self) -> int:
+        """Blocks the cache holds at most."""
+        return self._capacity
 
     def hit_tokens(self, prompt: list[int]) -> int:
         """Cached tokens of ``prompt`` (its leading cached blocks); caches all its blocks."""
@@ -113,12 +130,18 @@ class SimVllmEngine:
         settings: CloudSettings,
         profile: EngineProfile | None = None,
         vocab: SimVocab | None = None,
+        split: DisaggregationProfile | None = None,
     ) -> None:
         """``vocab`` lets several simulated workers in one process share one vocabulary."""
         self.settings = settings
         self.pair: ModelPair = Catalog.load().get(settings.model)
         self.template = load_template(self.pair.chat_template)
-        self.profile = profile or LatencyProfile.load(settings.sim_profile).cloud
+        if profile is None or split is None:
+            latency = LatencyProfile.load(settings.sim_profile)
+            profile = profile or latency.cloud_for(settings.role)
+            split = split or latency.disaggregation
+        self.profile = profile
+        self.split = split
         self.load = EngineLoad()
         self.busy = BusyClock()
         kv_tokens = int(settings.kv_cache_gb * 2**30) // self.profile.kv_bytes_per_token
@@ -157,6 +180,16 @@ class SimVllmEngine:
     def vocab_size(self) -> int:
         """Number of token ids the target accepts."""
         return self.vocab.n_vocab
+
+    @property
+    def block_size(self) -> int:
+        """The modelled prefix cache's block (vLLM-CPU's)."""
+        return BLOCK_TOKENS
+
+    @property
+    def cache_blocks(self) -> int:
+        """Blocks the modelled KV cache holds."""
+        return self.prefix_cache.capacity
 
     def render(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
@@ -201,8 +234,10 @@ class SimVllmEngine:
         prompt_ids: list[int],
         sampling: WireSampling,
         resume_ids: list[int],
+        kv_transfer_params: dict[str, Any] | None = None,
     ) -> AsyncIterator[Delta]:
-        """Queue the request in the simulated scheduler and relay its deltas."""
+        """Queue the request in the simulated scheduler and relay its deltas (after the
+        modelled KV transfer, when a prefill worker handed some over)."""
         full_prompt = prompt_ids + resume_ids
         room = self.settings.max_model_len - len(full_prompt)
         if room <= 0:
@@ -223,6 +258,12 @@ class SimVllmEngine:
             sampling.stop or [],
             enqueued_at=asyncio.get_running_loop().time(),
         )
+        handed = int((kv_transfer_params or {}).get(SIM_KV_TOKENS, 0))
+        seq.transferred = max(0, min(handed, len(full_prompt) - 1))
+        # The pull happens before vLLM schedules the request, and counts in its time.
+        seq.ready_at = seq.enqueued_at + self.split.transfer_s(seq.transferred)
+        if seq.transferred:
+            await asyncio.sleep(max(0.0, seq.ready_at - asyncio.get_running_loop().time()))
         self._waiting.append(seq)
         self.load.waiting = len(self._waiting)
         self._wake.set()
@@ -235,6 +276,24 @@ class SimVllmEngine:
                         return
         finally:
             self._remove(request_id)
+
+    async def prefill(
+        self, request_id: str, prompt_ids: list[int], kv_transfer_params: dict[str, Any] | None
+    ) -> PrefillResult:
+        """A prefill worker's request: the prompt and one token through the scheduler; the
+        reply hands the prompt's whole blocks over to the decode worker."""
+        first, cached, engine_s = None, 0, None
+        greedy_one = WireSampling(max_tokens=1, temperature=0.0)
+        async for delta in self.generate(request_id, prompt_ids, greedy_one, []):
+            first = delta.token_ids[0] if delta.token_ids else first
+            cached, engine_s = delta.cached_tokens, delta.engine_s
+        whole_blocks = (len(prompt_ids) - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+        return PrefillResult(
+            first_token=first,
+            cached_tokens=cached,
+            kv_transfer_params={SIM_KV_TOKENS: whole_blocks},
+            engine_s=engine_s,
+        )
 
     async def abort(self, request_id: str) -> None:
         """Drop a request from the scheduler."""
@@ -260,7 +319,7 @@ class SimVllmEngine:
                     continue  # aborted before the scheduler woke
                 # An idle engine starts stepping when the request arrived, not when this
                 # loop got round to it: the wake-up lag is the event loop's, not the model's.
-                clock = max(clock, self._waiting[0].enqueued_at)
+                clock = max(clock, self._waiting[0].ready_at)
             self._admit()
             emitting, step = self._plan_step()
             # Absolute step ends: event-loop lag does not pile up into modelled time.
@@ -295,7 +354,8 @@ class SimVllmEngine:
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.profile.max_batch:
             seq = self._waiting.popleft()
-            seq.cached = min(self.prefix_cache.hit_tokens(seq.prompt), len(seq.prompt) - 1)
+            hit = max(self.prefix_cache.hit_tokens(seq.prompt), seq.transferred)
+            seq.cached = min(hit, len(seq.prompt) - 1)
             seq.to_prefill = len(seq.prompt) - seq.cached
             self.load.prefix_queries += len(seq.prompt)
             self.load.prefix_hits += seq.cached

@@ -15,6 +15,14 @@ A cancel counts only from the request's owner: the node whose inbox the stream g
 to (``_INBOX.<node>...``, which on a secured mesh only that node can read), named by
 the cancel's subject (``tandem.v1.cloud.<model>.cancel.<node>``, which the hub lets
 only that node publish on). Another edge that learns a request id cannot cancel it.
+
+Roles (``--role``, ``cloud.disaggregation``): a ``both`` worker is all of the above; a
+``decode`` worker is too, and asks the prefill pool to compute long uncached prompts'
+KV first (invisible to the edge); a ``prefill`` worker serves only that pool::
+
+    decode worker --PrefillRequest--> tandem.v1.cloud.<model>.prefill (queue group)
+                                  or  tandem.v1.worker.<id>.prefill   (session affinity)
+    decode worker <--PrefillReply-- (the KV is in the connector)
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from cloud.disaggregation import PrefillCounts, PrefixIndex, RemotePrefill
 from cloud.engine import CloudEngine
 from cloud.errors import (
     BadGenerateRequestError,
@@ -52,6 +61,8 @@ from mesh.protocol import (
     GenerateRequest,
     NodeHeartbeat,
     NodeLoad,
+    PrefillReply,
+    PrefillRequest,
     StreamUsage,
     TokenChunk,
     TokenLogprob,
@@ -62,7 +73,7 @@ from mesh.version import __version__
 
 logger = logging.getLogger(__name__)
 
-W = TypeVar("W", GenerateRequest, VerifyRequest)
+W = TypeVar("W", GenerateRequest, VerifyRequest, PrefillRequest)
 
 
 class _Stream:
@@ -112,6 +123,8 @@ class CloudWorker:
         self.verify_counts = VerifyCounts()
         self._requests_total = 0  # generate requests admitted, for the planner's demand
         self._prompt_tokens_total = 0
+        self.prefill_counts = PrefillCounts()
+        self._remote: RemotePrefill | None = None  # decode role only (start)
 
     @property
     def in_flight(self) -> int:
@@ -150,6 +163,25 @@ class CloudWorker:
             # $SRV.STATS carries the load too, for tools that poll instead of subscribing.
             stats_handler=lambda _endpoint: self.load().model_dump(mode="json"),
         )
+        if s.role == "prefill":
+            await self._serve_prefills(model)
+        else:
+            await self._serve_edges(model)
+        if s.role == "decode":
+            await self._follow_disaggregation(model)
+        await self._nc.subscribe(subjects.cloud_cancels(model=model), cb=self.handle_cancel)
+        self._beats = Heartbeater(
+            self._nc, subjects.node_load(s.worker_id), self.beat, interval_s=s.heartbeat_s
+        )
+        await self._beats.start()
+        self._keepalive_task = asyncio.create_task(self._keepalives(), name="keepalives")
+        self._subscribed = True
+        logger.info("%s worker %s serving %s on %s", s.role, s.worker_id, model, s.nats_url)
+
+    async def _serve_edges(self, model: str) -> None:
+        """generate and verify: the model's queue group and this worker's own subjects."""
+        assert self._service is not None
+        s = self.settings
         await self._service.add_endpoint(
             name="generate", subject=subjects.cloud_generate(model), handler=self.handle_generate
         )
@@ -164,14 +196,32 @@ class CloudWorker:
             ("verify-affinity", subjects.worker(s.worker_id, "verify")),
         ):
             await self._service.add_endpoint(name=name, subject=subject, handler=self.handle_verify)
-        await self._nc.subscribe(subjects.cloud_cancels(model=model), cb=self.handle_cancel)
-        self._beats = Heartbeater(
-            self._nc, subjects.node_load(s.worker_id), self.beat, interval_s=s.heartbeat_s
+
+    async def _serve_prefills(self, model: str) -> None:
+        """The prefill pool's queue group, and this worker's own subject (session affinity)."""
+        assert self._service is not None
+        for name, subject in (
+            ("prefill", subjects.cloud_prefill(model)),
+            ("prefill-affinity", subjects.worker(self.settings.worker_id, "prefill")),
+        ):
+            await self._service.add_endpoint(
+                name=name, subject=subject, handler=self.handle_prefill
+            )
+
+    async def _follow_disaggregation(self, model: str) -> None:
+        """Decode role: ask the prefill pool when the live policy says so."""
+        assert self._nc is not None
+        s, engine = self.settings, self.engine
+        self._remote = RemotePrefill(
+            self._nc,
+            model,
+            s.worker_id,
+            timeout_s=s.prefill_timeout_s,
+            max_model_len=s.max_model_len,
+            index=PrefixIndex(engine.block_size, engine.cache_blocks),
+            counts=self.prefill_counts,
         )
-        await self._beats.start()
-        self._keepalive_task = asyncio.create_task(self._keepalives(), name="keepalives")
-        self._subscribed = True
-        logger.info("worker %s serving %s on %s", s.worker_id, model, s.nats_url)
+        await self._remote.start()
 
     def beat(self) -> NodeHeartbeat:
         """This worker's heartbeat now (it also restarts the tokens/s window)."""
@@ -186,6 +236,7 @@ class CloudWorker:
             version=__version__,
             load=self.load(),
             simulated=self.engine.simulated,
+            worker_role=self.settings.role,
         )
 
     def load(self) -> NodeLoad:
@@ -230,6 +281,53 @@ class CloudWorker:
             # No owner: a verification is one round trip bounded by its deadline, and
             # requesters never cancel one.
             self._track(request.request_id, None, self._verify(msg, request))
+
+    async def handle_prefill(self, msg: Request) -> None:
+        """Prefill role: compute a prompt's KV for a decode worker and reply when it is in
+        the connector."""
+        request = await self._admit(msg, PrefillRequest)
+        if request is not None:
+            # No owner: one round trip bounded by its deadline, like a verification.
+            self._track(request.request_id, None, self._prefill_one(msg, request))
+
+    async def _prefill_one(self, msg: Request, request: PrefillRequest) -> None:
+        vocab = self.engine.vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            await _refuse(
+                msg, BadGenerateRequestError(f"token id {bad[0]} is outside the vocabulary")
+            )
+            return
+        budget = None if request.deadline is None else request.deadline - time.time()
+        try:
+            async with asyncio.timeout(budget):
+                result = await self.engine.prefill(
+                    request.request_id, request.prompt_token_ids, request.kv_transfer_params
+                )
+        except TimeoutError:
+            await self.engine.abort(request.request_id)
+            await _refuse(msg, DeadlineExceededError("the prefill's deadline passed"))
+            return
+        except CloudError as exc:
+            await _refuse(msg, exc)
+            return
+        except Exception as exc:  # never leave the decode worker waiting for nothing
+            logger.exception("prefill %s failed", request.request_id)
+            await _refuse(msg, EngineFailedError(f"prefill failed: {exc}"))
+            return
+        self.prefill_counts.served += 1
+        self._prompt_tokens_total += len(request.prompt_token_ids)
+        reply = PrefillReply(
+            request_id=request.request_id,
+            worker_id=self.settings.worker_id,
+            prompt_tokens=len(request.prompt_token_ids),
+            cached_tokens=result.cached_tokens,
+            first_token=result.first_token,
+            kv_transfer_params=result.kv_transfer_params,
+            simulated=self.engine.simulated,
+            engine_s=result.engine_s,
+        )
+        await msg.respond(reply.to_bytes())
 
     async def _admit(self, msg: Request, kind: type[W]) -> W | None:
         """The decoded request, or None after answering 400 (undecodable) or 503 (draining)."""
@@ -290,6 +388,8 @@ class CloudWorker:
             wrong = EngineFailedError(f"the target produced token {verdict.next_token}")
             await _refuse(msg, wrong)
             return
+        if self._remote is not None:  # vLLM caches the verified context
+            self._remote.index.add(request.context_token_ids)
         counts = self.verify_counts
         counts.rounds += 1
         counts.draft_tokens += len(request.draft_token_ids)
@@ -367,6 +467,10 @@ class CloudWorker:
         checked = self.engine.validate(request.messages, request.tools, request.tool_choice)
         prompt = self.engine.render(request.messages, request.tools)
         self._prompt_tokens_total += len(prompt)
+        transfer: dict[str, Any] | None = None
+        generated: list[int] = []
+        if self._remote is not None:  # decode role
+            transfer = await self._remote.kv_for(request, prompt + request.resume_token_ids)
         text_parts: list[str] = []
         completion = len(request.resume_token_ids)
         cached = 0
@@ -381,9 +485,14 @@ class CloudWorker:
         )
         interval, first = self.settings.stream_interval, True
         async for delta in self.engine.generate(
-            request.request_id, prompt, request.sampling, request.resume_token_ids
+            request.request_id,
+            prompt,
+            request.sampling,
+            request.resume_token_ids,
+            kv_transfer_params=transfer,
         ):
             completion += len(delta.token_ids)
+            generated.extend(delta.token_ids)
             cached = delta.cached_tokens
             text_parts.append(delta.text)
             finish = delta.finish_reason
@@ -400,6 +509,8 @@ class CloudWorker:
                 held_logprobs = None if held_logprobs is None else []
         if held_ids or any(held_text):
             await stream.send(token_ids=held_ids, text="".join(held_text), logprobs=held_logprobs)
+        if self._remote is not None:  # vLLM now caches the prompt and the answer
+            self._remote.index.add(prompt + request.resume_token_ids + generated)
         _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), checked)
         await stream.send(
             is_end=True,
@@ -463,6 +574,8 @@ class CloudWorker:
                 task.cancel()
         if self._beats is not None:
             await self._beats.stop()
+        if self._remote is not None:
+            await self._remote.stop()
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
         if self._nc is not None:

@@ -10,7 +10,11 @@ by ordinary least squares to timings of the real engine on this machine:
 
 A ``LatencyProfile`` holds one ``EngineProfile`` per role (the edge's llama.cpp,
 the cloud's vLLM), the samples they were fitted to, and where and when they were
-measured. ``bench/calibrate.py`` writes one; the default profile ships in
+measured. Its ``disaggregation`` part models a prefill/decode split: a prefill
+worker's engine, a decode worker's, and the KV hand-over between them
+(``transfer_s(tokens) = fixed + per_token·tokens``); until a calibration run fills it
+in, it says so (``calibrated: false``) and the workers' engines default to the
+monolithic cloud profile. ``bench/calibrate.py`` writes one; the default profile ships in
 ``models/profiles/``. Everything a simulated engine produces is labelled
 simulated, whatever profile it runs.
 
@@ -158,6 +162,44 @@ class EngineProfile(BaseModel):
         )
 
 
+# PLACEHOLDERS, not measurements: ExampleConnector moves fp32 KV of the default model
+# (46 KB a token) through files, ~1 GB/s write + read on a local disk -> ~50 us a token;
+# NIXL over RDMA is far cheaper. Replace them from a calibration run (calibrated: true).
+PLACEHOLDER_KV_TRANSFER_S_PER_TOKEN = 5e-5
+PLACEHOLDER_KV_TRANSFER_FIXED_S = 2e-3
+
+
+class DisaggregationProfile(BaseModel):
+    """Timing of the prefill/decode split for the simulated engines (SIMULATED).
+
+    ``prefill`` / ``decode``: the engine profile of a prefill-role and a decode-role
+    worker (None: the monolithic cloud profile, the same engine on the same hardware).
+    ``kv_transfer_*``: the hand-over of a prompt's KV from one to the other, paid by the
+    decode worker before its request is scheduled (vLLM's decode requests wait for
+    remote KV outside the running batch).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calibrated: bool = Field(
+        default=False, description="false: the values are placeholders, not a measurement"
+    )
+    source: str = Field(
+        default="placeholder values (not measured): calibrate from a real prefill/decode run",
+        description="where the values come from",
+    )
+    prefill: EngineProfile | None = Field(default=None, description="a prefill worker's engine")
+    decode: EngineProfile | None = Field(default=None, description="a decode worker's engine")
+    kv_transfer_s_per_token: float = Field(default=PLACEHOLDER_KV_TRANSFER_S_PER_TOKEN, ge=0)
+    kv_transfer_fixed_s: float = Field(default=PLACEHOLDER_KV_TRANSFER_FIXED_S, ge=0)
+
+    def transfer_s(self, tokens: int) -> float:
+        """Modelled seconds to hand ``tokens`` tokens of KV from prefill to decode worker."""
+        return (
+            0.0 if tokens <= 0 else self.kv_transfer_fixed_s + self.kv_transfer_s_per_token * tokens
+        )
+
+
 class LatencyProfile(BaseModel):
     """The edge's and the cloud's engine profiles, with where and when they were measured."""
 
@@ -171,6 +213,13 @@ class LatencyProfile(BaseModel):
     model: str = Field(description="the catalog model pair measured")
     edge: EngineProfile
     cloud: EngineProfile
+    disaggregation: DisaggregationProfile = Field(default_factory=DisaggregationProfile)
+
+    def cloud_for(self, role: str) -> EngineProfile:
+        """The cloud engine profile of a worker in ``role`` (prefill, decode or both)."""
+        split = self.disaggregation
+        chosen = {"prefill": split.prefill, "decode": split.decode}.get(role)
+        return chosen or self.cloud
 
     def save(self, path: Path) -> None:
         """Write the profile as indented JSON."""

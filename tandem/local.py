@@ -53,8 +53,11 @@ def answers(url: str) -> bool:
 
 
 def serves(nats: EmbeddedNats, worker_id: str) -> bool:
-    """Whether cloud worker ``worker_id`` has subscribed to its affinity subject (it is ready)."""
-    return nats.subscribers(subjects.worker(worker_id, "generate")) > 0
+    """Whether cloud worker ``worker_id`` has subscribed to its affinity subject (it is ready):
+    ``generate``'s, or ``prefill``'s for a prefill-role worker."""
+    return any(
+        nats.subscribers(subjects.worker(worker_id, verb)) > 0 for verb in ("generate", "prefill")
+    )
 
 
 @contextmanager

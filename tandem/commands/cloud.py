@@ -45,6 +45,23 @@ def serve(
     http_port: Annotated[
         int | None, typer.Option(help="Port of /health, /ready, /metrics (0: off).")
     ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(help="both (monolithic, default), prefill or decode (disaggregated)."),
+    ] = None,
+    kv_connector: Annotated[
+        str | None,
+        typer.Option(help="vLLM KV connector: ExampleConnector (CPU), NixlConnector (GPU)."),
+    ] = None,
+    kv_connector_extra_config: Annotated[
+        str | None,
+        typer.Option(
+            help='The connector\'s extra config, JSON: \'{"shared_storage_path": "/kv"}\'.'
+        ),
+    ] = None,
+    prefill_timeout_s: Annotated[
+        float | None, typer.Option(help="Decode role: wait this long for a prefill worker.")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
     """Serve a catalog pair's target model with vLLM on the mesh.
@@ -52,6 +69,10 @@ def serve(
     Every option also reads TANDEM_CLOUD_<OPTION> from the environment.
     Example: tandem cloud serve --nats-url nats://127.0.0.1:4222
     SIGTERM drains: in-flight requests finish, new ones go to other workers.
+    Disaggregated: tandem cloud serve --role prefill --kv-connector ExampleConnector
+    --kv-connector-extra-config '{"shared_storage_path": "/kv"}' (and --role decode, the same
+    connector): decode workers ask prefill workers for long prompts' KV (the routing
+    policy's disaggregation section says when).
     Probes and Prometheus: GET /health, /ready and /metrics on --http-port (8081).
     """
     options = given(locals())

@@ -88,7 +88,7 @@ def status(
         load = n.load
         table.add_row(
             n.node_id,
-            n.role,
+            n.role if n.worker_role in (None, "both") else f"{n.role}/{n.worker_role}",
             n.model,
             str(load.running),
             str(load.waiting),
