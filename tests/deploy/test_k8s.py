@@ -8,6 +8,7 @@ against a running worker) is listed in docs/deploy.md.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -44,9 +45,7 @@ pytestmark = [requires_kubectl, pytest.mark.timeout(60)]
 # Worker variables the manifests set before the worker reads them, and why. Any other
 # TANDEM_CLOUD_* variable must be a CloudSettings field: pydantic-settings silently
 # ignores an unknown one, so a misspelled knob would otherwise do nothing.
-PENDING_WORKER_ENV = {
-    "TANDEM_CLOUD_ROLE": "the disaggregated runtime's own issue",
-}
+PENDING_WORKER_ENV: dict[str, str] = {}
 WORKER_HTTP_PORT = 8081  # the worker's HTTP port (settings field http_port), by default
 # Secrets the operator creates from `tandem mesh` output (docs/deploy.md), per overlay.
 SECRETS = {
@@ -274,6 +273,30 @@ def test_disaggregated_has_a_prefill_and_a_decode_pool(rendered: dict[str, list[
         "tandem-worker-prefill": ("prefill", "prefill"),
         "tandem-worker-decode": ("decode", "decode"),
     }
+
+
+def test_disaggregated_pools_share_one_connector_and_its_storage(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    """Prefill and decode workers name the same connector and extra config, and
+    ExampleConnector's shared_storage_path is the one ReadWriteMany claim in every pod."""
+    objects = rendered["disaggregated"]
+    configs = set()
+    for pool in workers(objects):
+        (worker,) = pod_spec(pool)["containers"]
+        settings = CloudSettings.model_validate(
+            {k.removeprefix("TANDEM_CLOUD_").lower(): v for k, v in env(worker).items()
+             if k.startswith("TANDEM_CLOUD_")}
+        )  # fmt: skip
+        assert settings.kv_connector == "ExampleConnector", ident(pool)
+        configs.add(json.dumps(settings.kv_connector_extra_config, sort_keys=True))
+        path = settings.kv_connector_extra_config["shared_storage_path"]
+        mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod_spec(pool)["volumes"]}
+        assert volumes[mounts[path]]["persistentVolumeClaim"]["claimName"] == "tandem-kv-shared"
+    assert len(configs) == 1, configs
+    claim = named(objects, "PersistentVolumeClaim", "tandem-kv-shared")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 # -- selectors, references --------------------------------------------------------------------
