@@ -232,6 +232,27 @@ async def test_32_concurrent_streams_with_stops_lengths_and_cancels(
     assert batched.running == 0 and batched.waiting == 0
 
 
+async def test_sampled_requests_sample_from_their_own_sequence(
+    batched: BatchedEngine, alone_answers: dict[str, Answer]
+) -> None:
+    """At a temperature near 0, llama.cpp's sampler chain (seeded per request) picks the
+    argmax of the logits it is pointed at: each sampled answer, batched with the others,
+    is its question's greedy answer up to a near-tie, so every chain read its own
+    sequence's row of the batch."""
+    questions = QUESTIONS[:4]
+    requests = [
+        GenerationRequest(
+            _ask(batched, q),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.05, seed=7 + i, logprobs=2),
+        )
+        for i, q in enumerate(questions)
+    ]
+    answers = await asyncio.gather(*(_generate(batched, r) for r in requests))
+    for q, answer in zip(questions, answers, strict=True):
+        assert answer.reason in ("stop", "length") and answer.tokens
+        _assert_near_tie(alone_answers[q], answer, f"sampled {q!r}")
+
+
 async def test_second_turn_evaluates_only_its_new_tokens(batched: BatchedEngine) -> None:
     """A returning conversation resumes its sequence: llama.cpp's own counters show
     that turn two evaluated the tokens turn one had not, and no others."""
