@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -224,12 +225,13 @@ async def test_32_concurrent_streams_with_stops_lengths_and_cancels(
         else:
             assert answer.finish is None and len(answer.tokens) == arg, label
     # The scheduler noticed every abandoned stream (before its next step).
-    for _ in range(200):
+    for _ in range(1000):
         if batched.cancelled_generations - cancelled_before == len(QUESTIONS):
             break
         await asyncio.sleep(0.01)
     assert batched.cancelled_generations - cancelled_before == len(QUESTIONS)
-    assert batched.running == 0 and batched.waiting == 0
+    # A finish event reaches the client just before the scheduler lets go of the sequence.
+    assert await _drained(batched)
 
 
 async def test_sampled_requests_sample_from_their_own_sequence(
@@ -385,7 +387,7 @@ async def test_concurrent_speculative_sessions_draft_in_shared_steps(
     mean_batch = (batched.stepped_sequences - stepped) / (batched.decode_steps - steps)
     print(f"speculative: {drafted} drafted, mean batch {mean_batch:.2f} sequences per step")
     assert mean_batch > 1.5
-    assert batched.running == 0 or await _drained(batched)
+    assert await _drained(batched)
 
 
 async def test_a_failed_verification_falls_back_to_batched_plain_decoding(
@@ -413,7 +415,7 @@ async def test_a_failed_verification_falls_back_to_batched_plain_decoding(
 
 async def _drained(engine: BatchedEngine) -> bool:
     """Whether every request let go of its sequence within a few seconds."""
-    for _ in range(300):
+    for _ in range(1000):
         if engine.running == 0 and engine.waiting == 0:
             return True
         await asyncio.sleep(0.01)
@@ -470,5 +472,9 @@ def test_edge_api_serves_with_the_batched_engine(batched_edge: EdgeProcess) -> N
             model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], max_tokens=0
         )
     assert info.value.status_code == 400
-    health = httpx.get(f"{batched_edge.base_url}/health").json()
+    for _ in range(100):  # a stream's last chunk may reach the client before its release
+        health = httpx.get(f"{batched_edge.base_url}/health").json()
+        if health["running"] == 0:
+            break
+        time.sleep(0.1)
     assert health["running"] == 0 and health["waiting"] == 0
