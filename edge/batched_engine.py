@@ -298,19 +298,21 @@ class BatchedEngine:
             return
         decoder = job.request.decoder
         assert decoder is not None
+        event: FinishEvent | ErrorEvent
         try:
             text = decoder.run(SequenceRun(self._batcher, job, self.n_ctx))
             if job.stats.finish_reason == "cancelled" and not job.cancel_seen:
                 self._batcher.cancelled_generations += 1  # it noticed before the scheduler
-            job.emit(FinishEvent(text=text, stats=job.stats))
+            event = FinishEvent(text=text, stats=job.stats)
         except CancelledJob:
             job.stats.finish_reason = "cancelled"
-            job.emit(FinishEvent(text="", stats=job.stats))
+            event = FinishEvent(text="", stats=job.stats)
         except BaseException as exc:  # surfaced on the event loop, never lost
             logger.exception("speculative generation failed on a batched sequence")
-            job.emit(ErrorEvent(exc))
-        finally:
-            self._batcher.finished_driving(job)
+            event = ErrorEvent(exc)
+        # Let go first: a client that leaves on the last event must not read as a cancel.
+        self._batcher.finished_driving(job)
+        job.emit(event)
 
     async def close(self) -> None:
         """Stop taking work, let running generations finish, free llama.cpp."""
