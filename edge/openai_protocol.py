@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import replace
 from functools import cached_property
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -129,11 +129,20 @@ class ToolDefinition(BaseModel):
     function: FunctionDefinition
 
 
+StopSequence = Annotated[str, Field(min_length=1)]
+
+
+class NamedFunction(BaseModel):
+    """The function a ``tool_choice`` names (OpenAI sends ``{"name": ...}``)."""
+
+    name: str = Field(min_length=1)
+
+
 class NamedToolChoice(BaseModel):
     """``tool_choice`` naming one function."""
 
     type: Literal["function"]
-    function: dict[str, str]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(BaseModel):
@@ -182,7 +191,8 @@ class _SamplingFields(OpenAIRequest):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    # Non-empty in the schema too, so that fuzzers and client generators know.
+    stop: StopSequence | list[StopSequence] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N, description="choices to generate")
@@ -266,7 +276,7 @@ class ChatCompletionRequest(_SamplingFields):
             return None
         tools = [t.model_dump(exclude_none=True) for t in self.tools]
         if isinstance(self.tool_choice, NamedToolChoice):
-            wanted = self.tool_choice.function.get("name")
+            wanted = self.tool_choice.function.name
             tools = [t for t in tools if t["function"]["name"] == wanted]
         return tools
 
@@ -305,7 +315,7 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
         if isinstance(self.tool_choice, NamedToolChoice):
-            wanted = self.tool_choice.function.get("name")
+            wanted = self.tool_choice.function.name
             names = {t.function.name for t in self.tools or []}
             if wanted not in names:
                 raise FieldError("tool_choice", f"names function {wanted!r}, which is not in tools")

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -145,9 +146,22 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+# pydantic names the union member in an error's location ("NamedToolChoice",
+# "literal['none','auto','required']", "list[str]"): not a field a person wrote.
+_UNION_MEMBER = re.compile(r"^(?:[A-Z]\w*|str|int|float|bool|.*\[.*\])$")
+
+
 def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    """The one problem to report, as ``field.path: message`` (and the field path). Of a
+    union's failed members, the one that got deepest into the value is the one its
+    sender meant (a ``tool_choice`` object without a name: not "should be 'auto'")."""
+
+    def path(error: Any) -> list[str]:
+        return [str(p) for p in error["loc"] if not _UNION_MEMBER.match(str(p))]
+
+    errors = exc.errors()
+    first = max(errors, key=lambda e: len(path(e)))  # max keeps the first of equals
+    loc = ".".join(path(first))
     msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix says nothing
     cause = first.get("ctx", {}).get("error")
     if not loc and isinstance(cause, FieldError):  # a check across fields names its field

@@ -47,6 +47,15 @@ BAD_BODIES = [
         "tool_choice",
     ),
     (
+        "tool-choice-without-name",  # found by bench/fuzz_edge.py: was "names function None"
+        _chat(
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            tool_choice={"type": "function", "function": {}},
+        ),
+        400,
+        "tool_choice.function.name",
+    ),
+    (
         "tool-bad-name",
         _chat(tools=[{"type": "function", "function": {"name": "a b"}}]),
         400,
