@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cloud.planner_forecast import ForecasterKind
 from mesh import subjects
 from models.catalog import DEFAULT_PAIR
+from router.policy import load_yaml
 from router.store import HISTORY, who
 
 __all__ = [
@@ -162,7 +163,7 @@ class PlannerConfig(_Strict):
     def from_yaml(cls, text: str) -> PlannerConfig:
         """Parse and validate YAML; ``PlannerConfigError`` names each bad field."""
         try:
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         except yaml.YAMLError as exc:
             raise PlannerConfigError(f"not YAML: {exc}") from exc
         if not isinstance(data, dict):

@@ -262,7 +262,7 @@ class RoutingPolicy(_Strict):
     def from_yaml(cls, text: str) -> RoutingPolicy:
         """Parse and validate; raises PolicyError with a message per bad field."""
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as exc:
             raise PolicyError(f"not valid YAML: {exc}") from exc
         if data is None:
@@ -273,6 +273,31 @@ class RoutingPolicy(_Strict):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise PolicyError(format_validation_error(exc)) from exc
+
+
+MAX_YAML_DEPTH = 64  # far beyond any policy or config; far below Python's stack
+
+
+class YamlTooDeepError(yaml.YAMLError):
+    """A YAML document nested deeper than ``MAX_YAML_DEPTH``."""
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing documents nested deeper than ``MAX_YAML_DEPTH``:
+    PyYAML's composer recurses once per level, so a few thousand ``[`` raised
+    RecursionError, not a YAML error. Its event parser is iterative, so the depth is
+    measured on the events first."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise YamlTooDeepError(
+                    f"the document is nested deeper than {MAX_YAML_DEPTH} levels"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return yaml.safe_load(text)
 
 
 def format_validation_error(exc: ValidationError) -> str:
