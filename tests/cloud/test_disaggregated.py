@@ -331,6 +331,16 @@ def test_bad_connector_configuration_fails_at_start_with_one_clear_line(
         assert time.monotonic() - started < 120
 
 
+def test_the_pair_ran_under_its_permissions_without_a_refusal(
+    pair: dict[str, WorkerProcess], edge: EdgeProcess
+) -> None:
+    """Everything above (prefills asked and served, the policy followed, streams) needed
+    nothing the identities lack. (Before the test that kills a worker.)"""
+    logs = [edge.log(), *(w.log() for w in pair.values())]
+    refused = [line for log in logs for line in log.splitlines() if "refused an operation" in line]
+    assert not refused, refused[:5]
+
+
 async def test_a_killed_prefill_worker_still_gets_answered(
     nats_server: EmbeddedNats,
     mesh_dir: MeshDir,
