@@ -33,13 +33,18 @@ from models.chat_template import load_template, render_chat
 from tandem.local import EdgeProcess
 from tests.edge.test_drafter import ScriptedTarget
 
-# The default Q4_1 model's logits move by up to ~0.25 nats between a sequence decoded
-# alone and the same sequence decoded in a batch of 8 (measured here on the common
-# prefixes of these questions), and docs/architecture.md records 0.45-0.55 between
-# two prompt batchings. A flip needs the top two that close; any mixing of streams or a
-# wrong position would put a token outside the top two, or far below the first.
-NEAR_TIE_NATS = 0.5
+# Where a batched answer parts from the same request served alone, each answer's choice
+# must be nearly as probable as the other's under both: within NEAR_TIE_NATS of the top
+# logprob. Which sequences share a step depends on timing, so the drift differs run to
+# run: over repeated runs of these tests on this machine the default Q4_1 model's
+# partings had top-2 margins of up to 0.40 nats (docs/architecture.md records logit
+# moves of 0.45-0.55 between two batchings of one prompt). A stream mixed with another,
+# or sampled from the wrong row of the batch, picks tokens this sequence's distribution
+# puts nats lower, outside its top TOP_K, and parts at once, not at a tie.
+NEAR_TIE_NATS = 0.75
+TOP_K = 5
 MAX_TOKENS = 40
+END_TOKENS = (0, 2, 4)  # the default model's end-of-generation ids (llama_vocab_is_eog)
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -95,7 +100,7 @@ async def _generate(
 
 
 def _greedy(prompt: list[int], max_tokens: int = MAX_TOKENS, **kwargs: object) -> GenerationRequest:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2, **kwargs)  # type: ignore[arg-type]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=TOP_K, **kwargs)  # type: ignore[arg-type]
     return GenerationRequest(list(prompt), params)
 
 
@@ -121,13 +126,17 @@ def _assert_near_tie(
         return None
     for mine, other in ((alone, batched), (batched, alone)):
         if j >= len(mine.logprobs):
-            continue  # this answer ended there; the other one's top two must hold the end
+            continue  # this answer ended there: the other's top tokens must hold an end
         entry = mine.logprobs[j]
-        top_two, (first, second) = entry.top_ids[:2], entry.top_logprobs[:2]
+        top = dict(zip(entry.top_ids, entry.top_logprobs, strict=True))
         if j < len(other.tokens):
-            assert other.tokens[j] in top_two, f"{label}: token {j} is not a near-tie"
-        assert first - second < NEAR_TIE_NATS, (
-            f"{label}: answers part at token {j} with a top-2 margin of {first - second:.3f}"
+            choice = other.tokens[j]
+        else:  # the other answer ended here
+            choice = next((t for t in entry.top_ids if t in END_TOKENS), -1)
+        assert choice in top, f"{label}: token {j}: {choice} is not among the top {TOP_K}"
+        gap = entry.top_logprobs[0] - top[choice]
+        assert gap < NEAR_TIE_NATS, (
+            f"{label}: answers part at token {j}, {gap:.3f} nats below the top choice"
             f"\nalone:   {alone.text!r}\nbatched: {batched.text!r}"
         )
     return j
@@ -177,7 +186,7 @@ async def test_batched_greedy_answers_equal_answers_served_alone(
             identical += 1
         elif j < len(alone_answers[q].logprobs):
             top = alone_answers[q].logprobs[j].top_logprobs
-            parted.append((j, round(top[0] - top[1], 3)))
+            parted.append((j, round(top[0] - top[1], 3)))  # the alone answer's top-2 margin
     generated = sum(len(a.tokens) for a in answers)
     # Batched: far fewer decode steps than tokens (one step per token would be serial).
     assert batched.decode_steps - steps < generated / 2
@@ -245,7 +254,7 @@ async def test_sampled_requests_sample_from_their_own_sequence(
     requests = [
         GenerationRequest(
             _ask(batched, q),
-            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.05, seed=7 + i, logprobs=2),
+            SamplingParams(max_tokens=MAX_TOKENS, temperature=0.05, seed=7 + i, logprobs=TOP_K),
         )
         for i, q in enumerate(questions)
     ]
@@ -458,15 +467,25 @@ def test_edge_api_serves_with_the_batched_engine(batched_edge: EdgeProcess) -> N
     for t in threads:
         t.join()
     assert sorted(results) == list(range(6)) and all(results.values())
+    schema = {
+        "type": "object",
+        "properties": {"count": {"type": "integer"}},
+        "required": ["count"],
+        "additionalProperties": False,
+    }
     raw = client.chat.completions.with_raw_response.create(
         model="smollm2-135m",
-        messages=[{"role": "user", "content": "List three colours."}],
-        max_tokens=200,
+        messages=[{"role": "user", "content": "How many legs does a cat have?"}],
+        max_tokens=60,
         temperature=0,
-        response_format={"type": "json_object"},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "legs", "schema": schema, "strict": True},
+        },
     )
     assert raw.headers["x-tandem-route"] == "edge"
-    assert isinstance(json.loads(raw.parse().choices[0].message.content or ""), dict)
+    answer = json.loads(raw.parse().choices[0].message.content or "")
+    assert set(answer) == {"count"} and isinstance(answer["count"], int)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], max_tokens=0
