@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, FilePath, SecretStr, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.catalog import DEFAULT_PAIR
@@ -100,6 +100,20 @@ class EdgeSettings(BaseSettings):
         None, description="latency profile JSON for --engine sim; the shipped default if unset"
     )
     log_level: str = "info"
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_is_a_model_file(cls, path: Path | None) -> Path | None:
+        # At start, in one line, rather than llama.cpp's traceback from the first load.
+        from models.errors import ModelError
+        from models.llama_loader import check_gguf
+
+        if path is None:
+            return None
+        try:
+            return check_gguf(path)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from exc
 
     @model_validator(mode="after")
     def _one_source_of_api_keys(self) -> EdgeSettings:

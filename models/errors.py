@@ -6,6 +6,7 @@
     ├── TemplateNotFoundError    no such chat template in models/templates
     ├── TemplateRenderError      a conversation the chat template cannot render
     ├── WeightsNotFoundError     a GGUF (bundled or a path) or an HF dir is missing
+    ├── NotAModelFileError       a file given as a GGUF is not one (or llama.cpp cannot load it)
     ├── ConversionError          the edge GGUF could not be turned into HF weights
     ├── IncompatibleVocabError   draft and target tokenizers differ
     └── MissingDependencyError   an optional dependency (torch, transformers...) is absent
@@ -52,6 +53,10 @@ class TemplateRenderError(ModelError):
 
 class WeightsNotFoundError(ModelError):
     """Model weights that should be on disk are not."""
+
+
+class NotAModelFileError(ModelError):
+    """A file given as llama.cpp weights is not a GGUF, or llama.cpp cannot load it."""
 
 
 class ConversionError(ModelError):

@@ -20,11 +20,45 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from models.errors import NotAModelFileError, WeightsNotFoundError, one_line
+
 _CONSTRUCTING = threading.Lock()
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path | str) -> Path:
+    """``path`` if it is a readable file that starts like a GGUF; else a one-line error
+    (``WeightsNotFoundError``, ``NotAModelFileError``) instead of llama.cpp's traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"no GGUF file at {path}")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        raise NotAModelFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if head != GGUF_MAGIC:
+        raise NotAModelFileError(
+            f"{path} is not a GGUF model file (it starts with {head!r}, a GGUF with "
+            f"{GGUF_MAGIC!r}); pass llama.cpp weights (a .gguf file)"
+        )
+    return path
 
 
 def load_llama(path: Path | str, *, extra_buffer_types: bool = False, **kwargs: Any) -> Any:
-    """A ``llama_cpp.Llama`` for ``path`` (kwargs as ``Llama`` takes them)."""
+    """A ``llama_cpp.Llama`` for ``path`` (kwargs as ``Llama`` takes them).
+    ``NotAModelFileError`` if the file is not a GGUF or llama.cpp fails to load it."""
+    check_gguf(path)
+    try:
+        return _construct(path, extra_buffer_types=extra_buffer_types, **kwargs)
+    except ValueError as exc:  # llama-cpp-python: "Failed to load model from file: ..."
+        raise NotAModelFileError(
+            f"llama.cpp could not load {path}: the file is damaged or not a model this "
+            f"llama.cpp reads ({one_line(exc)})"
+        ) from exc
+
+
+def _construct(path: Path | str, *, extra_buffer_types: bool, **kwargs: Any) -> Any:
     import llama_cpp
     import llama_cpp.llama as llama_module
 

@@ -48,11 +48,8 @@ def settings_or_exit(cls: type[S], options: dict[str, Any]) -> S:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        fail(
-            f"invalid setting {where}: {first['msg']}"
-            if where
-            else f"invalid settings: {first['msg']}"
-        )
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's, says nothing
+        fail(f"invalid setting {where}: {message}" if where else f"invalid settings: {message}")
 
 
 def configure_logging(level: str) -> None:

@@ -43,3 +43,32 @@ def test_one_engine_vocabulary() -> None:
     with pytest.raises(ValidationError) as info:
         EdgeSettings.model_validate({"engine": "llama"})
     assert info.value.errors()[0]["loc"] == ("engine",)
+
+
+def test_a_gguf_that_is_missing_or_not_a_model_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Found trying issue 17's start-up faults: llama.cpp's traceback was the message."""
+    with pytest.raises(ValidationError, match="no GGUF file at"):
+        EdgeSettings.model_validate({"gguf": tmp_path / "absent.gguf"})
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"\x8a7\xb8\xdd" + bytes(4096))
+    with pytest.raises(ValidationError, match="is not a GGUF model file"):
+        EdgeSettings.model_validate({"gguf": garbage})
+    from models.bundled import locate_bundled_gguf
+
+    real = locate_bundled_gguf()
+    assert EdgeSettings.model_validate({"gguf": real}).gguf == real
+
+
+def test_the_cli_says_so_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(bytes(4096))
+    done = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "edge", "serve", "--gguf", str(garbage)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "invalid setting gguf:" in done.stderr and "is not a GGUF model file" in done.stderr
+    assert "Traceback" not in done.stderr and "Value error" not in done.stderr
