@@ -15,9 +15,13 @@ Example::
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import typer
 
 from mesh.version import __version__
+from models.settings import tandem_home
 from tandem.commands import (
     bench,
     cloud,
@@ -56,5 +60,26 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def main() -> None:
+    """The console script: ``app``, with a file-system failure told in one line.
+
+    A ``TANDEM_HOME`` that cannot be written (a path under a file, a read-only or full
+    disk) fails deep inside whichever command first writes there; the person needs the
+    path and the reason, not the stack. ``TANDEM_TRACEBACK=1`` shows the stack too.
+    """
+    try:
+        app()
+    except OSError as exc:
+        if os.environ.get("TANDEM_TRACEBACK") == "1":
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        hint = ""
+        home = tandem_home()
+        if exc.filename and Path(str(exc.filename)).is_relative_to(home):
+            hint = f" (TANDEM_HOME is {home}: point it at a writable directory)"
+        typer.echo(f"error: {exc.strerror or exc}{where}{hint}", err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -123,3 +125,21 @@ def test_bench_run_passes_on_only_the_options_given() -> None:
     assert options.layout.edge_cores == defaults.layout.edge_cores
     assert options.nats_url is None  # '' skips reading cloud engine time
     assert (options.sessions, options.base_url) == (defaults.sessions, defaults.base_url)
+
+
+@pytest.mark.parametrize("command", [["models", "prepare"], ["up"]], ids=["prepare", "up"])
+def test_an_unwritable_tandem_home_is_one_line_naming_the_path(
+    command: list[str], tmp_path: Path
+) -> None:
+    """Found trying issue 17's start-up faults: both printed a stack from ``mkdir``."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    home = a_file / "home"  # a path under a file: not writable, even for root
+    done = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", *command],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TANDEM_HOME": str(home)},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "error: Not a directory" in done.stderr and f"TANDEM_HOME is {home}" in done.stderr
