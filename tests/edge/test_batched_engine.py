@@ -497,3 +497,6 @@ def test_edge_api_serves_with_the_batched_engine(batched_edge: EdgeProcess) -> N
             break
         time.sleep(0.1)
     assert health["running"] == 0 and health["waiting"] == 0
+    metrics = batched_edge.metrics()
+    assert metrics["tandem_edge_engine_generated_tokens_total"] > 0
+    assert metrics["tandem_edge_llama_prompt_eval_tokens_total"] > 0  # llama.cpp's own
