@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cloud.errors import HttpPortError
 from cloud.worker import CloudWorker
+from mesh import bad_messages
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,14 @@ class _TandemCollector(Collector):
             gauge = GaugeMetricFamily(f"tandem_worker_{name}", doc, labels=["model_name"])
             gauge.add_metric(labels, value)
             yield gauge
+        bad = CounterMetricFamily(
+            "tandem_worker_bad_messages",
+            "Malformed mesh messages received, by message kind (mesh.bad_messages).",
+            labels=["model_name", "kind"],
+        )
+        for kind, count in sorted(bad_messages.RECEIVED.counts.items()):
+            bad.add_metric([*labels, kind], count)
+        yield bad
 
 
 class _DefaultRegistry(Collector):

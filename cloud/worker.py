@@ -52,6 +52,7 @@ from cloud.errors import (
 )
 from cloud.settings import CloudSettings
 from mesh import subjects
+from mesh.bad_messages import note_bad_message
 from mesh.connection import MeshCredentials, connect
 from mesh.errors import ProtocolError
 from mesh.heartbeat import Heartbeater
@@ -334,6 +335,7 @@ class CloudWorker:
         try:
             request = kind.from_bytes(msg.data)
         except ProtocolError as exc:
+            note_bad_message(kind.__name__, msg.subject, exc, logger)
             await _refuse(msg, BadGenerateRequestError(str(exc)))
             return None
         if self._draining:
@@ -412,8 +414,8 @@ class CloudWorker:
         workers ignore it; a cancel from another node is refused)."""
         try:
             cancel = CancelRequest.from_bytes(msg.data)
-        except ProtocolError:
-            logger.warning("ignoring a malformed cancel message")
+        except ProtocolError as exc:
+            note_bad_message("CancelRequest", msg.subject, exc, logger)
             return
         task = self._tasks.get(cancel.request_id)
         if task is None:

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mesh import subjects
+from mesh.bad_messages import note_bad_message
 from mesh.connection import MeshLink
 from mesh.errors import ProtocolError
 from mesh.protocol import NodeHeartbeat
@@ -176,7 +177,7 @@ class FleetView:
         try:
             beat = NodeHeartbeat.from_bytes(msg.data)
         except ProtocolError as exc:
-            logger.warning("ignoring a heartbeat on %s: %s", msg.subject, exc)
+            note_bad_message("NodeHeartbeat", msg.subject, exc, logger)
             return
         if msg.subject != subjects.node_load(beat.node_id):
             logger.warning("ignoring %s's heartbeat sent on %s", beat.node_id, msg.subject)
