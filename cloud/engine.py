@@ -651,6 +651,7 @@ class VllmEngine:
         """vLLM's own OpenAI request model for the chat: bad messages or tools fail here, fast."""
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.exceptions import VLLMClientError
 
         check_messages(messages)
         body: dict[str, Any] = {"model": self.pair.name, "messages": messages, "tools": tools}
@@ -658,7 +659,9 @@ class VllmEngine:
             body["tool_choice"] = tool_choice
         try:
             return ChatCompletionRequest.model_validate(body)
-        except (ValidationError, ValueError) as exc:
+        # VLLMValidationError (a tool_choice without tools, found by the mesh fuzz) is a
+        # VLLMClientError, neither a ValidationError nor a ValueError: it was a 500.
+        except (ValidationError, ValueError, VLLMClientError) as exc:
             raise BadGenerateRequestError(f"invalid chat request: {exc}") from exc
 
     def parse_tool_calls(

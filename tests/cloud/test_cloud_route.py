@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import threading
 import time
 import uuid
@@ -35,6 +36,8 @@ from mesh.protocol import (
     ErrorInfo,
     GenerateAccepted,
     GenerateRequest,
+    NodeHeartbeat,
+    NodeLoad,
     SamplingParams,
     TokenChunk,
     VerifyReply,
@@ -483,6 +486,116 @@ async def test_bad_input_on_the_cloud_never_kills_a_worker(
         model=MODEL, messages=COUNT, max_tokens=4, extra_headers=CLOUD
     )
     assert ok.choices[0].message.content
+
+
+def _malformed(rng: random.Random, valid: bytes) -> bytes:
+    """One broken message: random bytes, a truncation of ``valid``, a field of the wrong
+    type or missing, a wrong schema version, a non-object, or an oversized body."""
+    fields = json.loads(valid)
+    kind = rng.randrange(7)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(0, 2000))
+    if kind == 1:
+        return valid[: rng.randrange(len(valid))]
+    if kind == 2:
+        key = rng.choice(sorted(fields))
+        fields[key] = rng.choice([None, -1, 10**30, "x" * 300, [], {"a": 1}, 3.5, True])
+    elif kind == 3:
+        del fields[rng.choice(sorted(fields))]
+    elif kind == 4:
+        fields["schema_version"] = rng.choice([0, 2, 99, "1"])
+    elif kind == 5:
+        return json.dumps(rng.choice([[], "generate", 1, None, [fields]])).encode()
+    else:
+        fields["padding"] = "x" * rng.randrange(100_000, 900_000)  # under NATS's 1 MB
+    return json.dumps(fields).encode()
+
+
+def test_malformed_mesh_messages_never_wedge_a_worker_or_the_edge(
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, workers: dict[str, WorkerProcess],
+    mesh_edge: EdgeProcess,
+) -> None:  # fmt: skip
+    """Issue 17's protocol fuzz, quick tier: seeded malformed messages on every subject
+    an edge identity may publish to that workers or edges listen on. Requests get a 400
+    reply, the rest is dropped; each is counted, logged once a minute per kind; the
+    workers and the edge keep serving."""
+    before = {wid: _bad_message_counts(w) for wid, w in workers.items()}
+    logged = {wid: len(w.log()) for wid, w in workers.items()}
+    refused, accepted, sent = asyncio.run(_publish_malformed(nats_server, mesh_dir, rounds=40))
+    # Every request answered: most refused with a 400, the few a mutation left valid
+    # accepted (their streams go to an inbox nobody reads; the worker notices, aborts).
+    assert refused + accepted == sent == 160 and refused >= 120
+    assert all(w.alive for w in workers.values()) and mesh_edge.alive
+    after = {wid: _bad_message_counts(w) for wid, w in workers.items()}
+    bad_requests = sum(
+        after[w].get(k, 0) - before[w].get(k, 0)
+        for w in workers
+        for k in ("GenerateRequest", "VerifyRequest")
+    )
+    assert bad_requests == refused
+    for wid, worker in workers.items():  # logged once a minute per kind, not 160 times
+        new_lines = worker.log()[logged[wid] :]
+        assert new_lines.count("ignoring a malformed") <= 4
+        # A request vLLM refuses is the sender's error, not a failure with a stack (a
+        # tool_choice without tools was an EngineFailedError, found by this test).
+        assert "Traceback" not in new_lines, new_lines[-3000:]
+    ok = mesh_edge.client().chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=4, extra_headers=CLOUD
+    )
+    assert ok.choices[0].message.content
+    assert httpx.get(f"{mesh_edge.base_url}/health", timeout=5).status_code == 200
+
+
+async def _publish_malformed(
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, *, rounds: int
+) -> tuple[int, int, int]:
+    """``rounds`` malformed messages on each subject; (requests refused with a 400,
+    accepted, asked)."""
+    rng = random.Random(17)
+    generate = GenerateRequest(
+        request_id="r", model=MODEL, reply_subject="_INBOX.probe.x",
+        messages=[{"role": "user", "content": "hi"}],
+    ).to_bytes()  # fmt: skip
+    verify = VerifyRequest(
+        request_id="v", model=MODEL, context_token_ids=[1, 2], draft_token_ids=[3]
+    ).to_bytes()
+    cancel = CancelRequest(request_id="c").to_bytes()
+    load = NodeLoad(running=0, waiting=0, kv_cache_usage=0, tokens_per_s=0)
+    beat = NodeHeartbeat(node_id="probe", role="edge", model=MODEL, version="0", load=load)
+    asked = [
+        (subjects.cloud_generate(MODEL), generate),
+        (subjects.cloud_verify(MODEL), verify),
+        (subjects.worker("worker-a", "generate"), generate),
+        (subjects.worker("worker-b", "verify"), verify),
+    ]
+    told = [(subjects.cloud_cancel(MODEL, "probe"), cancel),
+            (subjects.node_load("probe"), beat.to_bytes())]  # fmt: skip
+    nc = await _as(nats_server, mesh_dir, "probe")
+    refused = accepted = sent = 0
+    try:
+        for _ in range(rounds):
+            for subject, valid in asked:
+                reply = await nc.request(subject, _malformed(rng, valid), timeout=10)
+                refusal = ErrorInfo.from_service_headers(reply.headers)
+                refused += refusal is not None and refusal.code is ErrorCode.BAD_REQUEST
+                accepted += refusal is None
+                sent += 1
+            for subject, valid in told:
+                await nc.publish(subject, _malformed(rng, valid))
+        await nc.flush()
+    finally:
+        await nc.close()
+    return refused, accepted, sent
+
+
+def _bad_message_counts(worker: WorkerProcess) -> dict[str, float]:
+    """``tandem_worker_bad_messages_total`` by kind, from the worker's /metrics."""
+    counts: dict[str, float] = {}
+    for line in _http(worker, "/metrics").text.splitlines():
+        if line.startswith("tandem_worker_bad_messages_total{"):
+            kind = line.split('kind="', 1)[1].split('"', 1)[0]
+            counts[kind] = float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 async def test_deadline_propagates_to_the_worker(
