@@ -176,7 +176,8 @@ def _fuzz_one(
         try:
             response = case.call(base_url=base_url, timeout=60)
         except (requests.RequestException, OSError) as exc:  # refused, reset, timed out
-            report.transport_errors.append({"op": name, "error": repr(exc)})
+            body = repr(getattr(case, "body", None))[:2000]
+            report.transport_errors.append({"op": name, "error": repr(exc), "body": body})
             return
         _record(report, name, case, response.status_code, response.text)
 
