@@ -31,7 +31,19 @@ import pytest
 
 from mesh import subjects
 from mesh.connection import MeshCredentials, connect
-from mesh.protocol import ErrorInfo, PolicyApplied, PrefillReply, PrefillRequest
+from mesh.protocol import (
+    ErrorCode,
+    ErrorInfo,
+    GenerateAccepted,
+    GenerateRequest,
+    PolicyApplied,
+    PrefillReply,
+    PrefillRequest,
+    SamplingParams,
+    TokenChunk,
+    VerifyReply,
+    VerifyRequest,
+)
 from mesh.security import MeshDir, Role
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR, Catalog
@@ -48,7 +60,7 @@ CLOUD = {"x-tandem-route": "cloud"}
 PREFILL, DECODE = "prefill-a", "decode-a"
 IDENTITIES: dict[str, Role] = {
     PREFILL: "worker", DECODE: "worker", "disagg-edge": "edge", "probe-worker": "worker",
-    "operator": "operator",
+    "probe": "edge", "operator": "operator",
 }  # fmt: skip
 ANSWER_TOKENS = 12
 BLOCK = 128  # vLLM-CPU's KV block: ExampleConnector moves whole blocks
@@ -204,6 +216,34 @@ async def _greedy_on_the_prefill_worker(
     return tokens
 
 
+async def _direct_generate(
+    nc: nats.NATS, messages: list[dict[str, str]], **fields: Any
+) -> list[TokenChunk]:
+    """A generate straight to the model's queue group, as an edge sends it; every chunk."""
+    inbox = nc.new_inbox()
+    got: asyncio.Queue[TokenChunk] = asyncio.Queue()
+
+    async def on_chunk(msg: Any) -> None:
+        await got.put(TokenChunk.from_bytes(msg.data))
+
+    async def on_alive(msg: Any) -> None:
+        await msg.respond(b"")
+
+    sub = await nc.subscribe(inbox, cb=on_chunk)
+    alive = await nc.subscribe(subjects.liveness(inbox), cb=on_alive)
+    request = GenerateRequest(
+        request_id=uuid.uuid4().hex, model=MODEL, reply_subject=inbox, messages=messages, **fields
+    )
+    reply = await nc.request(subjects.cloud_generate(MODEL), request.to_bytes(), timeout=5)
+    GenerateAccepted.from_bytes(reply.data)
+    chunks = [await asyncio.wait_for(got.get(), 30)]
+    while not chunks[-1].is_end:
+        chunks.append(await asyncio.wait_for(got.get(), 30))
+    await sub.unsubscribe()
+    await alive.unsubscribe()
+    return chunks
+
+
 def _stored(kv_dir: Path) -> set[Path]:
     """The prompts whose KV ExampleConnector holds (a directory each)."""
     return set(kv_dir.iterdir())
@@ -308,8 +348,48 @@ async def test_a_connector_miss_is_computed_by_the_decode_worker(
     assert text == tokenizer.decode(reference, skip_special_tokens=True)
 
 
+async def test_deadlines_and_verification_behave_as_on_a_monolithic_worker(
+    nats_server: EmbeddedNats,
+    mesh_dir: MeshDir,
+    pair: dict[str, WorkerProcess],
+    tokenizer: Any,
+) -> None:
+    """The request's deadline bounds the remote prefill and the decoding after it; a
+    verification goes to the decode worker, whose engine holds the session's KV."""
+    await _set_policy(nats_server, mesh_dir, "always")
+    nc = await _as(nats_server, mesh_dir, "probe")
+    try:
+        started = time.monotonic()
+        late = await _direct_generate(
+            nc, _long_chat(f"late-{uuid.uuid4().hex[:8]}"),
+            sampling=SamplingParams(max_tokens=1500, temperature=0), deadline=time.time() + 0.5,
+        )  # fmt: skip
+        assert late[-1].error is not None, late[-1]
+        assert late[-1].error.code is ErrorCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 10  # 1500 tokens would take a minute
+        messages = _long_chat(f"verify-{uuid.uuid4().hex[:8]}")
+        answer = await _direct_generate(
+            nc, messages, sampling=SamplingParams(max_tokens=6, temperature=0)
+        )
+        tokens = [t for chunk in answer for t in chunk.token_ids]
+        assert answer[-1].usage is not None and answer[-1].usage.cached_tokens >= 2 * BLOCK
+        request = VerifyRequest(
+            request_id=uuid.uuid4().hex, model=MODEL,
+            context_token_ids=_ids(tokenizer, messages), draft_token_ids=tokens[:4],
+        )  # fmt: skip
+        reply = await nc.request(subjects.cloud_verify(MODEL), request.to_bytes(), timeout=60)
+        assert ErrorInfo.from_service_headers(reply.headers) is None, reply.headers
+        verdict = VerifyReply.from_bytes(reply.data)
+    finally:
+        await nc.close()
+    assert verdict.worker_id == DECODE  # prefill workers never verify
+    # The target's own greedy tokens are accepted, unless a numerical near-tie flipped one.
+    assert verdict.accepted == 4 or min(verdict.margins[: verdict.accepted + 1]) < 0.05
+    assert pair[DECODE].alive and pair[PREFILL].alive
+
+
 def test_bad_connector_configuration_fails_at_start_with_one_clear_line(
-    nats_server: EmbeddedNats, tmp_path: Path
+    nats_server: EmbeddedNats,
 ) -> None:
     """Refused before any engine starts: the worker exits non-zero, naming the problem."""
     cases = [
@@ -321,14 +401,20 @@ def test_bad_connector_configuration_fails_at_start_with_one_clear_line(
         (["--role", "decode", "--kv-connector", "ExampleConnector"],
          "needs kv_connector_extra_config.shared_storage_path"),
     ]  # fmt: skip
-    for args, message in cases:
-        argv = [*tandem_argv("cloud", "serve"), "--nats-url", nats_server.url, "--http-port", "0"]
-        started = time.monotonic()
-        done = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=120)
-        assert done.returncode != 0, args
-        assert message in done.stderr, (args, done.stderr[-2000:])
-        assert "Traceback" not in done.stderr, done.stderr[-2000:]
-        assert time.monotonic() - started < 120
+    argv = [*tandem_argv("cloud", "serve"), "--nats-url", nats_server.url, "--http-port", "0"]
+    started = time.monotonic()
+    # All at once: two of them import vLLM (tens of seconds on a busy machine).
+    runs = [
+        (args, message, subprocess.Popen([*argv, *args], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True))
+        for args, message in cases
+    ]  # fmt: skip
+    for args, message, run in runs:
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode != 0, args
+        assert message in stderr, (args, stderr[-2000:])
+        assert "Traceback" not in stderr, stderr[-2000:]
+    assert time.monotonic() - started < 120
 
 
 def test_the_pair_ran_under_its_permissions_without_a_refusal(
