@@ -28,7 +28,7 @@ import numpy as np
 
 from edge.batch_scheduler import BatchScheduler, CancelledJob, ErrorEvent, Job
 from edge.constraints import llama_grammar
-from edge.engine import LlamaEngine
+from edge.engine import ModelFacts
 from edge.errors import ContextLengthError, EdgeError, EngineError
 from edge.generation import (
     EngineConfig,
@@ -40,7 +40,6 @@ from edge.generation import (
 from edge.text import TextAssembler
 from mesh.protocol import TokenLogprob
 from models.llama_loader import load_llama
-from models.token_cache import CachedTokenizer, cached_llama_tokenizer
 from models.vocab import llama_token_bytes
 
 logger = logging.getLogger(__name__)
@@ -132,18 +131,15 @@ class SequenceRun:
         return self._scheduler.decode_plainly(self._job, request, self.llama.n_tokens)
 
 
-class BatchedEngine:
+class BatchedEngine(ModelFacts):
     """Serves generations by continuous batching in one llama.cpp context; see the
     module docstring. The same interface as ``LlamaEngine``."""
 
     simulated = False
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._llama = self._load(config)
-        self._vocab = LlamaEngine._load(config, vocab_only=True)
-        self._tokenize_cached = cached_llama_tokenizer(self._vocab)
-        self._loop_token_bytes = llama_token_bytes(self._vocab)  # its buffer: one thread
         self._batcher = BatchScheduler(self._llama, config)
 
     @staticmethod
@@ -162,31 +158,6 @@ class BatchedEngine:
             n_threads_batch=config.n_threads_batch,
             verbose=False,
         )
-
-    # -- facts about the model ------------------------------------------------
-
-    @property
-    def n_ctx(self) -> int:
-        """Context window of one request in tokens."""
-        return self.config.n_ctx
-
-    @property
-    def n_vocab(self) -> int:
-        """Vocabulary size."""
-        return int(self._vocab.n_vocab())
-
-    @property
-    def token_cache(self) -> CachedTokenizer:
-        """The prompt-piece cache ``tokenize`` goes through (hits, misses, size)."""
-        return self._tokenize_cached
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text``, special tokens parsed (blocking: a worker thread)."""
-        return self._tokenize_cached(text)
-
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes of one token id (answers' logprobs). Event-loop thread only."""
-        return self._loop_token_bytes(token)
 
     def perf_counters(self) -> dict[str, int]:
         """llama.cpp's own prompt/generation eval counters (a batched step of several

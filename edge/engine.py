@@ -99,17 +99,53 @@ class _Slot:
         self.llama._requires_eval = True
 
 
-class LlamaEngine:
+class ModelFacts:
+    """What both llama.cpp engines (this slot engine, ``edge.batched_engine``) know of
+    the model outside any context: a vocab-only model for tokenizing (so it never
+    touches a context mid-generation), its cached tokenizer, token bytes."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._vocab = LlamaEngine._load(config, vocab_only=True)
+        self._tokenize_cached = cached_llama_tokenizer(self._vocab)
+        self._loop_token_bytes = llama_token_bytes(self._vocab)  # its buffer: one thread
+
+    @property
+    def n_ctx(self) -> int:
+        """Context window of one request in tokens."""
+        return self.config.n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size."""
+        return int(self._vocab.n_vocab())
+
+    @property
+    def token_cache(self) -> CachedTokenizer:
+        """The prompt-piece cache ``tokenize`` goes through (hits, misses, size)."""
+        return self._tokenize_cached
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``; special tokens in it (ChatML markers) are parsed.
+
+        Blocking (about 1 ms per 2k tokens; messages seen before come from a cache):
+        call it from a worker thread.
+        """
+        return self._tokenize_cached(text)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token id (answers' logprobs). Event-loop thread only."""
+        return self._loop_token_bytes(token)
+
+
+class LlamaEngine(ModelFacts):
     """Serves generations from a pool of llama.cpp slots; see the module docstring."""
 
     simulated = False
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._slots = [_Slot(i, self._load(config)) for i in range(config.slots)]
-        self._vocab = self._load(config, vocab_only=True)
-        self._tokenize_cached = cached_llama_tokenizer(self._vocab)
-        self._loop_token_bytes = llama_token_bytes(self._vocab)  # its buffer: one thread
         self._queue = SlotQueue(list(self._slots), config.max_queue)
         self._sessions = SessionCache(config.session_cache_bytes)
         # Monotonic counters, written by slot threads, read by metrics and heartbeats.
@@ -136,36 +172,6 @@ class LlamaEngine:
             vocab_only=vocab_only,
             verbose=False,
         )
-
-    # -- facts about the model ------------------------------------------------
-
-    @property
-    def n_ctx(self) -> int:
-        """Context window in tokens."""
-        return self.config.n_ctx
-
-    @property
-    def n_vocab(self) -> int:
-        """Vocabulary size."""
-        return int(self._vocab.n_vocab())
-
-    @property
-    def token_cache(self) -> CachedTokenizer:
-        """The prompt-piece cache ``tokenize`` goes through (hits, misses, size)."""
-        return self._tokenize_cached
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text``; special tokens in it (ChatML markers) are parsed.
-
-        Blocking (about 1 ms per 2k tokens; messages seen before come from a cache):
-        call it from a worker thread. It uses a vocab-only model, so it never touches
-        a slot's context mid-generation.
-        """
-        return self._tokenize_cached(text)
-
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes of one token id (answers' logprobs). Event-loop thread only."""
-        return self._loop_token_bytes(token)
 
     def perf_counters(self) -> dict[str, int]:
         """llama.cpp's own prompt/generation eval counters, summed over slots."""
