@@ -30,20 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.edge_bench import prompts as chats  # distinct one-turn chats
 from models.catalog import DEFAULT_PAIR, Catalog
 from models.chat_template import load_template, render_chat
 from tandem.local import EdgeProcess
 
 MODEL = DEFAULT_PAIR
-TOPICS = ["the sea", "a forest", "trains", "coffee", "winter", "bees", "a library", "bread"]
-
-
-def chats(n: int) -> list[list[dict[str, str]]]:
-    """Distinct one-turn chats, so no request reuses another's KV past the template."""
-    return [
-        [{"role": "user", "content": f"#{i}: write a long paragraph about {TOPICS[i % 8]}."}]
-        for i in range(n)
-    ]
 
 
 def weights(layout: str) -> Path:

@@ -246,17 +246,6 @@ class SimFleetConnector:
 # -- what the run cost the machine ------------------------------------------------------------
 
 
-def _cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of process ``pid`` so far (0 once it has exited)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class CpuMeter:
     """CPU cores used per role over the run: the harness (agents and planner, this
@@ -269,7 +258,9 @@ class CpuMeter:
     t: float = 0.0
 
     def _read(self) -> dict[str, float]:
-        return {role: sum(_cpu_s(pid) for pid in pids) for role, pids in self.pids.items()}
+        from bench.scale_bench import cpu_seconds
+
+        return {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in self.pids.items()}
 
     def begin(self) -> None:
         from bench.scale_bench import _machine_busy

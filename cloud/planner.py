@@ -574,6 +574,7 @@ class Planner:
         error: str | None,
     ) -> PlannerDecision:
         capacity = s.capacity_rps * self.config.utilization_target
+        ttft_target_ms, itl_target_ms = self.slo_targets_ms()
         headroom = 1 - s.forecast_rps / (s.ready * capacity) if s.ready and capacity > 0 else 0.0
         return PlannerDecision(
             pool=self.pool,
@@ -590,8 +591,8 @@ class Planner:
             forecast_rps=round(s.forecast_rps, 4),
             capacity_rps=round(s.capacity_rps, 4),
             waiting=s.waiting,
-            ttft_target_ms=self.slo_targets_ms()[0],
-            itl_target_ms=self.slo_targets_ms()[1],
+            ttft_target_ms=ttft_target_ms,
+            itl_target_ms=itl_target_ms,
             headroom=round(headroom, 4),
             drained=drained,
             error=error,
