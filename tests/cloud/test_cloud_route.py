@@ -1209,25 +1209,48 @@ def test_kill_9_mid_stream_resumes_on_the_other_worker_exactly(
 def test_sigterm_drains_in_flight_requests(
     mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
 ) -> None:
-    survivor = next(w for w in workers.values() if w.alive)
+    """SIGTERM while a long stream is mid-answer: the stream finishes, /ready turns 503
+    "draining" at once and /health stays 200 until the exit.
+
+    The drain window must be certain, not a race: SIGTERM goes only once the prober has
+    had an answer and the stream has delivered its first tokens, and the stream is long
+    (hundreds of tokens: seconds on any CPU), so it is still in flight when the drain begins.
+    (CI once saw no probe at all: an 80-token stream had finished before the first probe.)
+    """
     client = mesh_edge.client()
+    # Pin a session to a worker, so the stream is known to be on the one SIGTERM stops.
+    session = {**CLOUD, "x-session-id": f"drain-{uuid.uuid4().hex}"}
+    first = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+        extra_headers=session,
+    )  # fmt: skip
+    survivor = workers[str(_usage_extra(first.usage)["worker_id"])]
     result: dict[str, object] = {}
+    streaming, done, probed = threading.Event(), threading.Event(), threading.Event()
 
     def stream() -> None:
-        chunks = list(
-            client.chat.completions.create(
-                model=MODEL,
-                messages=COUNT,
-                max_tokens=80,
-                temperature=0,
-                stream=True,
-                extra_headers=CLOUD,
-            )
-        )
-        result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-        result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        parts, finish = [], None
+        for chunk in client.chat.completions.create(
+            model=MODEL,
+            messages=[
+                {"role": "user", "content": "List the numbers from 1 to 300, separated by commas."}
+            ],
+            max_tokens=300,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=session,
+        ):
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+                if len("".join(parts)) > 5:
+                    streaming.set()
+            result["usage"] = chunk.usage or result.get("usage")
+        result["finish"], result["text"] = finish, "".join(parts)
+        done.set()
 
-    probes: list[tuple[int, int, str | None]] = []  # (/health, /ready, reason) during the drain
+    probes: list[tuple[int, int, str | None]] = []  # (/health, /ready, reason)
 
     def probe() -> None:
         while survivor.alive:  # until the worker has exited
@@ -1235,20 +1258,25 @@ def test_sigterm_drains_in_flight_requests(
                 ready = _http(survivor, "/ready")
                 probes.append((_http(survivor, "/health").status_code, ready.status_code,
                                ready.json()["reason"]))  # fmt: skip
+                probed.set()
             except httpx.HTTPError:  # a probe that timed out, or the worker just exited
                 pass
             time.sleep(0.05)
 
-    reader = threading.Thread(target=stream)
-    reader.start()
-    time.sleep(1.0)  # the request is in flight on the only worker left
     prober = threading.Thread(target=probe)
     prober.start()
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert probed.wait(60), "the worker answered no probe before SIGTERM"
+    assert streaming.wait(120), "the stream delivered no tokens"
+    assert not done.is_set(), "the stream finished before SIGTERM: nothing left to drain"
     code = survivor.terminate()
-    reader.join(60)
+    reader.join(120)
     prober.join(10)
     assert result["finish"] in {"stop", "length"}
     assert len(str(result["text"])) > 20
+    # The draining worker itself finished the answer: no stall long enough to fail over.
+    assert _usage_extra(result["usage"])["worker_id"] == survivor.worker_id
     assert code == 0
     assert "draining" in survivor.log()
     # Kubernetes stops counting the pod ready at once, and never thinks it dead.
