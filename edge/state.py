@@ -211,6 +211,18 @@ def _register_gauges(metrics: EdgeMetrics, engine: EdgeEngine, live: LivePolicy)
         "Token ids held by the prompt-piece cache.",
         lambda: engine.token_cache.cached_tokens,
     )
+    if hasattr(engine, "decode_steps"):  # the batched engine: how full its steps run
+        metrics.add_counter(
+            "tandem_edge_batch_decode_steps",
+            "llama_decode calls of the batched engine (one step of every running sequence).",
+            lambda: engine.decode_steps,  # type: ignore[attr-defined]
+        )
+        metrics.add_counter(
+            "tandem_edge_batch_stepped_sequences",
+            "Sequences evaluated, summed over the batched engine's decode steps (over "
+            "decode steps: the mean batch).",
+            lambda: engine.stepped_sequences,  # type: ignore[attr-defined]
+        )
     metrics.add_gauge(
         "tandem_edge_policy_revision",
         "Store revision of the routing policy in force (0: a file or the built-in one).",

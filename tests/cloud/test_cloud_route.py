@@ -67,7 +67,7 @@ COUNT = [{"role": "user", "content": "List the numbers from 1 to 60, separated b
 
 IDENTITIES: dict[str, Role] = {
     "worker-a": "worker", "worker-b": "worker", "mesh-edge": "edge", "escalating-edge": "edge",
-    "probe": "edge", "operator": "operator",
+    "probe": "edge", "operator": "operator", "batched-edge": "edge",
 }  # fmt: skip
 
 
@@ -827,6 +827,38 @@ async def _verify(nc: nats.NATS, request: VerifyRequest) -> VerifyReply:
     return VerifyReply.from_bytes(reply.data)
 
 
+async def _against_cloud_only(
+    nc: nats.NATS, messages: list[dict[str, str]], text: str | None, max_tokens: int = 40
+) -> tuple[int, float] | None:
+    """None when ``text`` is the cloud's own greedy answer; else (first differing token,
+    the target's top-2 margin there), asserting that the difference is a near-tie."""
+    chunks = await _direct_generate(
+        nc, messages=messages, sampling=SamplingParams(max_tokens=max_tokens, temperature=0)
+    )
+    target = [t for c in chunks for t in c.token_ids]
+    text = text or ""
+    if text == "".join(c.text for c in chunks):
+        return None
+    j = _divergence(target, text)
+    assert j < len(target), f"{messages!r}: speculative ran past the cloud's answer"
+    scored = await _verify(
+        nc,
+        VerifyRequest(
+            request_id=uuid.uuid4().hex,
+            model=MODEL,
+            context_token_ids=_prompt_ids(messages) + target[:j],
+            draft_token_ids=[target[j]],
+        ),
+    )
+    margin = scored.margins[0]
+    assert margin < NEAR_TIE_NATS, (
+        f"{messages!r}: speculative differs from cloud-only at token {j}, where the "
+        f"target's top-2 margin is {margin:.4f} nats (not a near-tie):\n"
+        f"speculative: {text!r}\ncloud-only: {''.join(c.text for c in chunks)!r}"
+    )
+    return j, margin
+
+
 async def test_speculative_route_gives_the_cloud_models_greedy_answer(
     mesh_edge: EdgeProcess, nats_server: EmbeddedNats, mesh_dir: MeshDir
 ) -> None:
@@ -848,33 +880,11 @@ async def test_speculative_route_gives_the_cloud_models_greedy_answer(
             rounds += stats["verify_rounds"]
             pipelined += stats["pipelined_rounds"]
             assert spec.usage.completion_tokens <= 40
-            chunks = await _direct_generate(
-                nc, messages=messages, sampling=SamplingParams(max_tokens=40, temperature=0)
-            )
-            target = [t for c in chunks for t in c.token_ids]
-            text = spec.choices[0].message.content or ""
-            if text == "".join(c.text for c in chunks):
+            verdict = await _against_cloud_only(nc, messages, spec.choices[0].message.content)
+            if verdict is None:
                 identical += 1
-                continue
-            j = _divergence(target, text)
-            assert j < len(target), f"{prompt!r}: speculative ran past the cloud's answer"
-            context = _prompt_ids(messages) + target[:j]
-            scored = await _verify(
-                nc,
-                VerifyRequest(
-                    request_id=uuid.uuid4().hex,
-                    model=MODEL,
-                    context_token_ids=context,
-                    draft_token_ids=[target[j]],
-                ),
-            )
-            margin = scored.margins[0]
-            assert margin < NEAR_TIE_NATS, (
-                f"{prompt!r}: speculative differs from cloud-only at token {j}, where the "
-                f"target's top-2 margin is {margin:.4f} nats (not a near-tie):\n"
-                f"speculative: {text!r}\ncloud-only: {''.join(c.text for c in chunks)!r}"
-            )
-            near_ties.append((prompt, j, margin))
+            else:
+                near_ties.append((prompt, *verdict))
     finally:
         await nc.close()
         await client.close()
@@ -886,6 +896,65 @@ async def test_speculative_route_gives_the_cloud_models_greedy_answer(
     metrics = mesh_edge.metrics()
     assert metrics["tandem_edge_speculative_verify_rounds_total"] >= rounds
     assert metrics["tandem_edge_speculative_accepted_tokens_total"] > 0
+
+
+@pytest.fixture
+def batched_edge(
+    nats_server: EmbeddedNats, mesh_dir: MeshDir, workers: dict[str, WorkerProcess]
+) -> Iterator[EdgeProcess]:
+    """An edge with the batched engine on the module's mesh. A long stall timeout: eight
+    sessions' verifications on a loaded 2-core machine may take seconds, and a fallback
+    to the edge would hide what the test checks."""
+    with EdgeProcess(
+        nats_url=nats_server.url, cloud_stall_timeout_s=60, node_id="batched-edge",
+        nats_creds=mesh_dir.creds("batched-edge"), batching="batched", sequences=8,
+    ) as edge:  # fmt: skip
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{edge.base_url}/health").json()["mesh"] != "connected":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(2.5)  # a couple of heartbeats
+        yield edge
+
+
+async def test_eight_speculative_sessions_drafting_together_give_the_cloud_answers(
+    batched_edge: EdgeProcess, nats_server: EmbeddedNats, mesh_dir: MeshDir
+) -> None:
+    """Issue 18: eight concurrent speculative sessions on the batched edge engine, their
+    draft steps sharing decode steps, still give the cloud model's greedy answers (near-
+    ties accounted for as above)."""
+    before = batched_edge.metrics()
+    client = batched_edge.async_client(timeout=300)
+    nc = await _as(nats_server, mesh_dir, "probe")
+    near_ties = []
+    try:
+        chats = [[{"role": "user", "content": p}] for p in SPEC_PROMPTS]
+        answers = await asyncio.gather(*(
+            client.chat.completions.create(
+                model=f"{MODEL}@speculative", messages=m, max_tokens=40, temperature=0
+            ) for m in chats
+        ))  # fmt: skip
+        for messages, answer in zip(chats, answers, strict=True):
+            stats = _usage_extra(answer.usage)["speculative"]
+            assert stats["verify_rounds"] >= 1 and not stats["fell_back_to_edge"], stats
+            verdict = await _against_cloud_only(nc, messages, answer.choices[0].message.content)
+            if verdict is not None:
+                near_ties.append(verdict)
+    finally:
+        await nc.close()
+        await client.close()
+    after = batched_edge.metrics()
+    steps = (
+        after["tandem_edge_batch_decode_steps_total"]
+        - before["tandem_edge_batch_decode_steps_total"]
+    )
+    stepped = (
+        after["tandem_edge_batch_stepped_sequences_total"]
+        - before["tandem_edge_batch_stepped_sequences_total"]
+    )
+    print(f"8 batched speculative sessions: {8 - len(near_ties)}/8 identical, near-ties "
+          f"{near_ties}, mean batch {stepped / steps:.2f}")  # fmt: skip
+    assert stepped / steps > 1.5  # the sessions' draft steps shared decode steps
 
 
 # Logprobs of the same greedy tokens on the speculative and cloud routes: verification
