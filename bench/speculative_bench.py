@@ -139,7 +139,9 @@ def grid_run(
     """Every cell of the grid, one edge per RTT, cloud-only then speculative."""
     cells: list[Cell] = []
     for rtt in rtts:
-        edge_options = {"slots": max(sessions), "n_ctx": 512, "n_threads": 1}
+        edge_options: dict[str, object] = {"slots": max(sessions), "n_ctx": 512, "n_threads": 1}
+        if args.edge_batching == "batched":  # one context, the sessions' drafts batched
+            edge_options = {"batching": "batched", "sequences": max(sessions), "n_threads": 1}
         with EdgeProcess(nats_url=mesh.url, emulated_rtt_ms=rtt, **edge_options) as edge:
             time.sleep(2.5)  # heartbeats: the edge sees the worker
             for n in sessions:
@@ -163,6 +165,10 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=4, help="requests per cell, at least")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the cells here")
+    parser.add_argument(
+        "--edge-batching", choices=["slots", "batched"], default="slots",
+        help="the edge engine: a llama.cpp context per session, or one batched context",
+    )  # fmt: skip
     args = parser.parse_args()
     rtts, sessions = grid(args)
     with Supervisor() as supervisor, local_nats(supervisor) as mesh:
@@ -187,7 +193,8 @@ def report(cells: list[Cell], args: argparse.Namespace) -> None:
     """A table (speculative next to cloud-only, with the ratios) and optional JSON."""
     print(
         f"\nmax_tokens={args.max_tokens}, greedy, fp32 cloud, KV block "
-        f"{os.environ['TANDEM_CLOUD_BLOCK_SIZE']}; edge+client core {EDGE_CORE}, "
+        f"{os.environ['TANDEM_CLOUD_BLOCK_SIZE']}; edge engine {args.edge_batching}, "
+        f"edge+client core {EDGE_CORE}, "
         f"vLLM worker core {CLOUD_CORE}; load {os.getloadavg()[0]:.2f} at the end"
     )
     head = (
