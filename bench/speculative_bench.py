@@ -142,6 +142,10 @@ def grid_run(
         edge_options: dict[str, object] = {"slots": max(sessions), "n_ctx": 512, "n_threads": 1}
         if args.edge_batching == "batched":  # one context, the sessions' drafts batched
             edge_options = {"batching": "batched", "sequences": max(sessions), "n_threads": 1}
+        if args.edge_layout != "gguf":  # the drafter's weights re-quantized (acceptance)
+            from bench.edge_batching_bench import weights
+
+            edge_options["gguf"] = str(weights(args.edge_layout))
         with EdgeProcess(nats_url=mesh.url, emulated_rtt_ms=rtt, **edge_options) as edge:
             time.sleep(2.5)  # heartbeats: the edge sees the worker
             for n in sessions:
@@ -169,6 +173,10 @@ def main() -> None:
         "--edge-batching", choices=["slots", "batched"], default="slots",
         help="the edge engine: a llama.cpp context per session, or one batched context",
     )  # fmt: skip
+    parser.add_argument(
+        "--edge-layout", choices=["gguf", "q8_0"], default="gguf",
+        help="the drafter's weights: the shipped GGUF, or re-quantized to Q8_0",
+    )  # fmt: skip
     args = parser.parse_args()
     rtts, sessions = grid(args)
     with Supervisor() as supervisor, local_nats(supervisor) as mesh:
@@ -194,6 +202,7 @@ def report(cells: list[Cell], args: argparse.Namespace) -> None:
     print(
         f"\nmax_tokens={args.max_tokens}, greedy, fp32 cloud, KV block "
         f"{os.environ['TANDEM_CLOUD_BLOCK_SIZE']}; edge engine {args.edge_batching}, "
+        f"edge weights {args.edge_layout}, "
         f"edge+client core {EDGE_CORE}, "
         f"vLLM worker core {CLOUD_CORE}; load {os.getloadavg()[0]:.2f} at the end"
     )
