@@ -192,6 +192,10 @@ class DisaggregationProfile(BaseModel):
     decode: EngineProfile | None = Field(default=None, description="a decode worker's engine")
     kv_transfer_s_per_token: float = Field(default=PLACEHOLDER_KV_TRANSFER_S_PER_TOKEN, ge=0)
     kv_transfer_fixed_s: float = Field(default=PLACEHOLDER_KV_TRANSFER_FIXED_S, ge=0)
+    transfer_samples: list[tuple[int, float]] = Field(
+        default_factory=list,
+        description="(KV tokens moved, hand-over seconds) the transfer line was fitted to",
+    )
 
     def transfer_s(self, tokens: int) -> float:
         """Modelled seconds to hand ``tokens`` tokens of KV from prefill to decode worker."""
