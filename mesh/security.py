@@ -19,7 +19,8 @@ Layout of a mesh directory (``tandem mesh init DIR``)::
     DIR/auth.conf       authorization (includes users.conf) and the pid file: an embedded
                         hub (``tandem up``, tests) runs with this one alone
     DIR/users.conf      rendered from nodes.json: one user per node, with permissions
-    DIR/nodes.json      the registry: name, role, public key of every node
+    DIR/nodes.json      the registry: name, role, public key of every node (and an
+                        edge's models: the only cloud subjects it may ask)
     DIR/creds/NAME.nk   each node's seed (give it to that node only; mode 0600)
     DIR/leaf/NAME.conf  edge NAME's own nats-server, a leaf node of the hub (``mesh.leaf``;
                         it holds the edge's seed too: mode 0600)
@@ -37,13 +38,14 @@ import json
 import os
 import signal
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from mesh import leaf, subjects
 from mesh.connection import DEFAULT_NATS_PORT
 from mesh.errors import MeshError
+from models.catalog import DEFAULT_PAIR
 
 Role = Literal["edge", "worker", "operator", "planner"]
 ROLES: tuple[Role, ...] = ("edge", "worker", "operator", "planner")
@@ -101,19 +103,42 @@ _USAGE = subjects.USAGE_BUCKET
 _PLANNER = subjects.PLANNER_BUCKET
 
 
-def permissions(role: Role, name: str, *, workers: Iterable[str] = ()) -> dict[str, Any]:
+def _edge_models(name: str, models: Iterable[str]) -> list[str]:
+    """An edge's cloud requests, for each of its models only: the generate and verify
+    queue groups and its own cancels."""
+    out: list[str] = []
+    for model in models:
+        out += [
+            subjects.cloud_generate(model),  # CloudRoute._submit: the model's queue group
+            subjects.cloud_verify(model),  # CloudRoute.verify
+            # CancelRequest when the client goes away (CloudRoute.generate), under its own
+            # name only: workers honour a cancel from the node the stream goes to.
+            subjects.cloud_cancel(model, name),
+        ]
+    if not out:
+        raise MeshConfigError(f"edge {name!r} needs a model: the cloud subjects it may ask")
+    return out
+
+
+def permissions(
+    role: Role,
+    name: str,
+    *,
+    workers: Iterable[str] = (),
+    models: Iterable[str] = (DEFAULT_PAIR,),
+) -> dict[str, Any]:
     """The NATS permissions of node ``name`` in ``role`` (nats-server's config shape);
-    ``workers``: the mesh's workers, whose liveness probes an edge answers."""
+    ``workers``: the mesh's workers, whose liveness probes an edge answers; ``models``:
+    an edge's catalog pairs, the only models whose cloud subjects it may ask."""
     own_inbox = f"{inbox_prefix(name)}.>"
     if role == "edge":
         publish = [
-            subjects.cloud_any("generate"),  # CloudRoute._submit: the queue group ...
-            subjects.cloud_any("verify"),  # CloudRoute.verify
-            subjects.worker_any("generate"),  # ... and a session's own worker (affinity)
+            *_edge_models(name, models),
+            # A session's own worker (affinity): its subjects name the worker, not its
+            # model, and the registry does not know workers' models, so these are not
+            # scoped to the edge's models (CloudRoute picks workers of its model only).
+            subjects.worker_any("generate"),
             subjects.worker_any("verify"),
-            # CancelRequest when the client goes away (CloudRoute.generate), under its own
-            # name only: workers honour a cancel from the node the stream goes to.
-            subjects.cloud_cancels(node_id=name),
             subjects.node_load(name),  # Heartbeater: its own heartbeats only
             subjects.policy_applied(),  # PolicyFollower's reports
             *_kv_read(_POLICY),  # PolicyFollower: watch and resync; never a write
@@ -238,6 +263,22 @@ class Node:
     name: str
     role: Role
     public_key: str
+    # An edge's catalog pairs: the only models whose cloud subjects it may ask.
+    models: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Node:
+        """A registry entry; an edge registered before edges had models gets the
+        catalog's default pair."""
+        models = tuple(data.get("models") or ())
+        if data["role"] == "edge" and not models:
+            models = (DEFAULT_PAIR,)
+        return cls(data["name"], data["role"], data["public_key"], models)
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry entry (models for an edge only)."""
+        entry = {"name": self.name, "role": self.role, "public_key": self.public_key}
+        return entry | ({"models": list(self.models)} if self.role == "edge" else {})
 
 
 class MeshDir:
@@ -349,7 +390,7 @@ class MeshDir:
         """Every node the hub admits."""
         if not self.registry.exists():
             raise MeshConfigError(f"no mesh at {self.root}: run tandem mesh init {self.root}")
-        return [Node(**n) for n in json.loads(self.registry.read_text())]
+        return [Node.from_json(n) for n in json.loads(self.registry.read_text())]
 
     def add(
         self,
@@ -358,13 +399,17 @@ class MeshDir:
         *,
         hub_url: str | None = None,
         local_port: int = DEFAULT_NATS_PORT,
+        models: Iterable[str] | None = None,
     ) -> Path:
         """Admit a new node; returns its seed file (written once, mode 0600).
 
-        An edge also gets its leaf-node config (``leaf_conf``): a nats-server on the
-        device's loopback ``local_port``, a leaf of the hub at ``hub_url`` (default: the
-        one ``init`` recorded)."""
-        permissions(role, name)  # an unknown role fails before anything is written
+        An edge may ask the cloud for its ``models`` only (catalog pair names; default:
+        the catalog's default pair). It also gets its leaf-node config (``leaf_conf``): a
+        nats-server on the device's loopback ``local_port``, a leaf of the hub at
+        ``hub_url`` (default: the one ``init`` recorded)."""
+        edge_models = _models_of(role, models)
+        # An unknown role, or an edge with no model, fails before anything is written.
+        permissions(role, name, models=edge_models)
         nodes = self.nodes()
         if any(n.name == name for n in nodes):
             raise MeshConfigError(f"a node named {name!r} exists; revoke it first")
@@ -375,7 +420,7 @@ class MeshDir:
             f.write(seed + b"\n")
         if role == "edge":
             self._write_leaf_conf(name, seed, hub_url=hub_url, local_port=local_port)
-        self._save([*nodes, Node(name, role, public_key(seed))])
+        self._save([*nodes, Node(name, role, public_key(seed), edge_models)])
         return path
 
     def _write_leaf_conf(
@@ -442,14 +487,20 @@ class MeshDir:
             path.write_text(os.urandom(8).hex() + "\n")
         return path.read_text().strip()
 
-    def ensure(self, name: str, role: Role) -> Path:
-        """Node ``name``'s seed file, admitting it first if it is new (``tandem up``)."""
-        known = {n.name: n for n in self.nodes()}
+    def ensure(self, name: str, role: Role, *, models: Iterable[str] | None = None) -> Path:
+        """Node ``name``'s seed file, admitting it first if it is new (``tandem up``); an
+        edge that is known keeps its key and is given ``models`` when they are named."""
+        nodes = self.nodes()
+        known = {n.name: n for n in nodes}
         if name in known and known[name].role == role and self.creds(name).exists():
+            if role == "edge" and models is not None:
+                wanted = _models_of(role, models)
+                permissions(role, name, models=wanted)  # no model: refused, nothing changed
+                self._save([replace(n, models=wanted) if n.name == name else n for n in nodes])
             return self.creds(name)
         if name in known:
             self.revoke(name)
-        return self.add(name, role)
+        return self.add(name, role, models=models)
 
     def revoke(self, name: str) -> Node:
         """Remove a node: the hub refuses it from the next reload on."""
@@ -479,8 +530,23 @@ class MeshDir:
 
     def _save(self, nodes: Iterable[Node]) -> None:
         nodes = list(nodes)
-        self.registry.write_text(json.dumps([asdict(n) for n in nodes], indent=2) + "\n")
+        self.registry.write_text(json.dumps([n.to_json() for n in nodes], indent=2) + "\n")
         self.users_conf.write_text(render_users(nodes))
+
+
+def _models_of(role: Role, models: Iterable[str] | None) -> tuple[str, ...]:
+    """The models a new node in ``role`` is registered with: an edge's (default: the
+    catalog's default pair, in order, once each); none for the other roles."""
+    if role != "edge":
+        if models:
+            raise MeshConfigError(f"only edges are given models, not a {role}")
+        return ()
+    if models is None:
+        return (DEFAULT_PAIR,)
+    named = tuple(dict.fromkeys(models))
+    if not all(named):
+        raise MeshConfigError("a model name cannot be empty")
+    return named
 
 
 def render_users(nodes: Iterable[Node]) -> str:
@@ -495,7 +561,9 @@ def render_users(nodes: Iterable[Node]) -> str:
     for node in nodes:
         entry = {
             "nkey": node.public_key,
-            "permissions": permissions(node.role, node.name, workers=workers),
+            "permissions": permissions(
+                node.role, node.name, workers=workers, models=node.models or (DEFAULT_PAIR,)
+            ),
             "allowed_connection_types": connection_types(node.role),
         }
         entries.append(f"  # {node.role} {node.name}\n  {json.dumps(entry)}")

@@ -3,7 +3,7 @@
 Example::
 
     tandem mesh init /etc/tandem/mesh
-    tandem mesh add-edge edge-kitchen --dir /etc/tandem/mesh   # prints the seed file
+    tandem mesh add-edge edge-kitchen --model smollm2-135m --dir /etc/tandem/mesh  # the seed
     nats-server -c /etc/tandem/mesh/server.conf
     tandem edge serve --nats-url nats://hub:4222 --node-id edge-kitchen \\
         --nats-creds edge-kitchen.nk
@@ -105,11 +105,21 @@ def add_edge(
     local_port: Annotated[
         int, typer.Option(help="The loopback port of the edge's own leaf node.")
     ] = DEFAULT_NATS_PORT,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A catalog model pair the edge serves (repeatable): the only models it may "
+            "ask the cloud for (default: the catalog's default pair)."
+        ),
+    ] = None,
 ) -> None:
-    """Admit an edge: it may ask for generation and verification, follow the policy,
-    publish its heartbeats, and read only its own inbox. Also writes DIR/leaf/NAME.conf,
-    the edge device's own nats-server as a leaf node of the hub (it holds the seed too)."""
-    mesh = _add(name, "edge", directory, hub_url=hub_url, local_port=local_port)
+    """Admit an edge: it may ask for generation and verification of its models, follow
+    the policy, publish its heartbeats, and read only its own inbox. Also writes
+    DIR/leaf/NAME.conf, the edge device's own nats-server as a leaf node of the hub (it
+    holds the seed too). Example: tandem mesh add-edge kitchen --model smollm2-135m"""
+    mesh = _add(
+        name, "edge", directory, hub_url=hub_url, local_port=local_port, models=model or None
+    )
     typer.echo(
         f"leaf node: {mesh.leaf_conf(name)} (on the device: nats-server -c ...; then "
         f"--nats-url nats://127.0.0.1:{local_port} with the same identity)"
@@ -241,7 +251,7 @@ def _cut_leaf(mesh: MeshDir, name: str, hub_url: str | None, kick_all: bool) -> 
 
 @app.command("list")
 def list_nodes(directory: DirOption = None) -> None:
-    """Every node the hub admits, with its role and public key."""
+    """Every node the hub admits, with its role, public key and (edges) models."""
     from mesh.errors import MeshError
 
     try:
@@ -249,4 +259,5 @@ def list_nodes(directory: DirOption = None) -> None:
     except MeshError as exc:
         fail(str(exc))
     for node in nodes:
-        typer.echo(f"{node.role:<9} {node.name:<24} {node.public_key}")
+        models = f"  models: {', '.join(node.models)}" if node.models else ""
+        typer.echo(f"{node.role:<9} {node.name:<24} {node.public_key}{models}")

@@ -195,9 +195,19 @@ async def test_the_leaf_link_carries_only_the_edge_permissions(
 ) -> None:
     operator = await _node(hub.url, mesh_dir, "operator")
     edge = await _node(leaf_a.url, mesh_dir, "edge-a")
+    worker = await _node(hub.url, mesh_dir, "w1")
     try:
         store = await PolicyStore.open(operator)
         before = await store.current()
+        # A model edge-a was not admitted for (it has the default pair): a hub worker
+        # serves it, then the edge's own model, so once the leaf knows the latter it has
+        # heard whatever the hub forwards of the former.
+        stranger: list[bytes] = []
+        await worker.subscribe(subjects.cloud_generate("third-model"), "q", _collect(stranger))
+        await worker.subscribe(subjects.cloud_generate(MODEL), "q", _collect([]))
+        await worker.flush()
+        await _until(_knows(leaf_a, subjects.cloud_generate(MODEL)), "the leaf learns the worker")
+        await edge.publish(subjects.cloud_generate("third-model"), b"prompt")
         serving = subjects.cloud_generate("other-model")
         await edge.subscribe(serving, queue="q")  # answering as a worker
         await edge.subscribe("_INBOX.edge-b.>")  # another edge's inbox
@@ -215,10 +225,12 @@ async def test_the_leaf_link_carries_only_the_edge_permissions(
         await _until(lambda: beats == [b"beat"], "the edge's heartbeat reaches the hub")
         assert hub.subscribers(serving) == 0
         assert hub.subscribers("_INBOX.edge-b.x") == 0
+        assert stranger == []  # another model's queue group never heard the edge
         assert await store.current() == before  # the policy write never landed
         assert _leaf_link(hub, "edge-a") is not None  # and the link stays up
     finally:
         await edge.close()
+        await worker.close()
         await operator.close()
 
 

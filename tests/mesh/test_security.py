@@ -8,6 +8,7 @@ asynchronously, to ``error_cb``: the tests collect those reports).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +20,13 @@ from nats.aio.client import Client
 from mesh import subjects
 from mesh.connection import MeshCredentials, connect
 from mesh.errors import MeshUnavailableError
-from mesh.security import MeshDir, Role, inbox_prefix
+from mesh.security import MeshConfigError, MeshDir, Role, inbox_prefix
 from mesh.server import EmbeddedNats
 from router.store import PolicyStore
 from tests.fixtures_nats import mesh_with
 
-MODEL = "smollm2-135m"
+MODEL = "smollm2-135m"  # the catalog's default pair: edges admitted with no model get it
+OTHER, THIRD = "other-pair", "third-pair"
 POLICY = "rules: [{name: local, route: edge}]\n"
 POLICY_2 = "rules: [{name: cloudy, route: cloud}]\ndefault: {route: cloud}\n"
 
@@ -35,7 +37,9 @@ def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> MeshDir:
         "operator": "operator", "edge-a": "edge", "edge-b": "edge", "w1": "worker",
         "w2": "worker",
     }  # fmt: skip
-    return mesh_with(tmp_path_factory.mktemp("mesh"), identities)
+    mesh = mesh_with(tmp_path_factory.mktemp("mesh"), identities)
+    mesh.add("edge-o", "edge", models=[OTHER, THIRD])
+    return mesh
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +116,95 @@ async def test_an_edge_asks_workers_and_reads_only_its_own_inbox(
     finally:
         await edge.nc.close()
         await worker.nc.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "models", "stranger"),
+    [("edge-a", [MODEL], OTHER), ("edge-o", [OTHER, THIRD], MODEL)],
+)
+async def test_an_edge_asks_only_for_its_models_and_any_worker_by_affinity(
+    hub: EmbeddedNats, mesh_dir: MeshDir, name: str, models: list[str], stranger: str
+) -> None:
+    """Its models' generate and verify queue groups and a worker's own subjects answer;
+    another model's subjects and cancels are refused by the hub and never reach a worker."""
+    edge, worker = await _node(hub, mesh_dir, name), await _node(hub, mesh_dir, "w1")
+    try:
+        heard: list[str] = []
+
+        async def serve(msg: nats.aio.msg.Msg) -> None:
+            heard.append(msg.subject)
+            if msg.reply:
+                await msg.respond(b"ok")
+
+        affinity = [subjects.worker("w1", "generate"), subjects.worker("w1", "verify")]
+        for subject in affinity:  # only w1 listens on its own subjects
+            await worker.nc.subscribe(subject, cb=serve)
+        for model in [*models, stranger]:  # the queue groups, as nats.micro joins them
+            for subject in (subjects.cloud_generate(model), subjects.cloud_verify(model)):
+                await worker.nc.subscribe(subject, queue="q", cb=serve)
+        await worker.nc.subscribe(subjects.cloud_cancels(), cb=serve)
+        await worker.nc.flush()
+        allowed = list(affinity)
+        for model in models:
+            allowed += [subjects.cloud_generate(model), subjects.cloud_verify(model)]
+        for subject in allowed:
+            assert (await edge.nc.request(subject, b"x", timeout=5)).data == b"ok", subject
+        refused = [
+            subjects.cloud_generate(stranger),
+            subjects.cloud_verify(stranger),
+            subjects.cloud_cancel(stranger, name),
+        ]
+        for subject in refused:
+            await edge.nc.publish(subject, b"x", reply=f"{inbox_prefix(name)}.r")
+        await edge.nc.flush()
+        for subject in refused:
+            assert await edge.refused(subject), f"{name} may publish on {subject}"
+        assert heard == allowed  # nothing of the other model reached the worker
+        assert not worker.refusals
+    finally:
+        await edge.nc.close()
+        await worker.nc.close()
+
+
+def test_an_edge_is_registered_with_its_models(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    mesh = MeshDir(tmp_path)
+    mesh.init()
+    result = CliRunner().invoke(
+        app,
+        ["mesh", "add-edge", "porch", "--model", OTHER, "--model", THIRD, "--dir", str(tmp_path)],
+    )
+    assert result.exit_code == 0, result.output
+    mesh.add("kitchen", "edge")  # no model: the catalog's default pair
+    mesh.add("w", "worker")
+    assert {n.name: n.models for n in mesh.nodes()} == {
+        "porch": (OTHER, THIRD), "kitchen": (MODEL,), "w": (),
+    }  # fmt: skip
+    users = mesh.users_conf.read_text()
+    assert (
+        subjects.cloud_generate(THIRD) in users
+        and json.dumps(subjects.cloud_any("generate")) not in users
+    )
+    listed = CliRunner().invoke(app, ["mesh", "list", "--dir", str(tmp_path)])
+    assert f"models: {OTHER}, {THIRD}" in listed.output
+    key = mesh.creds("kitchen").read_bytes()
+    mesh.ensure("kitchen", "edge", models=[OTHER])  # tandem up with another model
+    assert mesh.creds("kitchen").read_bytes() == key  # the same identity, another model
+    assert {n.name: n.models for n in mesh.nodes()}["kitchen"] == (OTHER,)
+    with pytest.raises(MeshConfigError, match="needs a model"):
+        mesh.add("bare", "edge", models=[])
+    with pytest.raises(MeshConfigError, match="only edges"):
+        mesh.add("w2", "worker", models=[MODEL])
+    assert "bare" not in {n.name for n in mesh.nodes()} and not mesh.creds("bare").exists()
+    # An edge registered before edges had models asks for the default pair.
+    registry = json.loads(mesh.registry.read_text())
+    del registry[0]["models"]
+    mesh.registry.write_text(json.dumps(registry))
+    mesh.rerender()
+    assert {n.name: n.models for n in mesh.nodes()}["porch"] == (MODEL,)
 
 
 @pytest.mark.parametrize(
