@@ -69,6 +69,8 @@ def test_image_runs_the_daemon_and_checks_its_health(image: str) -> None:
     _, command = IMAGES[image]
     final = _final_stage(_parse(image))
     last = {s["instruction"]: s["value"] for s in final}
+    # Exec form (JSON lists): the daemon itself is PID 1, which gets the container's
+    # signals; the worker pods' preStop sends it the SIGTERM that drains it.
     assert json.loads(last["ENTRYPOINT"]) + json.loads(last["CMD"]) == command
     check = last["HEALTHCHECK"]
     assert "CMD" in check and "/health" in check

@@ -2,8 +2,8 @@
 Kubernetes schema of ``K8S_VERSION``, and holds together the way an operator expects.
 
 Rendering is ``kubectl kustomize``, offline; nothing here needs a cluster. What only a
-real cluster can show (scheduling on GPUs, the CNI enforcing the NetworkPolicies, probes
-against a running worker) is listed in docs/deploy.md.
+real cluster can show (scheduling on GPUs, the CNI enforcing the NetworkPolicies, the
+kubelet probing and stopping a worker pod) is listed in docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -42,10 +42,6 @@ from tests.deploy.manifests import (
 
 pytestmark = [requires_kubectl, pytest.mark.timeout(60)]
 
-# Worker variables the manifests set before the worker reads them, and why. Any other
-# TANDEM_CLOUD_* variable must be a CloudSettings field: pydantic-settings silently
-# ignores an unknown one, so a misspelled knob would otherwise do nothing.
-PENDING_WORKER_ENV: dict[str, str] = {}
 WORKER_HTTP_PORT = 8081  # the worker's HTTP port (settings field http_port), by default
 # Secrets the operator creates from `tandem mesh` output (docs/deploy.md), per overlay.
 SECRETS = {
@@ -185,6 +181,29 @@ def _drain_s(container: Obj) -> float:
     return float(value) if value else float(default)
 
 
+def _pre_stop_wait_s(container: Obj) -> float:
+    """How long the worker's preStop waits after starting the drain (its ``sleep N``)."""
+    (shell, flag, script) = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    (wait,) = re.findall(r"\bsleep (\d+(?:\.\d+)?)\b", script)
+    return float(wait)
+
+
+def test_worker_prestop_starts_the_drain(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    """The preStop stops taking work: it sends the worker the SIGTERM that drains it."""
+    for pool in workers(rendered[overlay]):
+        spec = pod_spec(pool)
+        (worker,) = spec["containers"]
+        script = worker["lifecycle"]["preStop"]["exec"]["command"][2]
+        # The drain starts first, then a short wait: SIGTERM to PID 1 ...
+        assert re.match(r"kill -TERM 1; sleep \d+$", script), script
+        # ... which is the worker: the image's exec-form ENTRYPOINT (tests/deploy/
+        # test_docker.py), not replaced by a `command`, and no shared process namespace
+        # (where PID 1 would be the pod's pause process).
+        assert "command" not in worker, ident(pool)
+        assert not spec.get("shareProcessNamespace", False), ident(pool)
+
+
 def test_worker_grace_period_outlasts_prestop_and_drain(
     rendered: dict[str, list[Obj]], overlay: str
 ) -> None:
@@ -192,12 +211,13 @@ def test_worker_grace_period_outlasts_prestop_and_drain(
     assert pools
     for pool in pools:
         (worker,) = pod_spec(pool)["containers"]
-        pre_stop = worker["lifecycle"]["preStop"]["sleep"]["seconds"]
+        pre_stop = _pre_stop_wait_s(worker)
         grace = pod_spec(pool)["terminationGracePeriodSeconds"]
-        # SIGTERM drains (cloud/service.py): preStop first, then the drain, then the
-        # engine's shutdown, which gets what is left.
+        # The preStop starts the drain and the kubelet's SIGTERM follows it. Counted one
+        # after the other, as if the drain began only after the preStop (a bound that
+        # holds either way); the engine's shutdown gets what is left.
         assert grace >= pre_stop + _drain_s(worker) + 15, ident(pool)
-        assert pre_stop <= 5, "a long preStop keeps a stopping worker taking requests"
+        assert pre_stop <= 5, "the preStop holds the pod; the drain needs no long wait"
 
 
 def test_worker_settings_are_real_settings(rendered: dict[str, list[Obj]], overlay: str) -> None:
@@ -205,7 +225,9 @@ def test_worker_settings_are_real_settings(rendered: dict[str, list[Obj]], overl
     for pool in workers(rendered[overlay]):
         (worker,) = pod_spec(pool)["containers"]
         values = {k: v for k, v in env(worker).items() if k.startswith("TANDEM_CLOUD_")}
-        unknown = set(values) - fields - set(PENDING_WORKER_ENV)
+        # pydantic-settings silently ignores an unknown TANDEM_CLOUD_* variable, so a
+        # misspelled knob would otherwise do nothing.
+        unknown = set(values) - fields
         assert unknown == set(), f"{ident(pool)} sets variables the worker ignores: {unknown}"
         given = {
             k.removeprefix("TANDEM_CLOUD_").lower(): v for k, v in values.items() if k in fields

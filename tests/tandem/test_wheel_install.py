@@ -1,9 +1,10 @@
 """A device install: the built wheel, in a fresh virtual environment, serves the edge.
 
 ``pip install "tandem-mesh[edge]"`` from the wheel (not this checkout's editable
-install) must give a working ``tandem edge serve``: a package-data file missing
-from the wheel (the chat template, the classifier, the latency profile) fails
-here. pip takes llama.cpp from its wheel cache (built once per machine).
+install) must give a working ``tandem edge install`` and ``tandem edge serve``: a
+package-data file missing from the wheel (the unit templates, the chat template, the
+classifier, the latency profile) fails here. pip takes llama.cpp from its wheel cache
+(built once per machine).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from mesh.security import MeshDir
 from mesh.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,9 +52,28 @@ def test_the_wheel_installs_into_a_fresh_venv_and_serves_the_edge(tmp_path: Path
                    "import importlib.util as u; print([m for m in ('vllm', 'torch')"
                    " if u.find_spec(m) is None])", cwd=tmp_path)  # fmt: skip
     assert missing.strip() == "['vllm', 'torch']"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TANDEM_HOME": str(tmp_path / "h")}
+
+    # The device's units, from the templates the wheel carries (tandem/units/*.in), for
+    # the bundle the hub's `tandem mesh add-edge` writes.
+    hub = MeshDir(tmp_path / "hub")
+    hub.init()
+    hub.add("kitchen", "edge")
+    prefix = tmp_path / "device"
+    done = subprocess.run(
+        [venv / "bin" / "tandem", "edge", "install", "--bundle", hub.bundle("kitchen"),
+         "--prefix", prefix],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    units = prefix / "etc" / "systemd" / "system"
+    edge_unit = (units / "tandem-edge.service").read_text()
+    assert f"ExecStart={venv / 'bin' / 'tandem'} edge serve" in edge_unit
+    assert "ProtectSystem=strict" in edge_unit
+    assert "[Service]" in (units / "tandem-nats-leaf.service").read_text()
+    assert "TANDEM_EDGE_NODE_ID=kitchen" in (prefix / "etc" / "tandem" / "edge.env").read_text()
 
     port = free_port()
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TANDEM_HOME": str(tmp_path / "h")}
     log = (tmp_path / "edge.log").open("w")
     edge = subprocess.Popen(
         [venv / "bin" / "tandem", "edge", "serve", "--port", str(port)],
