@@ -26,7 +26,12 @@ Policies, each on a fresh mesh replaying the same trace:
 - ``static-mean``: a fixed fleet sized for its mean rate;
 - ``reactive``: the planner in ``reactive`` mode (KEDA/HPA-like: in-flight requests per
   replica against a threshold, no forecast);
-- ``predictive``: the planner (forecast over the engine-start lead time, queue guard).
+- ``predictive``: the planner (a damped-trend forecast over the engine-start lead
+  time, queue guard).
+
+Both planner policies scale down the same way: to the most replicas asked for within
+the scale-down window (``--scale-down-cooldown-s``; unset, the engine's start time),
+the whole excess in one step, each drained worker finishing its requests.
 
 Per policy: SLO attainment (share of calls whose TTFT meets ``--ttft-ms``; a lost or
 failed call misses), P95/P99 call and session latency, worker-hours (provisioned
@@ -42,7 +47,7 @@ raise ``--peak-sessions``. Each policy's CPU by role (harness, fleet, NATS) and 
 average are recorded, so a run that saturated the machine shows it.
 
     python -m bench.planner_bench --smoke                      # ~2 minutes, tiny
-    python -m bench.planner_bench                  # the full run: 4 policies, ~25 minutes
+    python -m bench.planner_bench                  # the full run: 4 policies, ~46 minutes
 """
 
 from __future__ import annotations
@@ -384,6 +389,7 @@ def planner_config(args: argparse.Namespace, cap: float) -> Any:
             "workload": {"prompt_tokens": PROMPT_TOKENS, "output_tokens": 40, "cached_share": 0.0},
             "forecaster": args.forecaster,
             "season_periods": 0,
+            **({} if args.trend_damping is None else {"trend_damping": args.trend_damping}),
             "sample_s": sample_s,
             "tick_s": 1.0,
             "engine_start_s": args.engine_start_s,
@@ -668,7 +674,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ttft-ms", type=float, default=2000.0)
     p.add_argument("--itl-ms", type=float, default=250.0)
     p.add_argument("--engine-start-s", type=float, default=20.0)
-    p.add_argument("--scale-down-cooldown-s", type=float, default=30.0)
+    # Unset: the planner's default, the engine's start time (PlannerConfig).
+    p.add_argument("--scale-down-cooldown-s", type=float, default=None)
+    p.add_argument("--trend-damping", type=float, default=None, help="unset: the planner's")
     p.add_argument("--utilization-target", type=float, default=0.9)
     p.add_argument("--forecaster", default="kalman", choices=["kalman", "holt_winters", "last"])
     p.add_argument("--max-replicas", type=int, default=600)

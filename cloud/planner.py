@@ -13,9 +13,11 @@ Every ``tick_s`` the planner (one per pool, holding the pool's lease in NATS KV)
 4. guards with the queue: waiting requests beyond ``reactive.waiting_per_replica`` per
    ready replica ask for more at once, whatever the forecast said;
 5. clamps to the bounds, honours the cooldowns, and acts through a connector: scale-up
-   starts replicas; scale-down drains one, the least-loaded the connector can remove,
-   and never takes the ready count below the minimum. A failing connector is retried
-   with exponential backoff; its failures are decisions too.
+   starts replicas at once; scale-down goes to the most replicas asked for within the
+   cooldown window, draining the whole excess in one step (the least-loaded workers
+   the connector can remove, each finishing its requests), never below the minimum
+   nor below what the requests in flight need. A failing connector is retried with
+   exponential backoff; its failures are decisions too.
 
 Every decision is a ``PlannerDecision`` with its inputs, logged and published on
 ``subjects.planner_decisions(pool)``; Prometheus gauges show desired and ready replicas.
@@ -33,6 +35,7 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -150,7 +153,9 @@ class Sizing:
     forecast_rps: float  # the band's upper edge over the lead time
     capacity_rps: float
     last_up_at: float
-    last_down_at: float
+    # The most replicas ``desired_replicas`` asked for within the scale-down window
+    # before now (``PlannerConfig.down_window_s``; 0: no history).
+    recent_desired: int = 0
 
 
 def desired_replicas(config: PlannerConfig, sizing: Sizing, mode: Mode) -> tuple[int, str]:
@@ -163,21 +168,34 @@ def desired_replicas(config: PlannerConfig, sizing: Sizing, mode: Mode) -> tuple
     demand = max(sizing.forecast_rps, sizing.measured_rps)
     want = math.ceil(demand / capacity) if capacity > 0 else config.bounds.max_replicas
     reason = f"demand {demand:.2f} rps / {capacity:.2f} rps per replica"
-    per_replica = config.reactive.waiting_per_replica
-    if sizing.waiting > per_replica * max(sizing.ready, 1):
-        # One more replica per ``per_replica`` requests waiting beyond what the ready ones absorb.
-        queue_need = sizing.ready + math.ceil(
-            (sizing.waiting - per_replica * sizing.ready) / per_replica
-        )
-        if queue_need > want:
-            want, reason = queue_need, f"queue {sizing.waiting} > {per_replica:g} per ready replica"
+    queue_need = _queue_need(config, sizing)
+    if queue_need > want:
+        per_replica = config.reactive.waiting_per_replica
+        want, reason = queue_need, f"queue {sizing.waiting} > {per_replica:g} per ready replica"
     return want, reason
+
+
+def _queue_need(config: PlannerConfig, sizing: Sizing) -> int:
+    """Replicas the queue asks for: one more per ``waiting_per_replica`` requests waiting
+    beyond what the ready ones absorb (0 while they absorb it all)."""
+    per_replica = config.reactive.waiting_per_replica
+    if sizing.waiting <= per_replica * max(sizing.ready, 1):
+        return 0
+    return sizing.ready + math.ceil((sizing.waiting - per_replica * sizing.ready) / per_replica)
 
 
 def decide(
     config: PlannerConfig, sizing: Sizing, mode: Mode = "predictive"
 ) -> tuple[str, int, int, str]:
-    """(action, desired, target, reason) of one step: bounds, cooldowns, drain safety."""
+    """(action, desired, target, reason) of one step: bounds, cooldowns, drain safety.
+
+    Scale-up is immediate (to ``desired``, clamped). Scale-down goes to the most that
+    was asked within the cooldown window (``recent_desired``), all of the excess in one
+    step, but never below the minimum, never below what the requests in flight need
+    (``in_flight_per_replica`` each), never while a replica starts (it may be what the
+    demand waits for), and only over ready replicas (each drained one finishes its own
+    requests; the ones left take the arrivals).
+    """
     bounds = config.bounds
     desired, reason = desired_replicas(config, sizing, mode)
     floor = bounds.min_replicas
@@ -192,12 +210,21 @@ def decide(
     if target < have:
         if sizing.starting:
             return "hold", desired, have, f"{reason}; {sizing.starting} replica(s) still starting"
-        since = sizing.now - max(sizing.last_up_at, sizing.last_down_at)
-        if since < config.scale_down_cooldown_s:
-            return "hold", desired, have, f"{reason}; scale-down cooldown"
-        if sizing.ready - 1 < max(bounds.min_replicas, target):
-            return "hold", desired, have, f"{reason}; too few ready replicas to drain one"
-        return "scale_down", desired, have - 1, reason  # one at a time: each drains
+        if sizing.now - sizing.last_up_at < config.down_window_s():
+            return "hold", desired, have, f"{reason}; scale-down cooldown after a scale-up"
+        in_flight_need = math.ceil(sizing.in_flight / config.in_flight_per_replica)
+        keep = min(max(target, sizing.recent_desired, in_flight_need), bounds.max_replicas)
+        # Only ready replicas drain, and the ready ones left must hold ``keep`` alone.
+        drain = min(have - keep, sizing.ready - keep)
+        if keep > target:
+            reason = (
+                f"{reason}; keeping {keep} (window {sizing.recent_desired}, "
+                f"in flight {in_flight_need}) on {sizing.ready} ready"
+            )
+        if drain <= 0:
+            return "hold", desired, have, reason
+        down_to = have - drain
+        return "scale_down", desired, down_to, reason
     return "hold", desired, have, reason
 
 
@@ -225,6 +252,11 @@ class Connector(Protocol):
 
 
 # -- the loop ----------------------------------------------------------------------------
+
+
+def _forecaster_of(config: PlannerConfig) -> tuple[object, ...]:
+    """What a forecaster is built from: a change of any rebuilds it (its state is lost)."""
+    return (config.forecaster, config.season_periods, config.trend_damping)
 
 
 class Planner:
@@ -258,13 +290,12 @@ class Planner:
         self.fleet = FleetView(nc, clock=clock)
         self._store: PlannerStore | None = None
         self._lease: Lease | None = None
-        self._forecaster: Forecaster = make_forecaster(
-            self.config.forecaster, self.config.season_periods
-        )
+        self._forecaster: Forecaster = self._make_forecaster(self.config)
         self._meter = RateMeter(window_s=self.config.sample_s)
         self._next_sample_at = -math.inf
         self._rate = 0.0
-        self._last_up_at = self._last_down_at = -math.inf
+        self._last_up_at = -math.inf
+        self._desired: deque[tuple[float, int]] = deque()  # (when, desired): the window
         self._started: dict[str, float] = {}  # worker id: when it was ordered
         self._failures, self._retry_at = 0, -math.inf
         self._tasks: list[asyncio.Task[None]] = []
@@ -352,17 +383,16 @@ class Planner:
             return False
         old = self.config
         self.config, self.config_revision = stored.config, stored.revision
-        if (old.forecaster, old.season_periods) != (
-            stored.config.forecaster,
-            stored.config.season_periods,
-        ):
-            self._forecaster = make_forecaster(
-                stored.config.forecaster, stored.config.season_periods
-            )
+        if _forecaster_of(old) != _forecaster_of(stored.config):
+            self._forecaster = self._make_forecaster(stored.config)
         if old.sample_s != stored.config.sample_s:
             self._meter = RateMeter(window_s=stored.config.sample_s)
         logger.info("planner config revision %d of %s applied", stored.revision, self.pool)
         return True
+
+    @staticmethod
+    def _make_forecaster(config: PlannerConfig) -> Forecaster:
+        return make_forecaster(config.forecaster, config.season_periods, config.trend_damping)
 
     async def _follow_config(self) -> None:
         assert self._store is not None
@@ -483,7 +513,7 @@ class Planner:
             forecast_rps=forecast,
             capacity_rps=capacity,
             last_up_at=self._last_up_at,
-            last_down_at=self._last_down_at,
+            recent_desired=self._recent_desired(now),
         )
         stuck = [
             w for w in starting if now - self._started.get(w, now) > self.config.ready_timeout_s
@@ -491,38 +521,69 @@ class Planner:
         if stuck:
             return await self._give_up_on(now, sizing, stuck)
         action, desired, target, reason = decide(self.config, sizing, self.mode)
-        drained, error = None, None
+        self._desired.append((now, desired))
         if action != "hold" and now < self._retry_at:
             action, target, reason = (
                 "hold",
                 sizing.provisioned,
                 f"{reason}; retrying after a failure",
             )
-        try:
-            if action == "scale_up":
+        if action == "scale_down":
+            return await self._scale_down(sizing, desired, target, reason, ready)
+        if action == "scale_up":
+            try:
                 for worker_id in await self.connector.scale_up(target - sizing.provisioned):
                     self._started[worker_id] = now
-                self._last_up_at = now
-            elif action == "scale_down":
-                drained = self._least_loaded(ready)
-                if drained is None:
-                    action, target, reason = (
-                        "hold",
-                        sizing.provisioned,
-                        f"{reason}; no removable ready replica",
-                    )
-                else:
-                    await self.connector.drain(drained)
-                    self._last_down_at = now
-            if action != "hold":
-                self._failures = 0
-        except ConnectorError as exc:
-            return await self._failed(
-                now, sizing.provisioned, sizing.ready, desired, str(exc), sizing
-            )
+            except ConnectorError as exc:
+                return await self._failed(
+                    now, sizing.provisioned, sizing.ready, desired, str(exc), sizing
+                )
+            self._last_up_at = now
+            self._failures = 0
         return await self._publish(
-            self._decision(action, reason, sizing, desired, target, drained, error)
+            self._decision(action, reason, sizing, desired, target, None, None)
         )
+
+    def _recent_desired(self, now: float) -> int:
+        """The most replicas asked for within the scale-down window before ``now``."""
+        window = self.config.down_window_s()
+        while self._desired and self._desired[0][0] < now - window:
+            self._desired.popleft()
+        return max((d for _, d in self._desired), default=0)
+
+    async def _scale_down(
+        self, sizing: Sizing, desired: int, target: int, reason: str, ready: list[NodeHeartbeat]
+    ) -> PlannerDecision:
+        """Drain the least-loaded removable workers down to ``target``: one decision each.
+
+        One at a time: the connector says which are removable among those left (a
+        StatefulSet: its highest ordinal, a new one after each drain), and a failure
+        part-way leaves the decisions published for the drains that happened.
+        """
+        left, decision = list(ready), None
+        for provisioned_after in range(sizing.provisioned - 1, target - 1, -1):
+            worker_id = self._least_loaded(left)
+            if worker_id is None:
+                break
+            try:
+                await self.connector.drain(worker_id)
+            except ConnectorError as exc:
+                return await self._failed(
+                    sizing.now, sizing.provisioned, sizing.ready, desired, str(exc), sizing
+                )
+            self._failures = 0
+            left = [b for b in left if b.node_id != worker_id]
+            decision = await self._publish(
+                self._decision(
+                    "scale_down", reason, sizing, desired, provisioned_after, worker_id, None
+                )
+            )
+        if decision is None:
+            why = f"{reason}; no removable ready replica"
+            decision = await self._publish(
+                self._decision("hold", why, sizing, desired, sizing.provisioned, None, None)
+            )
+        return decision
 
     def _least_loaded(self, ready: list[NodeHeartbeat]) -> str | None:
         removable = set(self.connector.removable([b.node_id for b in ready]))
@@ -557,7 +618,7 @@ class Planner:
         logger.error(
             "planner %s: connector failed (retry in %.0f s): %s", self.pool, delay, message
         )
-        sizing = sizing or Sizing(now, provisioned, ready, 0, 0, 0, self._rate, 0.0, 0.0, 0.0, 0.0)
+        sizing = sizing or Sizing(now, provisioned, ready, 0, 0, 0, self._rate, 0.0, 0.0, 0.0)
         decision = self._decision(
             "error", f"retry in {delay:.0f} s", sizing, desired, provisioned, None, message
         )

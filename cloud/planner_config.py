@@ -151,13 +151,33 @@ class PlannerConfig(_Strict):
     season_periods: Annotated[int, Field(ge=0)] = 0  # Holt-Winters season, in samples
     sample_s: Annotated[float, Field(gt=0)] = 5.0  # one forecaster observation per sample
     tick_s: Annotated[float, Field(gt=0)] = 1.0  # reactive loop (and decision) period
+    # The trend's damping phi per sample: h samples ahead a trend forecaster adds
+    # phi + phi^2 + ... + phi^h samples of trend (at most phi/(1-phi): 9 at 0.9), so a
+    # burst's slope is not extrapolated over the whole lead time; 1: undamped.
+    trend_damping: Annotated[float, Field(gt=0, le=1)] = 0.9
     engine_start_s: Annotated[float, Field(ge=0)] = 90.0  # a new replica's time to ready
     ready_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # then a start has failed
-    scale_down_cooldown_s: Annotated[float, Field(ge=0)] = 120.0
+    # No scale-down within this long of a scale-up, and none lower than the most
+    # replicas asked for within this window (Kubernetes' scale-down stabilization);
+    # then the whole excess goes in one step. None: engine_start_s. A replica released
+    # and needed again within one engine start costs a start's worth of provisioned
+    # time and a queue meanwhile; keeping it that long costs no more (the ski-rental
+    # break-even), so waiting longer only adds idle replicas, shorter risks both.
+    scale_down_cooldown_s: Annotated[float, Field(ge=0)] | None = None
     scale_up_cooldown_s: Annotated[float, Field(ge=0)] = 0.0
-    in_flight_per_replica: Annotated[float, Field(gt=0)] = 8.0  # mode reactive's target
+    # Requests in flight (running + waiting) one replica holds: mode reactive's target,
+    # and in both modes the floor a scale-down keeps for the requests already here.
+    in_flight_per_replica: Annotated[float, Field(gt=0)] = 8.0
     utilization_target: Annotated[float, Field(gt=0, le=1)] = 0.9  # of derived capacity
-    band_z: Annotated[float, Field(ge=0)] = 1.0  # size for mean + z·std of the forecast
+    # Size for the forecast's mean + z·std of the arrival rate (not of one sample's
+    # count: the queues absorb that noise; ``Forecast.upper``).
+    band_z: Annotated[float, Field(ge=0)] = 1.0
+
+    def down_window_s(self) -> float:
+        """The scale-down window in force: ``scale_down_cooldown_s``, else the engine start."""
+        if self.scale_down_cooldown_s is None:
+            return self.engine_start_s
+        return self.scale_down_cooldown_s
 
     @classmethod
     def from_yaml(cls, text: str) -> PlannerConfig:

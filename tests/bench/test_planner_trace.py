@@ -7,7 +7,15 @@ import os
 import statistics
 import time
 
-from bench.planner_bench import CpuMeter, arrival_rates, make_trace, markdown, parse_args
+from bench.planner_bench import (
+    CpuMeter,
+    arrival_rates,
+    make_trace,
+    markdown,
+    parse_args,
+    planner_config,
+)
+from cloud.planner_config import PlannerConfig
 
 
 def test_the_trace_is_seeded_and_follows_the_diurnal_curve() -> None:
@@ -39,3 +47,13 @@ def test_the_report_shows_cpu_by_role_and_the_load() -> None:
     }  # fmt: skip
     row = markdown([result], parse_args([])).splitlines()[-1]
     assert f"{cpu['harness']:.2f}/0.00/0.00 cores" in row and "0.50 → 1.50" in row
+
+
+def test_the_planner_config_takes_the_planners_defaults_unless_set() -> None:
+    """Unset, the scale-down window is the engine start and the damping the planner's."""
+    default = planner_config(parse_args([]), cap=1.0)
+    assert default.scale_down_cooldown_s is None and default.down_window_s() == 20.0
+    assert default.trend_damping == PlannerConfig().trend_damping
+    args = parse_args(["--scale-down-cooldown-s", "7", "--trend-damping", "1"])
+    chosen = planner_config(args, cap=1.0)
+    assert (chosen.down_window_s(), chosen.trend_damping) == (7.0, 1.0)

@@ -138,7 +138,7 @@ def test_capacity_is_the_largest_rate_within_the_slo() -> None:
 def _sizing(**kw: float) -> Sizing:
     base = dict(
         now=1000.0, provisioned=2, ready=2, starting=0, waiting=0, in_flight=0,
-        measured_rps=1.0, forecast_rps=1.0, capacity_rps=1.0, last_up_at=0.0, last_down_at=0.0,
+        measured_rps=1.0, forecast_rps=1.0, capacity_rps=1.0, last_up_at=0.0,
     )  # fmt: skip
     base.update(kw)
     return Sizing(**base)  # type: ignore[arg-type]
@@ -166,20 +166,49 @@ def test_the_queue_guard_scales_up_when_the_forecast_was_short() -> None:
     assert "queue" in reason
 
 
-def test_scale_down_one_at_a_time_after_the_cooldown_never_below_the_minimum() -> None:
+def test_scale_down_drains_the_whole_excess_at_once_never_below_the_minimum() -> None:
     config = _config(bounds={"min_replicas": 2})
-    low = _sizing(provisioned=4, ready=4, forecast_rps=0.1, measured_rps=0.1)
+    low = _sizing(provisioned=10, ready=10, forecast_rps=0.1, measured_rps=0.1)
     action, _, target, _ = decide(config, low)
-    assert (action, target) == ("scale_down", 3)
+    assert (action, target) == ("scale_down", 2)  # ten to two in one step, not one
     recent = _sizing(provisioned=4, ready=4, forecast_rps=0.1, measured_rps=0.1, last_up_at=980)
-    assert decide(config, recent)[0] == "hold"  # 20 s after a scale-up: cooldown
+    assert decide(config, recent)[0] == "hold"  # 20 s after a scale-up: cooldown (60 s)
     at_min = _sizing(provisioned=2, ready=2, forecast_rps=0.0, measured_rps=0.0)
     assert decide(config, at_min)[0] == "hold"
     # Three provisioned but only two ready (one draining away): never drain to one.
     unsure = _sizing(provisioned=3, ready=2, forecast_rps=0.0, measured_rps=0.0)
     assert decide(config, unsure)[0] == "hold"
+    # Six provisioned, four of them ready: only those drain, and two stay ready.
+    partly = _sizing(provisioned=6, ready=4, forecast_rps=0.0, measured_rps=0.0)
+    assert decide(config, partly)[:3:2] == ("scale_down", 4)
     starting = _sizing(provisioned=4, ready=3, starting=1, forecast_rps=0.0, measured_rps=0.0)
     assert decide(config, starting)[0] == "hold"
+
+
+def test_scale_down_keeps_the_windows_most_and_what_is_in_flight() -> None:
+    config = _config(in_flight_per_replica=8, bounds={"max_replicas": 20})
+    base = dict(provisioned=10, ready=10, forecast_rps=0.5, measured_rps=0.5)
+    # The last window asked for 6 (a burst, now gone): go down to 6, no lower.
+    action, desired, target, reason = decide(config, _sizing(**base, recent_desired=6))
+    assert (action, desired, target) == ("scale_down", 1, 6) and "window 6" in reason
+    # 41 requests in flight need ceil(41 / 8) = 6 replicas, whatever the forecast says.
+    assert decide(config, _sizing(**base, in_flight=41))[:3:2] == ("scale_down", 6)
+    # The window asked for all ten: hold, the demand may be back within an engine start.
+    assert decide(config, _sizing(**base, recent_desired=12))[0] == "hold"
+    # Scale-up does not wait for any window: immediate.
+    up = _sizing(**{**base, "forecast_rps": 14.5}, recent_desired=3, last_up_at=999)
+    assert decide(config, up)[:3:2] == ("scale_up", 15)
+
+
+def test_the_scale_down_window_defaults_to_the_engine_start() -> None:
+    assert PlannerConfig(engine_start_s=45).down_window_s() == 45
+    assert PlannerConfig(engine_start_s=45, scale_down_cooldown_s=10).down_window_s() == 10
+    just_up = _sizing(provisioned=5, ready=5, forecast_rps=0.0, measured_rps=0.0, last_up_at=970)
+    # 30 s after a scale-up: inside a 45 s engine start's window, outside a 10 s one.
+    assert decide(PlannerConfig(engine_start_s=45), just_up)[0] == "hold"
+    assert decide(PlannerConfig(engine_start_s=45, scale_down_cooldown_s=10), just_up)[0] == (
+        "scale_down"
+    )
 
 
 def test_scale_to_zero_only_when_allowed_and_idle() -> None:
@@ -210,4 +239,9 @@ def test_an_invalid_configuration_names_the_field() -> None:
         PlannerConfig.from_yaml("bounds: {min_replicas: 0}\n")
     with pytest.raises(PlannerConfigError, match="tick_sec"):
         PlannerConfig.from_yaml("tick_sec: 1\n")
+    for bad in ("trend_damping: 0\n", "trend_damping: 1.5\n", "scale_down_cooldown_s: -1\n"):
+        with pytest.raises(PlannerConfigError, match=bad.split(":")[0]):
+            PlannerConfig.from_yaml(bad)
+    unset = PlannerConfig.from_yaml("scale_down_cooldown_s: null\ntrend_damping: 1\n")
+    assert (unset.scale_down_cooldown_s, unset.trend_damping) == (None, 1.0)
     assert PlannerConfig.from_yaml(PlannerConfig().to_yaml()) == PlannerConfig()

@@ -1,8 +1,8 @@
 """The planner through the local connector: real simulated worker processes
 (``tandem cloud serve --engine sim``) on a real nats-server, started and drained.
 
-A scale-down drains the least-loaded worker and every request in flight on it
-finishes there (none lost, none failed over); a worker that never becomes ready is
+A scale-down drains the least-loaded workers, several in one step, and every request
+in flight on them finishes there (none lost, none failed over); a worker that never becomes ready is
 removed and reported, and the planner orders a replacement after its backoff.
 """
 
@@ -86,11 +86,13 @@ async def _generate(nc: Client, worker_id: str, max_tokens: int) -> list[TokenCh
     return chunks
 
 
-def _running(planner: Planner) -> dict[str, int]:
-    return {b.node_id: b.load.running + b.load.waiting for b in planner.fleet.nodes()}
+def _running(planner: Planner, workers: list[str]) -> dict[str, int]:
+    """Requests in flight on each of ``workers``, as the planner's heartbeats show them."""
+    seen = {b.node_id: b.load.running + b.load.waiting for b in planner.fleet.nodes()}
+    return {w: seen[w] for w in workers if w in seen}
 
 
-async def test_scale_down_drains_the_least_loaded_worker_and_loses_no_request(
+async def test_scale_down_drains_the_least_loaded_workers_at_once_and_loses_no_request(
     nats_server: EmbeddedNats, nc: Client, supervisor: Supervisor
 ) -> None:
     prefix = f"sim-{uuid.uuid4().hex[:4]}"
@@ -98,24 +100,24 @@ async def test_scale_down_drains_the_least_loaded_worker_and_loses_no_request(
         local_spawner(supervisor, nats_server.url, engine="sim"), prefix=prefix
     )
     config = PlannerConfig.model_validate(
-        {"bounds": {"min_replicas": 1, "max_replicas": 2}, "scale_down_cooldown_s": 0}
+        {"bounds": {"min_replicas": 1, "max_replicas": 3}, "scale_down_cooldown_s": 0}
     )
     planner = Planner(nc, prefix, connector, profile=LatencyProfile.default().cloud, config=config)
     await planner.start()
     try:
-        busy, quiet = await connector.scale_up(2)
+        busy, quiet, idle = await connector.scale_up(3)
         await _until(
-            lambda: serves(nats_server, busy) and serves(nats_server, quiet), 60, "workers"
+            lambda: all(serves(nats_server, w) for w in (busy, quiet, idle)), 60, "workers"
         )
-        # Three answers on one worker, one on the other: the quieter one is drained.
+        # Three answers on one worker, one on another, none on the third: one step
+        # drains the two quieter ones, least loaded first, and keeps the busy one.
         work = [asyncio.create_task(_generate(nc, w, 80)) for w in (busy, busy, busy, quiet)]
-        await _until(
-            lambda: _running(planner).get(busy) == 3 and _running(planner).get(quiet) == 1,
-            10,
-            "load",
-        )
+        load = {busy: 3, quiet: 1, idle: 0}
+        await _until(lambda: _running(planner, list(load)) == load, 10, "load")
         decision = await planner.tick()
         assert (decision.action, decision.drained, decision.target) == ("scale_down", quiet, 1)
+        first = planner.decisions[-2]  # one decision per drained worker, each with its target
+        assert (first.action, first.drained, first.target) == ("scale_down", idle, 2)
         assert await connector.workers() == [busy]
         answers = await asyncio.gather(*work)
         await connector.wait_drained()
@@ -128,7 +130,8 @@ async def test_scale_down_drains_the_least_loaded_worker_and_loses_no_request(
         assert [c.seq for c in chunks] == list(range(len(chunks)))
         assert end.usage is not None and end.usage.completion_tokens == 80
     assert answers[3][-1].usage.worker_id == quiet  # type: ignore[union-attr]
-    assert connector.drained[0] == (quiet, 0)  # it drained and exited cleanly
+    # Both drained and exited cleanly, before ``close`` drained the busy one.
+    assert sorted(connector.drained[:2]) == sorted([(idle, 0), (quiet, 0)])
 
 
 async def test_a_worker_that_never_gets_ready_is_removed_and_replaced_after_backoff(
