@@ -64,9 +64,14 @@ def write_dev_ca(directory: Path, hosts: list[str]) -> HubTls:
     return HubTls(ca=ca_file, cert=hub.cert, key=hub.key)
 
 
-def issue_cert(directory: Path, stem: str, hosts: list[str]) -> ServerTls:
+def issue_cert(
+    directory: Path, stem: str, hosts: list[str], *, valid_days: float = _VALID_DAYS
+) -> ServerTls:
     """A server certificate for ``hosts`` (names or IPs) signed by the dev CA in
-    ``directory``: ``STEM.pem`` and ``STEM-key.pem`` there (replaced if present)."""
+    ``directory``: ``STEM.pem`` and ``STEM-key.pem`` there (replaced if present).
+
+    ``valid_days`` from now; zero or less issues a certificate that has already expired
+    (how the tests check that nodes refuse one)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -76,6 +81,9 @@ def issue_cert(directory: Path, stem: str, hosts: list[str]) -> ServerTls:
         raise ValueError("a server certificate needs at least one host name or address")
     ca, ca_key = _load_ca(directory)
     now = datetime.datetime.now(datetime.UTC)
+    not_after = now + datetime.timedelta(days=valid_days)
+    # Five minutes of slack for clocks behind ours; an expired one began a day before.
+    not_before = min(now - datetime.timedelta(minutes=5), not_after - datetime.timedelta(days=1))
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -83,8 +91,8 @@ def issue_cert(directory: Path, stem: str, hosts: list[str]) -> ServerTls:
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=_VALID_DAYS))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(_names(hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -425,3 +425,33 @@ async def test_a_tls_hub_admits_nodes_that_trust_its_ca_only(
                     hub.url, name="edge-a", credentials=MeshCredentials(creds, ca),
                     connect_timeout=1,
                 )  # fmt: skip
+
+
+async def test_a_hub_whose_certificate_expired_is_refused_naming_the_cause(
+    tmp_path: Path,
+) -> None:
+    from mesh.tls import issue_cert
+
+    mesh = MeshDir(tmp_path)
+    mesh.init(tls_hosts=["127.0.0.1", "localhost"])
+    mesh.add("edge-a", "edge")
+    # The hub's certificate, re-issued by the same CA, expired yesterday.
+    issue_cert(mesh.tls_ca.parent, "hub", ["127.0.0.1", "localhost"], valid_days=-1)
+    creds = MeshCredentials(mesh.creds("edge-a"), mesh.tls_ca)
+    with EmbeddedNats(config=mesh.auth_conf) as hub:
+        with pytest.raises(MeshUnavailableError, match="certificate has expired"):
+            await connect(hub.url, name="edge-a", credentials=creds, connect_timeout=1)
+        # Renewed (tandem mesh issue-cert's way: the same files) and reloaded, it is
+        # trusted again with no restart of the hub.
+        issue_cert(mesh.tls_ca.parent, "hub", ["127.0.0.1", "localhost"])
+        assert mesh.reload_hub()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                edge = await connect(hub.url, name="edge-a", credentials=creds, connect_timeout=1)
+                break
+            except MeshUnavailableError:
+                assert time.monotonic() < deadline, "the renewed certificate was never served"
+                await asyncio.sleep(0.1)
+        assert edge.is_connected
+        await edge.close()
