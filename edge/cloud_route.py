@@ -45,6 +45,7 @@ from mesh.protocol import (
     GenerateRequest,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
     VerifyReply,
     VerifyRequest,
 )
@@ -289,7 +290,12 @@ class CloudRoute:
     async def _relay(
         self, chunks: asyncio.Queue[Msg], attempt_id: str, received: list[int], worker: str
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
-        """Events of one attempt's stream; raises _WorkerLostError if it goes quiet."""
+        """Events of one attempt's stream; raises _WorkerLostError if it goes quiet.
+
+        Chunks already queued when the relay wakes go out as one event: the client
+        could not tell them apart in time anyway, and each event costs an answer-builder
+        step and (streaming) an SSE write. A chunk alone in the queue goes out at once,
+        so time to first token and the worker's ``stream_interval`` are unchanged."""
         order = ChunkSequencer(attempt_id)
         while True:
             if chunks.empty():
@@ -301,24 +307,79 @@ class CloudRoute:
                     raise _WorkerLostError(worker) from exc
             else:
                 msg = chunks.get_nowait()
-            try:
-                chunk = TokenChunk.from_bytes(msg.data)
-                if chunk.request_id != attempt_id:
-                    continue  # a late chunk of an abandoned attempt
-                ready = order.push(chunk)
-            except ProtocolError as exc:
-                raise CloudRequestError.bad_reply(f"bad stream from cloud: {exc}") from exc
-            for c in ready:
-                if c.error is not None:
-                    raise CloudRequestError(c.error)
-                if c.token_ids or c.text:
-                    received.extend(c.token_ids)
-                    yield TokenEvent(list(c.token_ids), c.text, c.logprobs)
-                if c.is_end:
-                    yield FinishEvent(
-                        text="", stats=_stats(c, len(received), worker), tool_calls=c.tool_calls
-                    )
-                    return
+            batch = _TokenBatch()
+            while True:
+                for c in self._deliverable(order, msg, attempt_id):
+                    if c.error is not None:
+                        event = batch.take()  # what came before the error, as before
+                        if event is not None:
+                            yield event
+                        raise CloudRequestError(c.error)
+                    if c.token_ids or c.text:
+                        received.extend(c.token_ids)
+                        event = batch.add(c)
+                        if event is not None:
+                            yield event
+                    if c.is_end:
+                        event = batch.take()
+                        if event is not None:
+                            yield event
+                        yield FinishEvent(
+                            text="", stats=_stats(c, len(received), worker), tool_calls=c.tool_calls
+                        )
+                        return
+                if chunks.empty():
+                    break
+                msg = chunks.get_nowait()
+            event = batch.take()
+            if event is not None:
+                yield event
+
+    @staticmethod
+    def _deliverable(order: ChunkSequencer, msg: Msg, attempt_id: str) -> list[TokenChunk]:
+        """The chunks ``msg`` makes deliverable, in order (none for a late chunk)."""
+        try:
+            chunk = TokenChunk.from_bytes(msg.data)
+            if chunk.request_id != attempt_id:
+                return []  # a late chunk of an abandoned attempt
+            return order.push(chunk)
+        except ProtocolError as exc:
+            raise CloudRequestError.bad_reply(f"bad stream from cloud: {exc}") from exc
+
+
+class _TokenBatch:
+    """Token chunks that arrived together, merged into one ``TokenEvent``.
+
+    Chunks with logprobs and chunks without are never merged (the event's logprobs
+    are one per token id, or none)."""
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._text: list[str] = []
+        self._logprobs: list[TokenLogprob] | None = None
+        self._empty = True
+
+    def add(self, chunk: TokenChunk) -> TokenEvent | None:
+        """Hold ``chunk``; return the event held so far if ``chunk`` cannot join it."""
+        flushed = None
+        if not self._empty and (self._logprobs is None) != (chunk.logprobs is None):
+            flushed = self.take()
+        if self._empty:
+            self._logprobs = None if chunk.logprobs is None else []
+            self._empty = False
+        self._ids.extend(chunk.token_ids)
+        self._text.append(chunk.text)
+        if self._logprobs is not None and chunk.logprobs is not None:
+            self._logprobs.extend(chunk.logprobs)
+        return flushed
+
+    def take(self) -> TokenEvent | None:
+        """The held chunks as one event (None when none is held); the batch empties."""
+        if self._empty:
+            return None
+        event = TokenEvent(self._ids, "".join(self._text), self._logprobs)
+        self._ids, self._text, self._logprobs, self._empty = [], [], None, True
+        return event
 
 
 def _service_error(reply: Msg) -> ErrorInfo | None:
