@@ -348,11 +348,35 @@ def sse(payload: dict[str, object] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+# Stands for the delta in the one chunk rendered in full to get a stream's frame.
+_DELTA_MARK = "tandem-delta-mark-7f3c"
+_MARKED_DELTA = sse({"content": _DELTA_MARK})[len(b"data: ") : -len(b"\n\n")]
+
+
 class _ChatChunks:
     """Builds ``chat.completion.chunk`` events of one choice in OpenAI's exact shape."""
 
     def __init__(self, ctx: AnswerContext) -> None:
         self.ctx = ctx
+        self._frame: tuple[bytes, bytes] | None = None
+
+    def content(self, text: str | None, logprobs: list[ChatTokenLogprob]) -> bytes:
+        """A content chunk. Plain text (the common case, one per token or burst) skips
+        the models: only its delta is encoded, inside the stream's fixed frame, which
+        is the full path's own rendering of one chunk, so the bytes are the same."""
+        if logprobs:
+            return self.chunk(ChatDelta(content=text), logprobs=logprobs)
+        if self._frame is None:
+            self._frame = self._content_frame()
+        head, tail = self._frame
+        delta = {} if text is None else {"content": text}
+        return head + json.dumps(delta, ensure_ascii=False, separators=(",", ":")).encode() + tail
+
+    def _content_frame(self) -> tuple[bytes, bytes]:
+        whole = self.chunk(ChatDelta(content=_DELTA_MARK))
+        head, mark, tail = whole.partition(_MARKED_DELTA)
+        assert mark and _MARKED_DELTA not in tail, "the delta appears once in a chunk"
+        return head, tail
 
     def chunk(
         self,
@@ -471,9 +495,7 @@ async def chat_chunks(events: Events, ctx: AnswerContext) -> AsyncIterator[bytes
         async with aclosing(chat_pieces(events, ctx)) as pieces:
             async for piece in pieces:
                 if isinstance(piece, AnswerText):
-                    yield chunks.chunk(
-                        ChatDelta(content=piece.text or None), logprobs=piece.logprobs
-                    )
+                    yield chunks.content(piece.text or None, piece.logprobs)
                     continue
                 for i, call in enumerate(piece.calls):
                     function = FunctionCall(name=call.name, arguments=call.arguments)
