@@ -51,8 +51,9 @@ class WireMessage(BaseModel):
     schema_version: Literal[1] = 1
 
     def to_bytes(self) -> bytes:
-        """Serialize to JSON bytes."""
-        return self.model_dump_json().encode()
+        """Serialize to JSON bytes (``model_dump_json``'s bytes, without its detour
+        through ``str``: every token chunk goes through here)."""
+        return self.__pydantic_serializer__.to_json(self)
 
     @classmethod
     def from_bytes(cls, data: bytes | str) -> Self:

@@ -72,6 +72,7 @@ USAGE = StreamUsage(prompt_tokens=12, completion_tokens=4, cached_tokens=8, work
 def test_round_trip_through_bytes(message: NodeLoad) -> None:
     data = message.to_bytes()
     assert type(message).from_bytes(data) == message
+    assert data == message.model_dump_json().encode()  # the wire JSON, byte for byte
     assert json.loads(data)["schema_version"] == 1
 
 
