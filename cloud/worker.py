@@ -479,7 +479,8 @@ class CloudWorker:
         finish: str | None = None
         engine_s: float | None = None
         # The first tokens go out at once (time to first token); later ones in messages
-        # of ``stream_interval`` tokens, and whatever is held goes out before the end.
+        # of ``stream_interval`` tokens; the last ones ride in the end chunk (one message
+        # fewer per answer; the edge relays a chunk's tokens before its end).
         held_ids: list[int] = []
         held_text: list[str] = []
         held_logprobs: list[TokenLogprob] | None = (
@@ -503,18 +504,20 @@ class CloudWorker:
             held_text.append(delta.text)
             if held_logprobs is not None:
                 held_logprobs.extend(delta.logprobs or [])
-            if (held_ids or delta.text) and (first or len(held_ids) >= interval):
+            last = delta.finish_reason is not None
+            if (held_ids or delta.text) and (first or len(held_ids) >= interval) and not last:
                 await stream.send(
                     token_ids=held_ids, text="".join(held_text), logprobs=held_logprobs
                 )
                 held_ids, held_text, first = [], [], False
                 held_logprobs = None if held_logprobs is None else []
-        if held_ids or any(held_text):
-            await stream.send(token_ids=held_ids, text="".join(held_text), logprobs=held_logprobs)
         if self._remote is not None:  # vLLM now caches the prompt and the answer
             self._remote.index.add(prompt + request.resume_token_ids + generated)
         _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), checked)
         await stream.send(
+            token_ids=held_ids,
+            text="".join(held_text),
+            logprobs=held_logprobs if held_ids else None,
             is_end=True,
             finish_reason="tool_calls" if tool_calls else (finish or "stop"),
             tool_calls=tool_calls,
