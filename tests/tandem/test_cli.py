@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,6 +77,74 @@ def test_status_without_a_mesh_fails_clearly() -> None:
     assert proc.returncode == 1
     assert "error:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@contextmanager
+def _beating(url: str, creds: Path, node_id: str) -> Iterator[None]:
+    """An edge's heartbeats, under its own identity, from a thread of its own (the CLI
+    runs its own event loop)."""
+    from mesh import subjects
+    from mesh.connection import MeshCredentials, connect
+    from mesh.protocol import NodeHeartbeat, NodeLoad
+    from models.catalog import DEFAULT_PAIR
+
+    stop, started = threading.Event(), threading.Event()
+    load = NodeLoad(running=0, waiting=0, kv_cache_usage=0.0, tokens_per_s=0.0)
+    beat = NodeHeartbeat(node_id=node_id, role="edge", model=DEFAULT_PAIR, version="0", load=load)
+
+    async def beats() -> None:
+        nc = await connect(url, name=node_id, credentials=MeshCredentials(creds))
+        try:
+            while not stop.is_set():
+                await nc.publish(subjects.node_load(node_id), beat.to_bytes())
+                await nc.flush()
+                started.set()
+                await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    thread = threading.Thread(target=lambda: asyncio.run(beats()), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10), "the edge never beat"
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+@pytest.mark.timeout(120)
+def test_status_and_policy_on_a_secured_local_mesh_need_no_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tandem up``'s mesh in TANDEM_HOME refuses anonymous clients; ``tandem status``
+    and ``tandem policy`` given no identity use its operator's (operator_credentials)."""
+    from mesh.server import EmbeddedNats
+    from tandem.up import EDGE_ID, local_mesh
+
+    mesh = local_mesh(tmp_path / "mesh")  # what tandem up keeps in TANDEM_HOME
+    for name in ("TANDEM_NATS_CREDS", "TANDEM_NATS_TLS_CA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # rich's tables: one row per node
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules: [{name: stay-home, route: edge}]\n")
+    runner = CliRunner()
+    with EmbeddedNats(config=mesh.auth_conf) as hub:
+        monkeypatch.setenv("TANDEM_NATS_URL", hub.url)
+        monkeypatch.setenv("TANDEM_HOME", str(tmp_path / "elsewhere"))  # no identity there
+        anonymous = runner.invoke(app, ["status"])
+        assert anonymous.exit_code == 1
+        assert "authorization violation" in anonymous.output.lower()
+        monkeypatch.setenv("TANDEM_HOME", str(tmp_path))
+        with _beating(hub.url, mesh.creds(EDGE_ID), EDGE_ID):
+            status = runner.invoke(app, ["status"])
+        assert status.exit_code == 0, status.output
+        assert EDGE_ID in status.output
+        written = runner.invoke(app, ["policy", "set", "-f", str(policy), "--wait-s", "0"])
+        assert written.exit_code == 0, written.output
+        shown = runner.invoke(app, ["policy", "show"])
+        assert shown.exit_code == 0, shown.output
+        assert "revision 1" in shown.output and "stay-home" in shown.output
 
 
 def _unset_bench_args() -> dict[str, object]:
