@@ -37,7 +37,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import openai
@@ -53,6 +53,9 @@ from tandem.bench.metrics import (
 )
 from tandem.bench.schema import ModeResult
 from tandem.bench.workloads import Message, Reply, Session, Tool, ToolCallOut
+
+if TYPE_CHECKING:
+    from mesh.connection import MeshCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +115,9 @@ class Target:
     model: str
     api_key: str = "unused"
     nats_url: str | None = None  # to hear cloud workers' engine time
+    # Who to hear them as on a secured mesh (an operator: it may read heartbeats; the CLI
+    # resolves it as tandem status does, tandem.commands.common.operator_credentials).
+    nats_credentials: MeshCredentials | None = None
     max_tokens: int = 48
     temperature: float = 0.0
     timeout_s: float = 600.0
@@ -281,18 +287,21 @@ class EngineMeter:
         """Listen to the mesh's heartbeats, if a NATS URL is known and answers."""
         if self._target.nats_url is None:
             return
-        import nats
-
+        from mesh.connection import connect
+        from mesh.errors import MeshError
         from mesh.heartbeat import FleetView
 
         try:
-            self._nc = await nats.connect(
-                self._target.nats_url, connect_timeout=3, max_reconnect_attempts=0
+            # mesh.connection bounds the first connect: plain nats-py retries a refused
+            # identity forever, so an anonymous meter hung on a secured mesh.
+            self._nc = await connect(
+                self._target.nats_url,
+                name="tandem-bench",
+                credentials=self._target.nats_credentials,
+                connect_timeout=3,
             )
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            logger.warning(
-                "no mesh at %s (%s): cloud engine time unknown", self._target.nats_url, exc
-            )
+        except MeshError as exc:  # no mesh there, or it refused us ('Authorization Violation')
+            logger.warning("%s: cloud engine time unknown", exc)
             return
         self._fleet = FleetView(self._nc)
         await self._fleet.start()

@@ -80,17 +80,21 @@ def test_status_without_a_mesh_fails_clearly() -> None:
 
 
 @contextmanager
-def _beating(url: str, creds: Path, node_id: str) -> Iterator[None]:
-    """An edge's heartbeats, under its own identity, from a thread of its own (the CLI
-    runs its own event loop)."""
+def _beating(url: str, creds: Path, node_id: str, role: str = "edge") -> Iterator[None]:
+    """A node's heartbeats, under its own identity, from a thread of its own (the CLI
+    runs its own event loop); a cloud worker's report 1.5 engine-busy seconds."""
     from mesh import subjects
     from mesh.connection import MeshCredentials, connect
     from mesh.protocol import NodeHeartbeat, NodeLoad
     from models.catalog import DEFAULT_PAIR
 
     stop, started = threading.Event(), threading.Event()
-    load = NodeLoad(running=0, waiting=0, kv_cache_usage=0.0, tokens_per_s=0.0)
-    beat = NodeHeartbeat(node_id=node_id, role="edge", model=DEFAULT_PAIR, version="0", load=load)
+    load = NodeLoad(
+        running=0, waiting=0, kv_cache_usage=0.0, tokens_per_s=0.0, engine_busy_s=1.5
+    )  # fmt: skip
+    beat = NodeHeartbeat.model_validate(
+        {"node_id": node_id, "role": role, "model": DEFAULT_PAIR, "version": "0", "load": load}
+    )
 
     async def beats() -> None:
         nc = await connect(url, name=node_id, credentials=MeshCredentials(creds))
@@ -145,6 +149,41 @@ def test_status_and_policy_on_a_secured_local_mesh_need_no_flags(
         shown = runner.invoke(app, ["policy", "show"])
         assert shown.exit_code == 0, shown.output
         assert "revision 1" in shown.output and "stay-home" in shown.output
+
+
+@pytest.mark.timeout(60)
+async def test_the_bench_hears_a_secured_mesh_with_an_identity_only(tmp_path: Path) -> None:
+    """``tandem bench run --nats-url``'s meter of cloud engine time (EngineMeter): refused
+    anonymously by a secured mesh (the time is unknown, the run goes on), heard as the
+    operator."""
+    import httpx
+
+    from mesh.connection import MeshCredentials
+    from mesh.server import EmbeddedNats
+    from models.catalog import DEFAULT_PAIR
+    from tandem.bench.runner import EngineMeter, Target
+    from tandem.up import WORKER_ID, local_mesh
+
+    mesh = local_mesh(tmp_path / "mesh")
+    operator = MeshCredentials(mesh.creds("operator"))
+    with (
+        EmbeddedNats(config=mesh.auth_conf) as hub,
+        _beating(hub.url, mesh.creds(WORKER_ID), WORKER_ID, role="cloud"),
+    ):
+        async with httpx.AsyncClient() as http:
+            heard = []
+            for credentials in (None, operator):
+                target = Target(
+                    base_url="http://127.0.0.1:1", model=DEFAULT_PAIR, nats_url=hub.url,
+                    nats_credentials=credentials,
+                )  # fmt: skip
+                meter = EngineMeter(target, http)
+                await meter.start()
+                try:
+                    heard.append((await meter.read())[1])
+                finally:
+                    await meter.close()
+    assert heard == [None, {WORKER_ID: 1.5}]
 
 
 def _unset_bench_args() -> dict[str, object]:
