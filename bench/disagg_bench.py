@@ -62,7 +62,9 @@ line over ``moved`` gives ``kv_transfer_fixed_s`` + ``kv_transfer_s_per_token`` 
 ExampleConnector's file write and read, through the page cache of a local disk). The
 prefill and decode engines stay the monolithic cloud profile of ``bench/calibrate.py``
 (same engine, same hardware): the monolithic and split fleets run one engine model.
-The profile is written to ``<out>/profile.json`` (and ``--write-profile``) and the
+The two topologies' probes run minutes apart, so a change of machine load between them
+lands in the hand-over line: calibrate on a quiet machine (the profile's ``source`` records
+the load). The profile is written to ``<out>/profile.json`` (and ``--write-profile``) and the
 fleet part runs on it; without part 1 it runs on ``--profile`` as it is (its
 ``calibrated`` flag says whether the split was measured).
 
@@ -407,7 +409,8 @@ def cost_table(summary: Sequence[dict[str, Any]], title: str) -> str:
     lines = [
         f"**{title}**", "",
         "| topology | workers | best level req/s | goodput req/s | good tok/s "
-        "| $ per M good tokens | monolithic / this (equal goodput) | paper |",
+        "| $ per M good tokens | cost ratio monolithic / this (equal goodput) "
+        "| paper's ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for c in summary:
@@ -415,7 +418,7 @@ def cost_table(summary: Sequence[dict[str, Any]], title: str) -> str:
         lines.append(
             f"| {c['topology']} | {c['workers']} | {c['best_rate_rps']} | {c['goodput_rps']} "
             f"| {c['good_tokens_per_s']} | {_f(c['usd_per_m_good_tokens'], '.4f')} "
-            f"| {_f(c['cost_ratio_mono_over_this'], '.2f')}x | {paper} |"
+            f"| {_f(c['cost_ratio_mono_over_this'], '.2f')} | {paper} |"
         )
     return "\n".join(lines) + "\n"
 
