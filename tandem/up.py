@@ -40,9 +40,11 @@ EDGE_ID = "edge-local"
 WORKER_ID = "cloud-local-1"
 
 
-def local_mesh(root: Path) -> MeshDir:
+def local_mesh(root: Path, model: str | None = None) -> MeshDir:
     """The single-machine mesh's identities (created on the first ``tandem up``, reused
-    after): an operator (``tandem policy``, ``tandem status``), the edge, the worker."""
+    after): an operator (``tandem policy``, ``tandem status``), the edge, the worker.
+    The edge's grants name ``model`` (default: the catalog's default pair), so
+    ``tandem up --model X`` may ask X's workers."""
     mesh = MeshDir(root)
     if not mesh.registry.exists():
         mesh.init()
@@ -52,7 +54,7 @@ def local_mesh(root: Path) -> MeshDir:
         ("operator", "operator"), (EDGE_ID, "edge"), (WORKER_ID, "worker"),
     )  # fmt: skip
     for name, role in identities:
-        mesh.ensure(name, role)
+        mesh.ensure(name, role, models=[model] if role == "edge" and model else None)
     return mesh
 
 

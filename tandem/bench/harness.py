@@ -33,6 +33,10 @@ class BenchOptions:
 
     base_url: str = DEFAULT_EDGE_URL
     nats_url: str | None = DEFAULT_NATS_URL  # None: read no cloud engine time
+    # The mesh identity reading engine time from a secured mesh (--nats-creds); unset:
+    # the local mesh's operator when TANDEM_HOME holds one, else anonymous.
+    nats_creds: Path | None = None
+    nats_tls_ca: Path | None = None
     start_mesh: bool = False
     layout: MeshLayout = field(default_factory=MeshLayout)
     model: str = DEFAULT_PAIR
@@ -112,11 +116,17 @@ def run(
             logs = log_dir or Path(tempfile.mkdtemp(prefix="tandem-bench-"))
             mesh = stack.enter_context(local_mesh(options.layout, logs))
             base_url, nats_url = mesh.base_url, mesh.nats_url
+        credentials = None
+        if not options.start_mesh:  # the bench's own mesh is open; another may be secured
+            from tandem.commands.common import operator_credentials
+
+            credentials = operator_credentials(options.nats_creds, options.nats_tls_ca)
         target = Target(
             base_url=base_url,
             model=options.model,
             api_key=options.api_key,
             nats_url=nats_url,
+            nats_credentials=credentials,
             max_tokens=options.max_tokens,
             temperature=options.temperature,
         )

@@ -24,7 +24,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from tandem.commands.common import fail, given
+from tandem.commands.common import NatsCredsOption, NatsTlsCaOption, fail, given
 
 if TYPE_CHECKING:
     from tandem.bench.harness import BenchOptions
@@ -69,6 +69,7 @@ def _ints(text: str) -> list[int]:
 _FIELDS: dict[str, dict[str, str]] = {
     "options": {
         **{name: name for name in ("base_url", "nats_url", "start_mesh", "model", "api_key")},
+        **{name: name for name in ("nats_creds", "nats_tls_ca")},
         **{name: name for name in ("sessions", "max_tokens", "temperature")},
         "workload": "workloads",
     },
@@ -138,6 +139,8 @@ def run(
             envvar="TANDEM_NATS_URL",
         ),
     ] = None,
+    nats_creds: NatsCredsOption = None,
+    nats_tls_ca: NatsTlsCaOption = None,
     start_mesh: Annotated[
         bool | None,
         typer.Option(help="Start NATS, a vLLM worker and an edge, pinned to separate cores."),

@@ -63,7 +63,7 @@ def up(
             fg=typer.colors.GREEN,
         )
 
-    mesh = local_mesh(tandem_home() / "mesh") if secure else None
+    mesh = local_mesh(tandem_home() / "mesh", model) if secure else None
 
     def roles(nats: EmbeddedNats) -> list[Role]:
         edge = edge_role(host, port, nats.url, model, simulated=simulated, mesh=mesh)

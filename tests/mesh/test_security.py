@@ -388,6 +388,11 @@ async def test_tandem_up_keeps_its_identities_and_refuses_anonymous_clients(
     assert subjects.all_planner_decisions() in again.users_conf.read_text()
     argv = edge_role("127.0.0.1", 8080, "nats://x", MODEL, mesh=again).argv
     assert argv[argv.index("--nats-creds") + 1] == str(again.creds(EDGE_ID))
+    # `tandem up --model X`: the same edge key, its grants now naming X's subjects.
+    other = local_mesh(tmp_path, "other-pair")
+    assert {n.name: n.public_key for n in other.nodes()} == first
+    assert [n.models for n in other.nodes() if n.name == EDGE_ID] == [("other-pair",)]
+    assert "tandem.v1.cloud.other-pair.generate" in other.users_conf.read_text()
     with EmbeddedNats(config=again.auth_conf) as hub:
         with pytest.raises(MeshUnavailableError, match=r"(?i)authorization"):
             await connect(hub.url, name="anonymous")
