@@ -333,7 +333,7 @@ def scenario_sigstop(
     mesh: Mesh, args: argparse.Namespace, refs: list[str], prompts: list[list[dict[str, str]]]
 ) -> dict[str, Any]:
     rounds = []
-    for n in range(args.rounds):
+    for n in range(args.other_rounds or args.rounds):
 
         def fault() -> dict[str, Any]:
             victim = _busiest(mesh)
@@ -371,7 +371,7 @@ def scenario_nats_restart(
 ) -> dict[str, Any]:
     rounds = []
     assert mesh.edge is not None
-    for n in range(args.rounds):
+    for n in range(args.other_rounds or args.rounds):
         local: list[dict[str, Any]] = []
         stop_local = asyncio.Event()
 
@@ -541,6 +541,7 @@ def main() -> None:
         choices=["kill", "sigstop", "nats-restart", "overload"],
     )
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--other-rounds", type=int, help="sigstop and nats-restart rounds (--rounds)")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--after-chunks", type=int, default=8, help="inject once streams have this many")
