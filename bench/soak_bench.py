@@ -100,6 +100,7 @@ class Load:
         self.edge, self.args = edge, args
         self.done: list[tuple[float, float, bool, str]] = []  # (finished at, s, ok, kind)
         self.stop = asyncio.Event()
+        self.error_bodies: list[str] = []  # the first few refusals, to say what failed
 
     async def agent(self, n: int, client: httpx.AsyncClient) -> None:
         rng = random.Random(self.args.seed * 100_003 + n)
@@ -113,7 +114,9 @@ class Load:
                     return
                 topic = rng.choice(TOPICS)
                 messages.append({"role": "user", "content": f"Tell me about {topic}."})
-                kind = rng.choices(KINDS, [0.5, 0.3, 0.2])[0]
+                # The simulated engine has no speculative route (it answers 400 saying so).
+                weights = [0.6, 0.4, 0.0] if self.args.engine == "sim" else [0.5, 0.3, 0.2]
+                kind = rng.choices(KINDS, weights)[0]
                 stream = rng.random() < 0.5
                 body: dict[str, Any] = {
                     "model": MODEL, "messages": messages, "max_tokens": rng.randint(8, 32),
@@ -139,21 +142,27 @@ class Load:
             if not stream:
                 r = await client.post("/v1/chat/completions", json=body, headers=headers)
                 if r.status_code != 200:
+                    self._refused(r.status_code, r.text, body)
                     return False, ""
                 return True, r.json()["choices"][0]["message"].get("content") or ""
             parts = []
             async with client.stream("POST", "/v1/chat/completions", json=body,
                                      headers=headers) as r:  # fmt: skip
                 if r.status_code != 200:
-                    await r.aread()
+                    self._refused(r.status_code, (await r.aread()).decode(errors="replace"), body)
                     return False, ""
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
                         for choice in json.loads(line[6:]).get("choices", []):
                             parts.append(choice.get("delta", {}).get("content") or "")
             return True, "".join(parts)
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            self._refused(None, repr(exc), body)
             return False, ""
+
+    def _refused(self, status: int | None, text: str, body: dict[str, Any]) -> None:
+        if len(self.error_bodies) < 20:
+            self.error_bodies.append(f"{status} {body['model']} {text[:300]}")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -190,6 +199,7 @@ async def soak(nats: EmbeddedNats, edge: EdgeProcess, worker: WorkerProcess,
             last = now
         load.stop.set()
         await asyncio.wait(agents, timeout=120)
+    samples[-1]["error_bodies"] = load.error_bodies
     return samples
 
 
