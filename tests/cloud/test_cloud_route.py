@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -1339,6 +1341,11 @@ def test_sigterm_drains_in_flight_requests(
     assert probed.wait(60), "the worker answered no probe before SIGTERM"
     assert streaming.wait(120), "the stream delivered no tokens"
     assert not done.is_set(), "the stream finished before SIGTERM: nothing left to drain"
+    # As on Kubernetes: the pod's preStop signals the worker (`kill -TERM 1`), then the
+    # kubelet sends its own SIGTERM; the second must not cut the drain short.
+    assert survivor.child is not None
+    os.kill(survivor.child.pid, signal.SIGTERM)
+    time.sleep(0.5)
     code = survivor.terminate()
     reader.join(120)
     prober.join(10)
