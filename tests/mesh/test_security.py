@@ -118,6 +118,44 @@ async def test_an_edge_asks_workers_and_reads_only_its_own_inbox(
         await worker.nc.close()
 
 
+async def test_a_token_stream_outlasts_the_response_permission(
+    hub: EmbeddedNats, mesh_dir: MeshDir
+) -> None:
+    """A generation streams for as long as it lasts: the worker's chunks go to the edge's
+    inbox under its explicit publish grant, not the response permission (one reply per
+    request within its window, nats-server's default 1 message in 2 minutes). Proof by
+    messages: after the one reply is spent, the stream still gets through, and so does a
+    chunk with no request outstanding at all, which a response window could not allow."""
+    edge, worker = await _node(hub, mesh_dir, "edge-a"), await _node(hub, mesh_dir, "w1")
+    try:
+        stream = "_INBOX.edge-a.long"
+        got: list[bytes] = []
+
+        async def receive(msg: nats.aio.msg.Msg) -> None:
+            got.append(msg.data)
+
+        await edge.nc.subscribe(stream, cb=receive)
+
+        async def serve(msg: nats.aio.msg.Msg) -> None:
+            await msg.respond(b"accepted")  # the one reply the request allows
+            for i in range(50):
+                await worker.nc.publish(stream, b"token %d" % i)
+
+        await worker.nc.subscribe(subjects.cloud_generate(MODEL), queue="q", cb=serve)
+        await worker.nc.flush()
+        reply = await edge.nc.request(subjects.cloud_generate(MODEL), b"prompt", timeout=5)
+        assert reply.data == b"accepted"
+        await asyncio.sleep(0.3)
+        await worker.nc.publish(stream, b"late")  # no request outstanding now
+        await worker.nc.flush()
+        await asyncio.sleep(0.3)
+        assert got == [b"token %d" % i for i in range(50)] + [b"late"]
+        assert not edge.refusals and not worker.refusals
+    finally:
+        await edge.nc.close()
+        await worker.nc.close()
+
+
 @pytest.mark.parametrize(
     ("name", "models", "stranger"),
     [("edge-a", [MODEL], OTHER), ("edge-o", [OTHER, THIRD], MODEL)],
