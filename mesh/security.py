@@ -333,23 +333,34 @@ class MeshDir:
         monitor_port: int = 8222,
         tls_hosts: list[str] | None = None,
         leaf_port: int = leaf.DEFAULT_LEAF_PORT,
+        tls_files: tuple[Path, Path, Path] | None = None,
     ) -> None:
         """Write a new hub configuration (refused if one is there already).
 
         ``tls_hosts``: the names and addresses nodes reach the hub by; the hub then
         requires TLS, with a certificate for them from a new dev CA (``mesh.tls``), on
-        its client and leaf node ports alike. ``leaf_port``: where edges' own
-        nats-servers connect as leaf nodes (``mesh.leaf``)."""
+        its client and leaf node ports alike. ``tls_files``: the operator's own (CA,
+        certificate, key) instead of a dev CA (``tls_hosts`` then only names the hub for
+        the edges' leaf URL). ``leaf_port``: where edges' own nats-servers connect as
+        leaf nodes (``mesh.leaf``)."""
         if self.registry.exists():
             raise MeshConfigError(f"{self.root} holds a mesh already ({self.registry})")
         (self.root / "creds").mkdir(parents=True, exist_ok=True)
         (self.root / "jetstream").mkdir(exist_ok=True)
         (self.root / "leaf").mkdir(exist_ok=True)
         tls, files = "", None
-        if tls_hosts:
+        if tls_files is not None:
+            from mesh.tls import install_operator_tls
+
+            try:
+                files = install_operator_tls(self.tls_ca.parent, *tls_files)
+            except ValueError as exc:
+                raise MeshConfigError(str(exc)) from exc
+        elif tls_hosts:
             from mesh.tls import write_dev_ca
 
             files = write_dev_ca(self.tls_ca.parent, tls_hosts)
+        if files is not None:
             tls = (
                 f"tls {{\n  cert_file: {json.dumps(str(files.cert))}\n"
                 f"  key_file: {json.dumps(str(files.key))}\n  timeout: 2\n}}\n"

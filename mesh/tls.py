@@ -64,6 +64,42 @@ def write_dev_ca(directory: Path, hosts: list[str]) -> HubTls:
     return HubTls(ca=ca_file, cert=hub.cert, key=hub.key)
 
 
+def install_operator_tls(directory: Path, ca: Path, cert: Path, key: Path) -> HubTls:
+    """The operator's own CA and hub certificate (``tandem mesh init --tls-ca/--tls-cert/
+    --tls-key``), checked and copied into ``directory`` as the dev CA's files would be, so
+    that bundles carry the CA and the hub's config names files inside the mesh directory.
+    ValueError naming the file that is missing or not PEM, or a key that is not the
+    certificate's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+    try:
+        ca_pem, cert_pem, key_pem = read(ca, "CA"), read(cert, "certificate"), read(key, "key")
+        x509.load_pem_x509_certificates(ca_pem)
+        hub = x509.load_pem_x509_certificate(cert_pem)
+        hub_key = serialization.load_pem_private_key(key_pem, password=None)
+    except ValueError as exc:
+        raise ValueError(f"TLS files {ca}, {cert}, {key}: not usable PEM ({exc})") from exc
+    public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if hub.public_key().public_bytes(*public) != hub_key.public_key().public_bytes(*public):
+        raise ValueError(f"the key {key} is not the key of the certificate {cert}")
+    directory.mkdir(parents=True, exist_ok=True)
+    files = HubTls(ca=_ca_files(directory)[0], cert=directory / "hub.pem",
+                   key=directory / "hub-key.pem")  # fmt: skip
+    files.ca.write_bytes(ca_pem)
+    files.cert.write_bytes(cert_pem)
+    fd = os.open(files.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    return files
+
+
 def issue_cert(
     directory: Path, stem: str, hosts: list[str], *, valid_days: float = _VALID_DAYS
 ) -> ServerTls:

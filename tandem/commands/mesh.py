@@ -55,25 +55,38 @@ def init(
         list[str] | None,
         typer.Option(
             help="A name or address nodes reach the hub by (repeatable): the hub requires "
-            "TLS with a certificate for them from a new dev CA."
+            "TLS with a certificate for them from a new dev CA (with --tls-cert: the "
+            "names the edges' leaves reach the hub by)."
         ),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="Your own CA (PEM), with --tls-cert and --tls-key.")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Your own hub certificate (PEM), signed by --tls-ca.")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(help="The private key of --tls-cert (PEM, unencrypted).")
     ] = None,
 ) -> None:
     """Write a hub configuration (nats-server config, users, JetStream) and its first
     operator identity; run the hub with ``nats-server -c DIR/server.conf``."""
     from mesh.errors import MeshError
 
+    given = [f for f in (tls_ca, tls_cert, tls_key) if f is not None]
+    if given and len(given) != 3:
+        fail("give --tls-ca, --tls-cert and --tls-key together (your own TLS files)")
     mesh = _mesh(directory)
     try:
         mesh.init(
             host=host, port=port, monitor_port=monitor_port, tls_hosts=tls_host,
-            leaf_port=leaf_port,
-        )  # fmt: skip
+            leaf_port=leaf_port, tls_files=(tls_ca, tls_cert, tls_key) if given else None,
+        )  # type: ignore[arg-type]  # fmt: skip
         seed = mesh.add("operator", "operator")
     except MeshError as exc:
         fail(str(exc))
     typer.echo(f"hub config: {mesh.server_conf}\noperator identity: {seed}")
-    if tls_host:
+    if tls_host or given:
         typer.echo(f"TLS: nodes trust the hub with --nats-tls-ca {mesh.tls_ca}")
 
 

@@ -470,6 +470,48 @@ async def test_a_tls_hub_admits_nodes_that_trust_its_ca_only(
                 )  # fmt: skip
 
 
+async def test_a_hub_runs_tls_with_the_operators_own_files(tmp_path: Path) -> None:
+    """``tandem mesh init --tls-ca/--tls-cert/--tls-key``: the operator's PKI (made here
+    with mesh.tls in another directory, as any CA would), copied into the mesh, serves
+    TLS; nodes trusting that CA connect, bundles carry it; bad files are refused first."""
+    from mesh.tls import issue_cert, write_dev_ca
+
+    pki = write_dev_ca(tmp_path / "pki", ["127.0.0.1"])  # "their" CA, not the mesh's
+    own = issue_cert(tmp_path / "pki", "ours", ["127.0.0.1", "localhost"])
+    wrong_key = issue_cert(tmp_path / "pki", "other", ["127.0.0.1"]).key
+    for files, message in (
+        ((pki.ca, own.cert, tmp_path / "missing.pem"), "cannot read the key"),
+        ((pki.ca, own.cert, own.cert), "not usable PEM"),
+        ((pki.ca, own.cert, wrong_key), "is not the key of the certificate"),
+    ):
+        with pytest.raises(MeshConfigError, match=message):
+            MeshDir(tmp_path / f"bad-{len(message)}").init(tls_files=files)
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    runner = CliRunner()
+    half = runner.invoke(app, ["mesh", "init", str(tmp_path / "half"), "--tls-ca", str(pki.ca)])
+    assert half.exit_code == 1 and "together" in half.output
+    result = runner.invoke(app, [
+        "mesh", "init", str(tmp_path / "mesh"), "--tls-host", "127.0.0.1", "--tls-ca",
+        str(pki.ca), "--tls-cert", str(own.cert), "--tls-key", str(own.key),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "--nats-tls-ca" in result.output
+    mesh = MeshDir(tmp_path / "mesh")
+    assert mesh.tls_ca.read_bytes() == pki.ca.read_bytes()
+    assert (mesh.tls_ca.parent / "hub-key.pem").stat().st_mode & 0o777 == 0o600
+    assert mesh.client_url().startswith("tls://")
+    mesh.add("edge-a", "edge")
+    with EmbeddedNats(config=mesh.auth_conf) as hub:
+        edge = await connect(
+            hub.url, name="edge-a", credentials=MeshCredentials(mesh.creds("edge-a"), pki.ca)
+        )
+        assert edge.is_connected
+        await edge.close()
+
+
 async def test_a_hub_whose_certificate_expired_is_refused_naming_the_cause(
     tmp_path: Path,
 ) -> None:
