@@ -131,6 +131,15 @@ def judge(result: dict[str, Any], reference: str) -> str:
     return "failed" if result["outcome"] == "failed" else "lost"
 
 
+def judged(results: list[dict[str, Any]], refs: list[str]) -> list[dict[str, Any]]:
+    """Each stream's outcome judged against its reference, with where a diverged one differs."""
+    rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(results, refs, strict=True)]
+    for r, ref in zip(rows, refs, strict=True):
+        if r["judged"] == "diverged":
+            r["first_difference"] = first_difference(r["text"], ref)
+    return rows
+
+
 def first_difference(a: str, b: str) -> int:
     return next(
         (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
@@ -282,7 +291,7 @@ def scenario_kill(
 ) -> dict[str, Any]:
     rounds = []
     control, _ = asyncio.run(round_with(mesh.edge, prompts, args.max_tokens, None, 0))  # type: ignore[arg-type]
-    control_rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(control, refs, strict=True)]
+    control_rows = judged(control, refs)
     for n in range(args.rounds):
         state: dict[str, Any] = {}
 
@@ -295,10 +304,7 @@ def scenario_kill(
         results, injected = asyncio.run(
             round_with(mesh.edge, prompts, args.max_tokens, fault, args.after_chunks)
         )  # type: ignore[arg-type]
-        rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(results, refs, strict=True)]
-        for r, ref in zip(rows, refs, strict=True):
-            if r["judged"] == "diverged":
-                r["first_difference"] = first_difference(r["text"], ref)
+        rows = judged(results, refs)
         restart_s = mesh.restart(injected["victim"])
         rounds.append(
             {
@@ -346,10 +352,7 @@ def scenario_sigstop(
         results, injected = asyncio.run(
             round_with(mesh.edge, prompts, args.max_tokens, fault, args.after_chunks)
         )  # type: ignore[arg-type]
-        rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(results, refs, strict=True)]
-        for r, ref in zip(rows, refs, strict=True):
-            if r["judged"] == "diverged":
-                r["first_difference"] = first_difference(r["text"], ref)
+        rows = judged(results, refs)
         time.sleep(3)  # the resumed worker's heartbeats reach the edge again
         rounds.append(
             {
@@ -434,7 +437,7 @@ def scenario_nats_restart(
             return results, injected
 
         results, injected = asyncio.run(run())
-        rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(results, refs, strict=True)]
+        rows = judged(results, refs)
         after = [x for x in local if x["at"] >= injected["restarted_at"]]
         rounds.append(
             {
