@@ -28,8 +28,9 @@ Outcomes per stream: ``identical`` (text equal to the reference), ``diverged`` (
 complete answer that differs: the position of the first differing character is
 recorded; a control round without a fault measures how often batching alone makes
 greedy answers differ at near-ties, since 16 concurrent streams batch differently from
-one), ``failed`` (an error body the client could read), ``lost`` (no answer and no
-error: must be 0). A duplicated or missing token shows as ``diverged``.
+one), ``failed`` (an error the client could read: an error status, or an error event
+inside the stream), ``lost`` (the stream broke with no error: must be 0).
+A duplicated or missing token shows as ``diverged``.
 
     python -m bench.fault_bench --scenarios kill sigstop nats-restart overload --rounds 10
     python -m bench.fault_bench --smoke        # one round of each, 4 streams
@@ -107,9 +108,17 @@ async def stream_one(
             "text": "".join(parts),
             "s": time.perf_counter() - started,
         }
-    except (openai.APIError, httpx.HTTPError) as exc:  # no status: the stream broke
+    except (openai.APIConnectionError, httpx.HTTPError) as exc:  # the stream just broke
         return {
             "outcome": "broken",
+            "error": repr(exc)[:200],
+            "text": "".join(parts),
+            "s": time.perf_counter() - started,
+        }
+    except openai.APIError as exc:  # an error event inside the stream: failed, and said why
+        return {
+            "outcome": "failed",
+            "status": None,
             "error": repr(exc)[:200],
             "text": "".join(parts),
             "s": time.perf_counter() - started,
