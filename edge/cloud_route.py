@@ -54,6 +54,8 @@ from mesh.sequencer import ChunkSequencer
 logger = logging.getLogger(__name__)
 
 _AFFINITY_ENTRIES = 100_000
+# Workers asked by their own subjects after a failover, before the queue group.
+_FAILOVER_CANDIDATES = 3
 
 
 class _WorkerLostError(Exception):
@@ -127,13 +129,14 @@ class CloudRoute:
         received: list[int] = list(resume_token_ids or [])
         attempt_id: str | None = None
         finished = False
+        quiet: set[str] = set()  # workers that went quiet on this answer: not again
         try:
             for attempt in range(self._max_failovers + 1):
                 attempt_id = f"{base.request_id}.{attempt}"
                 request = base.model_copy(
                     update={"request_id": attempt_id, "resume_token_ids": list(received)}
                 )
-                worker = await self._submit(nc, request)
+                worker = await self._submit(nc, request, avoid=quiet)
                 try:
                     async for event in self._relay(chunks, attempt_id, received, worker):
                         finished = finished or isinstance(event, FinishEvent)
@@ -141,7 +144,13 @@ class CloudRoute:
                     return
                 except _WorkerLostError:
                     self.failovers += 1
+                    quiet.add(worker)
                     self._forget_worker(worker)
+                    # A stalled worker (stopped, not dead) would go on generating once it
+                    # resumes: cancel its attempt (its chunks are ignored by attempt id).
+                    with contextlib.suppress(Exception):
+                        cancel = CancelRequest(request_id=attempt_id)
+                        await nc.publish(self._cancel_subject(inbox), cancel.to_bytes())
                     logger.warning(
                         "worker %s went quiet on %s after %d tokens; failing over",
                         worker,
@@ -166,11 +175,15 @@ class CloudRoute:
         assert owner is not None, f"not an inbox: {inbox}"
         return subjects.cloud_cancel(self._model, owner)
 
-    async def _submit(self, nc: Client, request: GenerateRequest) -> str:
-        """Hand the request to a worker (affinity first); return the worker id."""
+    async def _submit(
+        self, nc: Client, request: GenerateRequest, avoid: set[str] | None = None
+    ) -> str:
+        """Hand the request to a worker (affinity first; after a failover, straight to
+        another worker than those in ``avoid``); return the worker id."""
         reply = await self._request_any(
-            nc, request.session_id, "generate", request.to_bytes(), self._accept_timeout_s
-        )
+            nc, request.session_id, "generate", request.to_bytes(), self._accept_timeout_s,
+            avoid=avoid,
+        )  # fmt: skip
         accepted = GenerateAccepted.from_bytes(reply.data)
         if request.session_id:
             self._remember(request.session_id, accepted.worker_id)
@@ -212,10 +225,16 @@ class CloudRoute:
         return verdict
 
     async def _request_any(
-        self, nc: Client, session_id: str | None, verb: str, payload: bytes, wait_s: float
+        self,
+        nc: Client,
+        session_id: str | None,
+        verb: str,
+        payload: bytes,
+        wait_s: float,
+        avoid: set[str] | None = None,
     ) -> Msg:
         """Request/reply with the session's worker, then the queue group; skip draining ones."""
-        for subject in self._subjects_for(session_id, verb):
+        for subject in self._subjects_for(session_id, verb, avoid):
             try:
                 await self._wan()
                 reply = await nc.request(subject, payload, timeout=wait_s)
@@ -267,10 +286,22 @@ class CloudRoute:
 
         return verify
 
-    def _subjects_for(self, session_id: str | None, verb: str = "generate") -> list[str]:
+    def _subjects_for(
+        self, session_id: str | None, verb: str = "generate", avoid: set[str] | None = None
+    ) -> list[str]:
         queue = (subjects.cloud_generate if verb == "generate" else subjects.cloud_verify)(
             self._model
         )
+        if avoid:
+            # A failover: the queue group could hand the request back to the worker that
+            # went quiet (a stopped process keeps its subscriptions; measured: 25 of 80
+            # streams failed this way under SIGSTOP, bench/fault_bench.py). Ask other
+            # workers by their own subjects, least loaded first, the group last.
+            others = [
+                b.node_id for b in self._fleet.healthy_workers(self._model)
+                if b.node_id not in avoid
+            ][:_FAILOVER_CANDIDATES]  # fmt: skip
+            return [subjects.worker(w, verb) for w in others] + [queue]
         worker = self._affinity.get(session_id) if session_id else None
         healthy = {b.node_id for b in self._fleet.healthy_workers(self._model)}
         if worker is not None and worker in healthy:

@@ -48,7 +48,7 @@ from mesh.protocol import (
 from mesh.security import MeshDir, Role
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
-from tandem.local import EdgeProcess, WorkerProcess
+from tandem.local import EdgeProcess, WorkerProcess, wait_heard
 from tests.cloud.test_http import TANDEM, metrics
 from tests.edge.test_structured_outputs import (  # the same schemas and tools
     CALL_IN_AUTO,
@@ -128,17 +128,8 @@ def mesh_edge(
         nats_url=nats_server.url, cloud_stall_timeout_s=3, node_id="mesh-edge",
         nats_creds=mesh_dir.creds("mesh-edge"),
     ) as edge:  # fmt: skip
-        _wait_for_the_mesh(edge)
+        wait_heard(edge)
         yield edge
-
-
-def _wait_for_the_mesh(edge: EdgeProcess) -> None:
-    """Until ``edge`` is connected to NATS and has heard the workers' heartbeats."""
-    deadline = time.monotonic() + 20
-    while httpx.get(f"{edge.base_url}/health").json()["mesh"] != "connected":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(2.5)  # a couple of heartbeats
 
 
 async def _warm_up(nats_server: EmbeddedNats, mesh_dir: MeshDir, worker_ids: list[str]) -> None:
@@ -916,7 +907,7 @@ def batched_edge(
         nats_url=nats_server.url, cloud_stall_timeout_s=60, node_id="batched-edge",
         nats_creds=mesh_dir.creds("batched-edge"), batching="batched", sequences=8,
     ) as edge:  # fmt: skip
-        _wait_for_the_mesh(edge)
+        wait_heard(edge)
         yield edge
 
 
