@@ -142,9 +142,14 @@ async def test_concurrent_requests_batch_and_each_step_grows_with_the_batch(
     first_step = p.tpot_s(8) + sum(
         p.prefill_fixed_s + p.prefill_s_per_token * len(t) for t in prompts
     )
-    for _, engine_s in results:
-        # All 8 were admitted in one step; then 9 decode steps at batch 8.
-        assert engine_s == pytest.approx(first_step + 9 * p.tpot_s(8), abs=1e-3)
+    # All 8 were admitted in one step; then 9 decode steps at batch 8. The step starts
+    # when the first of them arrived, so that one's engine time is exactly the model's;
+    # the event loop enqueued the others one after another, up to a few ms later on a
+    # busy machine (CI once saw 2.4 ms), and each counts from its own arrival.
+    expected = first_step + 9 * p.tpot_s(8)
+    engine_times = [engine_s for _, engine_s in results]
+    assert max(engine_times) == pytest.approx(expected, abs=1e-3)
+    assert all(expected - 0.05 < t <= expected + 1e-3 for t in engine_times), engine_times
     assert sim_engine.load.generated_tokens == 80
 
 
