@@ -38,6 +38,7 @@ import httpx
 
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
+from tandem.lifeline import group_members
 from tandem.local import EdgeProcess, WorkerProcess
 
 MODEL = DEFAULT_PAIR
@@ -52,25 +53,10 @@ KINDS = ("edge", "cloud-tools", "speculative")
 TOPICS = ["the sea", "trains", "coffee", "bees", "winter", "a library", "bread", "rivers"]
 
 
-def group_pids(pid: int) -> list[int]:
-    """``pid`` and every process in its process group (a worker's vLLM engine core too)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pid:  # field 5 of /proc/PID/stat: the process group id
-            pids.append(int(entry.name))
-    return pids or [pid]
-
-
 def process_sample(pid: int) -> dict[str, int]:
     """RSS bytes, open descriptors and threads, summed over ``pid``'s process group."""
     rss = fds = threads = 0
-    for p in group_pids(pid):
+    for p in group_members(pid) or [pid]:  # the worker leads its group (vLLM's too)
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
