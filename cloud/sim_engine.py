@@ -310,15 +310,18 @@ class SimVllmEngine:
     async def _schedule(self) -> None:
         """The step loop: admit, advance the modelled clock by the step, emit one token each."""
         loop = asyncio.get_running_loop()
-        clock = loop.time()
+        clock = 0.0  # the modelled time; set by the first request's arrival
         while True:
             if not self._running and not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
                 if not self._waiting:
                     continue  # aborted before the scheduler woke
+            if not self._running:
                 # An idle engine starts stepping when the request arrived, not when this
                 # loop got round to it: the wake-up lag is the event loop's, not the model's.
+                # (That includes a first request queued before this task first ran: CI saw
+                # 1.5 ms of start-up lag counted as model time.)
                 clock = max(clock, self._waiting[0].ready_at)
             self._admit()
             emitting, step = self._plan_step()
