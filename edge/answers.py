@@ -30,6 +30,7 @@ from edge.openai_protocol import (
     ChatMessageOut,
     ChatTokenLogprob,
     ChoiceLogprobs,
+    CloudFallbackUsage,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
@@ -131,6 +132,7 @@ class AnswerContext:
                 rule=self.rule,
                 speculative=_speculative_usage(stats),
                 escalation=_escalation_usage(stats),
+                fallback=_fallback_usage(stats),
                 simulated=stats.simulated,
                 simulated_engine_ms=_ms(stats.engine_s),
             ),
@@ -169,6 +171,11 @@ def _escalation_usage(stats: GenerationStats) -> EscalationUsage | None:
     return EscalationUsage(
         at_token=handover.at_token, mean_logprob=handover.mean_logprob, to=handover.to
     )
+
+
+def _fallback_usage(stats: GenerationStats) -> CloudFallbackUsage | None:
+    lost = stats.cloud_lost
+    return None if lost is None else CloudFallbackUsage(at_token=lost.at_token, error=lost.error)
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -103,6 +103,15 @@ class GenerationStats:
     simulated: bool = False  # a simulated engine (edge or cloud) produced the answer
     engine_s: float | None = None  # simulated engines only: modelled queue + compute time
     handover: Handover | None = None  # set when the answer changed route midway
+    cloud_lost: CloudLost | None = None  # a cloud answer the edge finished itself
+
+
+@dataclass(frozen=True)
+class CloudLost:
+    """A cloud answer whose workers all went away mid-answer; the edge finished it."""
+
+    at_token: int  # completion tokens the cloud had produced
+    error: str  # why the cloud route gave up
 
 
 @dataclass(frozen=True)

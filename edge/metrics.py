@@ -61,6 +61,11 @@ class EdgeMetrics:
             ["to"],
             registry=r,
         )
+        self.cloud_fallbacks = Counter(
+            "tandem_edge_cloud_fallbacks",
+            "Cloud answers the edge finished itself after every worker went away midway.",
+            registry=r,
+        )
         self.malformed_tool_calls = Counter(
             "tandem_edge_malformed_tool_calls", "Tool-call blocks the parser rejected.", registry=r
         )

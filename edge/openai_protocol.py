@@ -397,6 +397,14 @@ class EscalationUsage(BaseModel):
     to: str  # the route that finished the answer
 
 
+class CloudFallbackUsage(BaseModel):
+    """A cloud answer that lost every worker midway and was finished on the edge."""
+
+    at_token: int  # completion tokens the cloud had produced
+    error: str  # why the cloud route gave up
+    to: str = "edge-fallback"
+
+
 class TandemUsage(BaseModel):
     """Where the answer ran and what it cost; nested in ``usage.tandem``."""
 
@@ -411,6 +419,7 @@ class TandemUsage(BaseModel):
     simulated: bool = False
     simulated_engine_ms: float | None = None
     escalation: EscalationUsage | None = None
+    fallback: CloudFallbackUsage | None = None
 
 
 class PromptTokensDetails(BaseModel):

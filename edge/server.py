@@ -270,6 +270,8 @@ def _observer(
 
     def done(ctx: AnswerContext, stats: GenerationStats) -> None:
         route = stats.handover.to if stats.handover else ctx.route
+        if stats.cloud_lost is not None:
+            route = "edge-fallback"
         state.observations.record(
             route=route, tenant=plan.tenant, category=plan.category, stats=stats,
             ttft_s=ctx.ttft_s, elapsed_s=time.perf_counter() - ctx.started,

@@ -31,7 +31,15 @@ from edge.cloud_route import CloudRoute, deadline_in
 from edge.drafter import SpeculativeDecoder
 from edge.errors import CloudUnavailableError
 from edge.escalation import ConfidenceWatch
-from edge.generation import Event, FinishEvent, GenerationRequest, Handover, TokenEvent
+from edge.generation import (
+    CloudLost,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    GenerationStats,
+    Handover,
+    TokenEvent,
+)
 from edge.openai_protocol import ChatCompletionRequest
 from edge.route_plan import RoutePlan
 from edge.state import EdgeState
@@ -68,10 +76,6 @@ async def serve_chat(
     state: EdgeState, call: Call, plan: RoutePlan, body: ChatCompletionRequest, prompt: list[int]
 ) -> Served:
     """Serve a chat request on its planned route (or the plan's fallback)."""
-    if plan.route == "cloud":
-        served = await serve_cloud(state, call, plan, body)
-        if served is not None:
-            return served
     generation = GenerationRequest(
         prompt_tokens=prompt,
         sampling=body.to_sampling_params(
@@ -81,6 +85,10 @@ async def serve_chat(
         ),
         session_id=call.session_id,
     )
+    if plan.route == "cloud":
+        served = await serve_cloud(state, call, plan, body, edge_rest=generation)
+        if served is not None:
+            return served
     if plan.route == "speculative":
         return await serve_speculative(state, call, plan, generation)
     if plan.route == "cloud":
@@ -103,11 +111,14 @@ async def serve_cloud(
     plan: RoutePlan,
     body: ChatCompletionRequest,
     resume_token_ids: list[int] | None = None,
+    edge_rest: GenerationRequest | None = None,
 ) -> Served | None:
     """A cloud worker answers; None when no cloud is there and the plan says to use the edge.
 
     ``resume_token_ids``: an escalated edge answer's tokens so far; the worker
-    continues after them."""
+    continues after them. ``edge_rest``: the same request for the edge model; when every
+    worker goes away mid-answer (a partition: failover found no one) and the plan says
+    ``cloud_unavailable: edge``, the edge finishes the answer after the cloud's tokens."""
     cloud = _reachable_cloud(state)
     try:
         if cloud is None:
@@ -129,6 +140,8 @@ async def serve_cloud(
             deadline=deadline_in(state.settings.cloud_timeout_s),
             resume_token_ids=resume_token_ids,
         )
+        if edge_rest is not None and plan.cloud_unavailable == "edge" and _resumable(body):
+            events = _finishing_on_edge(state, call, edge_rest, events)
         return Served(await prime(call, events), "cloud")
     except CloudUnavailableError:
         if plan.cloud_unavailable == "fail":
@@ -272,6 +285,53 @@ async def _continuation(
     if target == "speculative":
         return await serve_speculative(state, call, plan, rest)
     return await serve_edge(state, call, rest, "edge-fallback")
+
+
+def _resumable(body: ChatCompletionRequest) -> bool:
+    """Whether the edge can pick up a cloud answer midway. Not with tools or an output
+    constraint: the cloud parses tool calls and holds the grammar's state, and the edge
+    would restart both at the first token; those answers fail clearly instead."""
+    return not body.active_tools() and body.output_constraint is None
+
+
+async def _finishing_on_edge(
+    state: EdgeState, call: Call, rest: GenerationRequest, events: AsyncGenerator[Event, None]
+) -> AsyncGenerator[Event, None]:
+    """The cloud's events; if the cloud goes away midway, the edge model's continuation
+    after the tokens already sent. The finish event's stats carry ``CloudLost``
+    (usage.tandem.fallback)."""
+    emitted: list[int] = []
+    try:
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    emitted.extend(event.token_ids)
+                yield event
+        return
+    except CloudUnavailableError as exc:
+        lost = CloudLost(at_token=len(emitted), error=str(exc))
+    logger.warning("cloud lost after %d tokens (%s); the edge finishes", len(emitted), lost.error)
+    state.metrics.cloud_fallbacks.inc()
+    left = rest.sampling.max_tokens - len(emitted)
+    if left <= 0:  # the cloud had produced everything but its finish
+        yield FinishEvent("", GenerationStats(completion_tokens=len(emitted),
+                                              finish_reason="length", cloud_lost=lost))  # fmt: skip
+        return
+    continued = GenerationRequest(
+        prompt_tokens=rest.prompt_tokens + emitted,
+        sampling=replace(rest.sampling, max_tokens=left),
+        session_id=rest.session_id,
+    )
+    served = await serve_edge(state, call, continued, "edge-fallback")
+    new_tokens = 0
+    async for more in served.events:
+        if isinstance(more, TokenEvent):
+            new_tokens += len(more.token_ids)
+        else:
+            more.stats.prompt_tokens = len(rest.prompt_tokens)
+            more.stats.completion_tokens = len(emitted) + new_tokens
+            more.stats.cloud_lost = lost
+        yield more
 
 
 def _reachable_cloud(state: EdgeState) -> CloudRoute | None:

@@ -215,7 +215,7 @@ def _register_gauges(metrics: EdgeMetrics, engine: EdgeEngine, live: LivePolicy)
         metrics.add_counter(
             "tandem_edge_batch_decode_steps",
             "llama_decode calls of the batched engine (one step of every running sequence).",
-            lambda: engine.decode_steps,  # type: ignore[attr-defined]
+            lambda: engine.decode_steps,
         )
         metrics.add_counter(
             "tandem_edge_batch_stepped_sequences",

@@ -76,12 +76,13 @@ def init(
     given = [f for f in (tls_ca, tls_cert, tls_key) if f is not None]
     if given and len(given) != 3:
         fail("give --tls-ca, --tls-cert and --tls-key together (your own TLS files)")
+    tls_files = (given[0], given[1], given[2]) if given else None
     mesh = _mesh(directory)
     try:
         mesh.init(
             host=host, port=port, monitor_port=monitor_port, tls_hosts=tls_host,
-            leaf_port=leaf_port, tls_files=(tls_ca, tls_cert, tls_key) if given else None,
-        )  # type: ignore[arg-type]  # fmt: skip
+            leaf_port=leaf_port, tls_files=tls_files,
+        )  # fmt: skip
         seed = mesh.add("operator", "operator")
     except MeshError as exc:
         fail(str(exc))

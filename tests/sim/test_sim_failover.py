@@ -99,3 +99,45 @@ def test_a_stopped_worker_is_failed_over_and_not_asked_again(
         assert _worker_of(usage) != victim.worker_id
         wait_heard(edge)  # the resumed worker's heartbeats are fresh again
     assert edge.log().count("went quiet") >= 4
+
+
+def test_a_cloud_answer_whose_workers_all_stall_is_finished_on_the_edge(
+    edge: EdgeProcess, workers: dict[str, WorkerProcess]
+) -> None:
+    """A partition mid-answer (every worker stopped): failover finds no one, and the edge
+    (policy ``cloud_unavailable: edge``, the default) finishes the answer after the
+    cloud's tokens, marked in ``usage.tandem.fallback``; nothing lost, nothing twice."""
+    client = edge.client()
+    pids = [w.child.pid for w in workers.values() if w.child is not None]
+    parts: list[str] = []
+    usage, finish, stopped = None, None, False
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Partition: go on."}],
+        max_tokens=60, stream=True, stream_options={"include_usage": True},
+        extra_headers={**CLOUD, "x-session-id": f"cut-{uuid.uuid4().hex}"},
+    )  # fmt: skip
+    try:
+        for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            usage = chunk.usage or usage
+            if not stopped and len(parts) >= 5:
+                for pid in pids:
+                    os.killpg(pid, signal.SIGSTOP)
+                stopped = True
+    finally:
+        for pid in pids:
+            os.killpg(pid, signal.SIGCONT)
+    assert stopped, "the stream ended before the fault"
+    assert finish == "length" and usage is not None
+    assert usage.completion_tokens == 60  # the cloud's tokens and the edge's, each once
+    tandem = dict(usage.model_extra or {})["tandem"]
+    assert tandem["route"] == "cloud"
+    fallback = tandem["fallback"]
+    assert fallback is not None and fallback["to"] == "edge-fallback"
+    assert 4 <= fallback["at_token"] < 60, fallback  # 5 chunks: the role, then tokens
+    assert "cloud" in fallback["error"]
+    assert edge.metrics()["tandem_edge_cloud_fallbacks_total"] >= 1
+    assert "the edge finishes" in edge.log()
+    wait_heard(edge)  # the resumed workers' heartbeats are fresh again
