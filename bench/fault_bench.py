@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 import httpx
 import openai
 
+from bench.link import LinkEmulator
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess, WorkerProcess, serves
@@ -80,11 +81,14 @@ async def stream_one(
     max_tokens: int,
     progress: dict[str, int],
     key: str,
+    route: str = "cloud",
 ) -> dict[str, Any]:
-    """One streamed cloud answer; its outcome, never an exception."""
+    """One streamed answer on ``route`` (cloud or speculative); its outcome, never an
+    exception. Records the longest silence between chunks (a stall the edge had to see)."""
     parts: list[str] = []
     usage = None
-    started = time.perf_counter()
+    started = last = time.perf_counter()
+    gaps = {"max_gap_s": 0.0, "max_gap_at": 0.0}
     try:
         stream = await client.chat.completions.create(
             model=MODEL,
@@ -93,9 +97,16 @@ async def stream_one(
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
-            extra_headers={**CLOUD, "x-session-id": f"fault-{key}-{uuid.uuid4().hex[:8]}"},
+            extra_headers={
+                "x-tandem-route": route,
+                "x-session-id": f"fault-{key}-{uuid.uuid4().hex[:8]}",
+            },
         )  # type: ignore[call-overload]
         async for chunk in stream:
+            now = time.perf_counter()
+            if now - last > gaps["max_gap_s"]:
+                gaps = {"max_gap_s": now - last, "max_gap_at": time.time()}
+            last = now
             if chunk.choices:
                 parts.append(chunk.choices[0].delta.content or "")
                 progress[key] = len(parts)
@@ -124,18 +135,28 @@ async def stream_one(
             "s": time.perf_counter() - started,
         }
     extra = dict(getattr(usage, "model_extra", None) or {}).get("tandem", {}) if usage else {}
+    fallback = extra.get("fallback")  # a cloud answer the edge finished
+    fell_back = bool((extra.get("speculative") or {}).get("fell_back_to_edge"))
     return {
         "outcome": "complete",
         "text": "".join(parts),
+        "asked_route": route,
         "worker_id": extra.get("worker_id"),
         "route": extra.get("route"),
+        "edge_finished": fallback is not None or fell_back,
+        "fallback_at_token": fallback["at_token"] if fallback else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
         "s": time.perf_counter() - started,
+        **gaps,
     }
 
 
 def judge(result: dict[str, Any], reference: str) -> str:
-    """identical / diverged / failed / lost (a broken stream with no error body is lost)."""
+    """identical / diverged / edge-finished (a cloud answer the edge finished, marked) /
+    failed / lost (a broken stream with no error body)."""
     if result["outcome"] == "complete":
+        if result.get("edge_finished"):
+            return "edge-finished"
         return "identical" if result["text"] == reference else "diverged"
     return "failed" if result["outcome"] == "failed" else "lost"
 
@@ -144,7 +165,7 @@ def judged(results: list[dict[str, Any]], refs: list[str]) -> list[dict[str, Any
     """Each stream's outcome judged against its reference, with where a diverged one differs."""
     rows = [{**r, "judged": judge(r, ref)} for r, ref in zip(results, refs, strict=True)]
     for r, ref in zip(rows, refs, strict=True):
-        if r["judged"] == "diverged":
+        if r["judged"] in ("diverged", "edge-finished"):
             r["first_difference"] = first_difference(r["text"], ref)
     return rows
 
@@ -166,18 +187,19 @@ class Mesh:
         self.work = work
         self.workers: dict[str, WorkerProcess] = {}
         self.edge: EdgeProcess | None = None
+        # The edge reaches NATS through it; the workers go straight to the server.
+        self.link: LinkEmulator | None = None
 
     def __enter__(self) -> Mesh:
         self.nats.start()
-        for wid, core in self.CORES.items():
-            self.workers[wid] = WorkerProcess(
-                self.nats, wid, cores=core, log_path=self.work / f"{wid}.log"
-            )
+        self.link = LinkEmulator(("127.0.0.1", self.nats.port)).__enter__()
+        for wid in self.CORES:
+            self.workers[wid] = self._worker(wid)
             self.workers[wid].start()
         for w in self.workers.values():
             w.wait_ready()
         self.edge = EdgeProcess(
-            nats_url=self.nats.url,
+            nats_url=self.link.url,
             cloud_stall_timeout_s=self.args.stall_timeout_s,
             node_id="fault-edge",
             log_path=self.work / "edge.log",
@@ -185,6 +207,12 @@ class Mesh:
         self.edge.start()
         self.wait_for_workers(list(self.workers))
         return self
+
+    def _worker(self, wid: str) -> WorkerProcess:
+        engine: dict[str, Any] = {} if self.args.engine == "vllm" else {"engine": "sim"}
+        return WorkerProcess(
+            self.nats, wid, cores=self.CORES[wid], log_path=self.work / f"{wid}.log", **engine
+        )
 
     def wait_for_workers(self, ids: list[str], timeout_s: float = 60) -> None:
         """Until the edge's /health lists ``ids`` as ready cloud workers (heartbeats seen)."""
@@ -200,9 +228,7 @@ class Mesh:
     def restart(self, wid: str) -> float:
         """Start a killed worker again; seconds until it serves."""
         t0 = time.perf_counter()
-        self.workers[wid] = WorkerProcess(
-            self.nats, wid, cores=self.CORES[wid], log_path=self.work / f"{wid}.log"
-        )
+        self.workers[wid] = self._worker(wid)
         self.workers[wid].start()
         self.workers[wid].wait_ready()
         self.wait_for_workers([wid])
@@ -214,6 +240,8 @@ class Mesh:
         for w in self.workers.values():
             if w.alive:
                 w.kill9()
+        if self.link is not None:
+            self.link.__exit__(None, None, None)
         self.nats.stop()
 
 
@@ -240,12 +268,18 @@ async def round_with(
     max_tokens: int,
     fault: Any,
     after_chunks: int,
+    routes: tuple[str, ...] = ("cloud",),
+    before_any_ends: bool = False,
 ) -> tuple[list[dict[str, Any]], Any]:
-    """Open every stream; once each has ``after_chunks`` chunks, run ``fault()`` (in a thread)."""
+    """Open every stream (stream i on ``routes[i % len(routes)]``); once each has
+    ``after_chunks`` chunks (or, ``before_any_ends``, as soon as one has finished), run
+    ``fault()`` (in a thread)."""
     client = edge.async_client(timeout=180)
     progress: dict[str, int] = {}
     tasks = [
-        asyncio.create_task(stream_one(client, c, max_tokens, progress, str(i)))
+        asyncio.create_task(
+            stream_one(client, c, max_tokens, progress, str(i), routes[i % len(routes)])
+        )
         for i, c in enumerate(prompts)
     ]
     injected = None
@@ -254,6 +288,8 @@ async def round_with(
         if sum(1 for v in progress.values() if v >= after_chunks) >= len(prompts) or all(
             t.done() for t in tasks
         ):
+            break
+        if before_any_ends and any(t.done() for t in tasks):
             break
         await asyncio.sleep(0.05)
     if fault is not None:
@@ -310,9 +346,10 @@ def scenario_kill(
             mesh.workers[victim].kill9()
             return {"victim": victim, "at": time.time()}
 
+        assert mesh.edge is not None
         results, injected = asyncio.run(
             round_with(mesh.edge, prompts, args.max_tokens, fault, args.after_chunks)
-        )  # type: ignore[arg-type]
+        )
         rows = judged(results, refs)
         restart_s = mesh.restart(injected["victim"])
         rounds.append(
@@ -358,9 +395,10 @@ def scenario_sigstop(
             _group_signal(mesh.workers[victim], signal.SIGCONT)
             return {"victim": victim, "in_flight_before": in_flight}
 
+        assert mesh.edge is not None
         results, injected = asyncio.run(
             round_with(mesh.edge, prompts, args.max_tokens, fault, args.after_chunks)
-        )  # type: ignore[arg-type]
+        )
         rows = judged(results, refs)
         time.sleep(3)  # the resumed worker's heartbeats reach the edge again
         rounds.append(
@@ -434,11 +472,12 @@ def scenario_nats_restart(
             stop_local: asyncio.Event = stop_local,
         ) -> tuple[list[dict[str, Any]], Any]:
             side = asyncio.create_task(local_traffic())
+            assert mesh.edge is not None
             results, injected = await round_with(
                 mesh.edge,
                 prompts,
                 args.max_tokens,
-                fault,  # type: ignore[arg-type]
+                fault,
                 args.after_chunks,
             )
             stop_local.set()
@@ -474,6 +513,128 @@ def scenario_nats_restart(
         )
         mesh.wait_for_workers(list(mesh.workers))
     return {"rounds": rounds, "total": _sum_tallies([r["tally"] for r in rounds])}
+
+
+async def side_requests(
+    edge: EdgeProcess, route: str, log: list[dict[str, Any]], stop: asyncio.Event
+) -> None:
+    """Short requests on ``route`` every 0.2 s until ``stop``: the route each took, its time."""
+    client = edge.async_client(timeout=60)
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            r = await client.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=8,
+                temperature=0,
+                extra_headers={"x-tandem-route": route},
+            )
+            usage = r.parse().usage
+            extra = dict(getattr(usage, "model_extra", None) or {}).get("tandem", {})
+            log.append({"ok": True, "at": time.time(), "s": time.perf_counter() - t0,
+                        "route": extra.get("route")})  # fmt: skip
+        except openai.APIError as exc:
+            log.append({"ok": False, "at": time.time(), "error": str(exc)[:120]})
+        await asyncio.sleep(0.2)
+    await client.close()
+
+
+def scenario_partition(
+    mesh: Mesh, args: argparse.Namespace, refs: list[str], prompts: list[list[dict[str, str]]]
+) -> dict[str, Any]:
+    """Per round: the edge-cloud link cut for ``--cut-s`` mid-answer (half the streams on
+    the cloud route, half speculative; cut once every stream has begun, since speculative
+    text comes in bursts), then healed; then a round with the link degraded
+    (``--degrade-delay-ms`` each way, ``--degrade-loss``) for the whole answer. New cloud
+    requests go on every 0.2 s throughout: the policy's fallback (route edge-fallback)
+    while the cloud is away, and the time until the cloud answers them again."""
+    assert mesh.edge is not None and mesh.link is not None
+    link, edge = mesh.link, mesh.edge
+    routes = ("cloud", "speculative")
+    rounds = []
+    for n in range(args.other_rounds or args.rounds):
+        side: list[dict[str, Any]] = []
+        stop_side = asyncio.Event()
+
+        def cut() -> dict[str, Any]:
+            link.cut()
+            at = time.time()
+            time.sleep(args.cut_s)
+            link.heal()
+            return {"cut_at": at, "healed_at": time.time()}
+
+        async def cut_round(
+            side: list[dict[str, Any]] = side, stop_side: asyncio.Event = stop_side
+        ) -> tuple[list[dict[str, Any]], Any]:
+            task = asyncio.create_task(side_requests(edge, "cloud", side, stop_side))
+            results, injected = await round_with(
+                edge, prompts, args.max_tokens, cut, 2, routes, before_any_ends=True
+            )
+            # Recovery: until a new cloud request is answered by a worker again.
+            while time.time() - injected["healed_at"] < 90:
+                if any(x.get("route") == "cloud" and x["at"] > injected["healed_at"] for x in side):
+                    break
+                await asyncio.sleep(0.1)
+            stop_side.set()
+            await task
+            return results, injected
+
+        results, injected = asyncio.run(cut_round())
+        rows = judged(results, refs)
+        during = [x for x in side if injected["cut_at"] <= x["at"] <= injected["healed_at"]]
+        healed = injected["healed_at"]
+        back = [x["at"] for x in side if x.get("route") == "cloud" and x["at"] > healed]
+        finished_on_edge = [r for r in rows if r["judged"] == "edge-finished"]
+        cut_row = {
+            "round": n,
+            "phase": "cut",
+            "cut_s": args.cut_s,
+            "tally": tally(rows),
+            "by_route": _by_route(rows, routes),
+            # The silence each stream the edge finished went through: stall detection
+            # plus the failover attempts that found no one.
+            "edge_finished_gap_s": sorted(round(r["max_gap_s"], 2) for r in finished_on_edge),
+            "new_cloud_requests_during_cut": {
+                "edge-fallback": sum(x.get("route") == "edge-fallback" for x in during),
+                "cloud": sum(x.get("route") == "cloud" for x in during),
+                "failed": sum(not x["ok"] for x in during),
+                "p95_s": _pct([x["s"] for x in during if x["ok"]], 0.95),
+            },
+            "cloud_recovery_s": (min(back) - injected["healed_at"]) if back else None,
+            "rows": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+        }
+        rounds.append(cut_row)
+        _print_round("partition", cut_row)
+        mesh.wait_for_workers(list(mesh.workers))
+
+        link.degrade(args.degrade_delay_ms / 1e3, args.degrade_loss)
+        try:
+            results, _ = asyncio.run(round_with(edge, prompts, args.max_tokens, None, 0, routes))
+        finally:
+            link.heal()
+        rows = judged(results, refs)
+        degraded_row = {
+            "round": n,
+            "phase": "degraded",
+            "delay_ms_each_way": args.degrade_delay_ms,
+            "loss": args.degrade_loss,
+            "tally": tally(rows),
+            "by_route": _by_route(rows, routes),
+            "stream_s_p50": _pct([r["s"] for r in rows], 0.5),
+            "stream_s_p95": _pct([r["s"] for r in rows], 0.95),
+            "max_gap_s": max((r.get("max_gap_s", 0.0) for r in rows), default=0.0),
+            "rows": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+        }
+        rounds.append(degraded_row)
+        _print_round("partition", degraded_row)
+        mesh.wait_for_workers(list(mesh.workers))
+    return {
+        "link": "user-space relay (bench/link.py): this kernel has no sch_netem",
+        "rounds": rounds,
+        "total_cut": _sum_tallies([r["tally"] for r in rounds if r["phase"] == "cut"]),
+        "total_degraded": _sum_tallies([r["tally"] for r in rounds if r["phase"] == "degraded"]),
+    }
 
 
 def scenario_overload(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -531,6 +692,14 @@ def scenario_overload(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"slots": slots, "max_queue": queue, "levels": out}
 
 
+def _by_route(rows: list[dict[str, Any]], routes: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    return {rt: tally([r for r in rows if r.get("asked_route", rt) == rt]) for rt in routes}
+
+
+def _print_round(scenario: str, row: dict[str, Any]) -> None:
+    print(json.dumps({"scenario": scenario, **{k: v for k, v in row.items() if k != "rows"}}))
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -549,8 +718,8 @@ def main() -> None:
     p.add_argument(
         "--scenarios",
         nargs="+",
-        default=["kill", "sigstop", "nats-restart", "overload"],
-        choices=["kill", "sigstop", "nats-restart", "overload"],
+        default=["kill", "sigstop", "nats-restart", "partition", "overload"],
+        choices=["kill", "sigstop", "nats-restart", "partition", "overload"],
     )
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--other-rounds", type=int, help="sigstop and nats-restart rounds (--rounds)")
@@ -561,15 +730,29 @@ def main() -> None:
     p.add_argument(
         "--stop-s", type=float, default=6.0, help="sigstop: how long the worker stays stopped"
     )
+    p.add_argument("--cut-s", type=float, default=20.0, help="partition: the cut's length")
+    p.add_argument("--degrade-delay-ms", type=float, default=150.0, help="partition: each way")
+    p.add_argument("--degrade-loss", type=float, default=0.05, help="partition: each way")
     p.add_argument("--overload-factors", nargs="+", type=int, default=[2, 5])
     p.add_argument("--out", default="bench-results/faults")
+    p.add_argument(
+        "--engine",
+        choices=["vllm", "sim"],
+        default="vllm",
+        help="the workers' engine; sim only to try the bench itself (results SIMULATED)",
+    )
     p.add_argument("--smoke", action="store_true", help="one round of each scenario, 4 streams")
     args = p.parse_args()
     if args.smoke:
         args.rounds, args.streams = 1, 4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg(), "scenarios": {}}
+    report: dict[str, Any] = {
+        "args": vars(args),
+        "simulated": args.engine == "sim",
+        "load_before": os.getloadavg(),
+        "scenarios": {},
+    }
     prompts = chats(args.streams)
     mesh_scenarios = [s for s in args.scenarios if s != "overload"]
     if mesh_scenarios:
@@ -582,6 +765,7 @@ def main() -> None:
                     "kill": scenario_kill,
                     "sigstop": scenario_sigstop,
                     "nats-restart": scenario_nats_restart,
+                    "partition": scenario_partition,
                 }[name]
                 report["scenarios"][name] = {
                     **run(mesh, args, refs, prompts),

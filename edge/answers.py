@@ -183,14 +183,16 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _speculative_usage(stats: GenerationStats) -> SpeculativeUsage | None:
-    if not stats.verify_rounds:
+    # A fallback before any verification answered is still reported: the answer is the
+    # edge model's, and the client must be able to tell.
+    if not stats.verify_rounds and not stats.fell_back:
         return None
     return SpeculativeUsage(
         drafted=stats.drafted,
         accepted=stats.accepted,
         verify_rounds=stats.verify_rounds,
         acceptance_rate=round(stats.accepted / max(1, stats.drafted), 4),
-        tokens_per_verify=round(stats.completion_tokens / stats.verify_rounds, 3),
+        tokens_per_verify=round(stats.completion_tokens / max(1, stats.verify_rounds), 3),
         pipelined_rounds=stats.pipelined_rounds,
         fell_back_to_edge=stats.fell_back,
     )
