@@ -44,6 +44,12 @@ class DrainingError(CloudError):
     code = ErrorCode.UNAVAILABLE
 
 
+class AtCapacityError(CloudError):
+    """The worker has ``max_in_flight`` requests already and takes no more for now."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 class EngineFailedError(CloudError):
     """vLLM raised while serving the request."""
 

@@ -99,6 +99,9 @@ class _TandemCollector(Collector):
              w.prefill_counts.fell_back),
             ("local_prefills", "Prompts the policy left to this decode worker.",
              w.prefill_counts.local),
+            ("refused_at_capacity",
+             "Generate requests refused (503) while max_in_flight were in flight.",
+             w.refused_at_capacity),
         ):  # fmt: skip
             family = CounterMetricFamily(f"tandem_worker_{name}", doc, labels=["model_name"])
             family.add_metric(labels, value)

@@ -69,6 +69,13 @@ class CloudSettings(BaseSettings):
         "1 sends every token at once; more cut the per-message overhead of long answers "
         "at the cost of a burstier stream",
     )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="refuse new generate requests (503, 'at capacity') while this many are "
+        "in flight here: the edge asks another worker, then falls back as its policy says; "
+        "default: accept all, each bounded by its requester's deadline",
+    )
     heartbeat_s: float = Field(1.0, gt=0)
     keepalive_s: float = Field(0.5, gt=0, description="idle gap before a keepalive chunk")
     liveness_s: float = Field(2.0, gt=0, description="how often to check the requester is there")

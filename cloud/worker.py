@@ -44,6 +44,7 @@ from nats.micro.service import Service
 from cloud.disaggregation import PrefillCounts, PrefixIndex, RemotePrefill
 from cloud.engine import CloudEngine
 from cloud.errors import (
+    AtCapacityError,
     BadGenerateRequestError,
     CloudError,
     DeadlineExceededError,
@@ -123,6 +124,7 @@ class CloudWorker:
         self._tokens_per_s = 0.0
         self.verify_counts = VerifyCounts()
         self._requests_total = 0  # generate requests admitted, for the planner's demand
+        self._refused_at_capacity = 0  # generate requests refused by max_in_flight
         self._prompt_tokens_total = 0
         self.prefill_counts = PrefillCounts()
         self._remote: RemotePrefill | None = None  # decode role only (start)
@@ -131,6 +133,11 @@ class CloudWorker:
     def in_flight(self) -> int:
         """Requests being generated now."""
         return len(self._tasks)
+
+    @property
+    def refused_at_capacity(self) -> int:
+        """Generate requests refused because ``max_in_flight`` were in flight."""
+        return self._refused_at_capacity
 
     @property
     def draining(self) -> bool:
@@ -340,6 +347,15 @@ class CloudWorker:
             return None
         if self._draining:
             await _refuse(msg, DrainingError("worker is draining"))
+            return None
+        cap = self.settings.max_in_flight
+        if kind is GenerateRequest and cap is not None and self.in_flight >= cap:
+            # Refused at once rather than queued until the deadline: the edge can still
+            # use another worker, or its own model, in the time a queue would have taken.
+            await _refuse(msg, AtCapacityError(
+                f"worker {self.settings.worker_id} is at capacity ({cap} requests in flight)"
+            ))  # fmt: skip
+            self._refused_at_capacity += 1
             return None
         return request
 

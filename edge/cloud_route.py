@@ -233,7 +233,9 @@ class CloudRoute:
         wait_s: float,
         avoid: set[str] | None = None,
     ) -> Msg:
-        """Request/reply with the session's worker, then the queue group; skip draining ones."""
+        """Request/reply with the session's worker, then the queue group; skip those that
+        refuse for now (draining, at capacity), and say why when all did."""
+        refusals: list[str] = []
         for subject in self._subjects_for(session_id, verb, avoid):
             try:
                 await self._wan()
@@ -242,12 +244,14 @@ class CloudRoute:
                 continue
             error = _service_error(reply)
             if error is not None and error.code == ErrorCode.UNAVAILABLE:
-                continue  # draining; try the next subject
+                refusals.append(error.message)
+                continue  # draining or at capacity; try the next subject
             if error is not None:
                 raise CloudRequestError(error)
             await self._wan()
             return reply
-        raise CloudUnavailableError(f"no cloud worker serves {self._model!r} {verb} right now")
+        why = f" ({'; '.join(dict.fromkeys(refusals))})" if refusals else ""
+        raise CloudUnavailableError(f"no cloud worker serves {self._model!r} {verb} right now{why}")
 
     async def _wan(self) -> None:
         if self._half_rtt_s:

@@ -155,7 +155,11 @@ class ServiceUnavailableError(EdgeError):
 
 
 class CloudUnavailableError(ServiceUnavailableError):
-    """No cloud worker could take the request."""
+    """No cloud worker could take the request (none reachable, draining or at capacity)."""
+
+    def headers(self) -> dict[str, str]:
+        # Workers come back within seconds (a restart, a freed place): say when to retry.
+        return {"retry-after": "1"}
 
 
 class CloudRequestError(EdgeError):

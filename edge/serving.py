@@ -301,14 +301,18 @@ async def _finishing_on_edge(
     after the tokens already sent. The finish event's stats carry ``CloudLost``
     (usage.tandem.fallback)."""
     emitted: list[int] = []
+    started = False
     try:
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, TokenEvent):
                     emitted.extend(event.token_ids)
+                started = True
                 yield event
         return
     except CloudUnavailableError as exc:
+        if not started:  # nothing sent yet: the whole answer is the plan's fallback
+            raise
         lost = CloudLost(at_token=len(emitted), error=str(exc))
     logger.warning("cloud lost after %d tokens (%s); the edge finishes", len(emitted), lost.error)
     state.metrics.cloud_fallbacks.inc()

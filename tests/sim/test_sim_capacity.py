@@ -1,0 +1,111 @@
+"""A cloud pool at capacity refuses at once, with a reason, instead of queueing to the deadline.
+
+Real processes on a real nats-server: one cloud worker with ``max_in_flight: 1`` and two
+edges, all with the SIMULATED engine (admission is the worker's, not the forward pass's).
+One edge's policy falls back to its own model (the default); the other's fails (503).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mesh.server import EmbeddedNats
+from models.catalog import DEFAULT_PAIR
+from tandem.local import EdgeProcess, WorkerProcess, wait_heard
+
+pytestmark = pytest.mark.timeout(180)
+
+MODEL = DEFAULT_PAIR
+CLOUD = {"x-tandem-route": "cloud"}
+
+
+@pytest.fixture(scope="module")
+def worker(nats_server: EmbeddedNats) -> Iterator[WorkerProcess]:
+    with WorkerProcess(nats_server, "cap-1", engine="sim", max_in_flight=1) as proc:
+        yield proc
+
+
+def _edge(nats: EmbeddedNats, policy: Path | None = None) -> EdgeProcess:
+    options: dict[str, Any] = {"policy_file": policy} if policy else {}
+    return EdgeProcess(engine="sim", nats_url=nats.url, **options)
+
+
+def _while_one_streams(edge: EdgeProcess, ask: Any) -> Any:
+    """``ask()`` while a long cloud stream holds the worker's only place."""
+    started, result = threading.Event(), {}
+
+    def long_stream() -> None:
+        stream = edge.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "a long one"}],
+            max_tokens=200, stream=True, extra_headers=CLOUD,
+        )  # fmt: skip
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                started.set()
+        result["done"] = True
+
+    holder = threading.Thread(target=long_stream)
+    holder.start()
+    assert started.wait(60), "the long stream never started"
+    try:
+        return ask()
+    finally:
+        holder.join(120)
+        assert result.get("done"), "the stream holding the place did not finish"
+
+
+def test_at_capacity_the_edge_answers_itself_marked(
+    nats_server: EmbeddedNats, worker: WorkerProcess
+) -> None:
+    with _edge(nats_server) as edge:
+        wait_heard(edge)
+        answer = _while_one_streams(
+            edge,
+            lambda: edge.client().chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4,
+                extra_headers=CLOUD,
+            ),
+        )
+        assert dict(answer.usage.model_extra or {})["tandem"]["route"] == "edge-fallback"
+    metrics = httpx.get(f"{worker.http_url}/metrics", timeout=5).text
+    refused = [ln for ln in metrics.splitlines() if ln.startswith("tandem_worker_refused_at_cap")]
+    assert refused and float(refused[0].rpartition(" ")[2]) >= 1, refused
+
+
+def test_at_capacity_a_fail_policy_answers_503_with_the_reason(
+    nats_server: EmbeddedNats, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("fallbacks: {cloud_unavailable: fail}\n")
+    with _edge(nats_server, policy) as edge:
+        wait_heard(edge)
+
+        def ask() -> openai.APIStatusError:
+            with pytest.raises(openai.APIStatusError) as refused:
+                edge.client().chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                    extra_headers=CLOUD,
+                )  # fmt: skip
+            return refused.value
+
+        error = _while_one_streams(edge, ask)
+        assert error.status_code == 503
+        assert error.response.headers["retry-after"] == "1"
+        body = error.response.json()["error"]
+        assert body["type"] == "service_unavailable"
+        assert "at capacity (1 requests in flight)" in body["message"], body
+        # Once the place is free, the same request is served by the worker.
+        again = edge.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            extra_headers=CLOUD,
+        )  # fmt: skip
+        assert dict(again.usage.model_extra or {})["tandem"]["worker_id"] == "cap-1"
