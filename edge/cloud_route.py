@@ -236,7 +236,9 @@ class CloudRoute:
         """Request/reply with the session's worker, then the queue group; skip those that
         refuse for now (draining, at capacity), and say why when all did."""
         refusals: list[str] = []
-        for subject in self._subjects_for(session_id, verb, avoid):
+        candidates = self._subjects_for(session_id, verb, avoid)
+        asked_others = False
+        for subject in candidates:  # grows once, below
             try:
                 await self._wan()
                 reply = await nc.request(subject, payload, timeout=wait_s)
@@ -245,6 +247,13 @@ class CloudRoute:
             error = _service_error(reply)
             if error is not None and error.code == ErrorCode.UNAVAILABLE:
                 refusals.append(error.message)
+                if not asked_others:
+                    # The queue group picks a member at random, full or not: ask the
+                    # others by their own subjects, least loaded first, before giving up.
+                    asked_others = True
+                    candidates.extend(
+                        s for s in self._other_workers(verb, avoid) if s not in candidates
+                    )
                 continue  # draining or at capacity; try the next subject
             if error is not None:
                 raise CloudRequestError(error)
@@ -301,16 +310,21 @@ class CloudRoute:
             # went quiet (a stopped process keeps its subscriptions; measured: 25 of 80
             # streams failed this way under SIGSTOP, bench/fault_bench.py). Ask other
             # workers by their own subjects, least loaded first, the group last.
-            others = [
-                b.node_id for b in self._fleet.healthy_workers(self._model)
-                if b.node_id not in avoid
-            ][:_FAILOVER_CANDIDATES]  # fmt: skip
-            return [subjects.worker(w, verb) for w in others] + [queue]
+            return [*self._other_workers(verb, avoid), queue]
         worker = self._affinity.get(session_id) if session_id else None
         healthy = {b.node_id for b in self._fleet.healthy_workers(self._model)}
         if worker is not None and worker in healthy:
             return [subjects.worker(worker, verb), queue]
         return [queue]
+
+    def _other_workers(self, verb: str, avoid: set[str] | None) -> list[str]:
+        """Own subjects of up to ``_FAILOVER_CANDIDATES`` healthy workers not in ``avoid``,
+        least loaded first."""
+        others = [
+            b.node_id for b in self._fleet.healthy_workers(self._model)
+            if not avoid or b.node_id not in avoid
+        ][:_FAILOVER_CANDIDATES]  # fmt: skip
+        return [subjects.worker(w, verb) for w in others]
 
     def _remember(self, session_id: str, worker: str) -> None:
         self._affinity[session_id] = worker

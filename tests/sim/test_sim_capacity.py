@@ -109,3 +109,32 @@ def test_at_capacity_a_fail_policy_answers_503_with_the_reason(
             extra_headers=CLOUD,
         )  # fmt: skip
         assert dict(again.usage.model_extra or {})["tandem"]["worker_id"] == "cap-1"
+
+
+def test_a_full_worker_sends_the_edge_to_one_with_room(
+    nats_server: EmbeddedNats, worker: WorkerProcess
+) -> None:
+    """Two workers of one place each, one of them busy: the model's queue group picks
+    either, so without asking the other by its own subject each request had even odds of
+    a needless 503; four rounds all served by the free worker."""
+    # The default policy: a needless refusal shows as route edge-fallback.
+    with (
+        WorkerProcess(nats_server, "cap-2", engine="sim", max_in_flight=1),
+        _edge(nats_server) as edge,
+    ):
+        wait_heard(edge)
+        for _ in range(4):
+            answers = _while_one_streams(
+                edge,
+                lambda: [
+                    edge.client().chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": "hi"}],
+                        max_tokens=4,
+                        extra_headers=CLOUD,
+                    )
+                    for _ in range(2)
+                ],
+            )
+            routes = [dict(a.usage.model_extra or {})["tandem"]["route"] for a in answers]
+            assert routes == ["cloud", "cloud"], routes
