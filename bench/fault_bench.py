@@ -181,8 +181,17 @@ class Mesh:
 
     CORES: ClassVar[dict[str, str]] = {"worker-a": "0", "worker-b": "1"}
 
-    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        work: Path,
+        *,
+        max_in_flight: int | None = None,
+        edge_policy: Path | None = None,
+    ) -> None:
         self.args = args
+        self.max_in_flight = max_in_flight  # each worker's admission limit (cloud-overload)
+        self.edge_policy = edge_policy
         self.nats = EmbeddedNats()
         self.work = work
         self.workers: dict[str, WorkerProcess] = {}
@@ -198,11 +207,13 @@ class Mesh:
             self.workers[wid].start()
         for w in self.workers.values():
             w.wait_ready()
+        policy: dict[str, Any] = {"policy_file": self.edge_policy} if self.edge_policy else {}
         self.edge = EdgeProcess(
             nats_url=self.link.url,
             cloud_stall_timeout_s=self.args.stall_timeout_s,
             node_id="fault-edge",
             log_path=self.work / "edge.log",
+            **policy,
         )
         self.edge.start()
         self.wait_for_workers(list(self.workers))
@@ -210,6 +221,8 @@ class Mesh:
 
     def _worker(self, wid: str) -> WorkerProcess:
         engine: dict[str, Any] = {} if self.args.engine == "vllm" else {"engine": "sim"}
+        if self.max_in_flight is not None:
+            engine["max_in_flight"] = self.max_in_flight
         return WorkerProcess(
             self.nats, wid, cores=self.CORES[wid], log_path=self.work / f"{wid}.log", **engine
         )
@@ -637,6 +650,79 @@ def scenario_partition(
     }
 
 
+def scenario_cloud_overload(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The cloud pool alone at ``k x`` its capacity: two workers with ``max_in_flight``
+    ``--worker-max-in-flight`` each, an edge whose policy fails rather than falls back
+    (``cloud_unavailable: fail``), ``k x capacity`` cloud requests at once per factor. The
+    excess must be refused at once (503, Retry-After, the reason), no request may time
+    out, and one request right after the burst is served by a worker at its normal time."""
+    cap = args.worker_max_in_flight
+    policy = work / "cloud-overload-policy.yaml"
+    policy.write_text("fallbacks: {cloud_unavailable: fail}\n")
+    out = []
+    with Mesh(args, work / "cloud-overload", max_in_flight=cap, edge_policy=policy) as mesh:
+        assert mesh.edge is not None
+        edge = mesh.edge
+        capacity = cap * len(mesh.workers)
+
+        async def one(client: httpx.AsyncClient) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            body = {
+                "model": MODEL,
+                "max_tokens": 32,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Write about the sea."}],
+            }
+            try:
+                r = await client.post("/v1/chat/completions", json=body, headers=CLOUD)
+            except httpx.HTTPError as exc:
+                return {"status": None, "error": repr(exc), "s": time.perf_counter() - t0}
+            answer = r.json()
+            error = answer.get("error", {}) if r.status_code >= 400 else {}
+            return {
+                "status": r.status_code,
+                "retry_after": r.headers.get("retry-after"),
+                "message": error.get("message"),
+                "worker_id": answer.get("usage", {}).get("tandem", {}).get("worker_id"),
+                "s": time.perf_counter() - t0,
+            }
+
+        async def burst(n: int) -> list[dict[str, Any]]:
+            limits = httpx.Limits(max_connections=n + 8)
+            async with httpx.AsyncClient(base_url=edge.base_url, timeout=180, limits=limits) as c:
+                return list(await asyncio.gather(*(one(c) for _ in range(n))))
+
+        asyncio.run(burst(1))  # warm
+        baseline = asyncio.run(burst(1))[0]["s"]
+        for factor in args.overload_factors:
+            n = factor * capacity
+            results = asyncio.run(burst(n))
+            time.sleep(1)
+            after = asyncio.run(burst(1))[0]
+            refused = [r for r in results if r["status"] == 503]
+            row = {
+                "factor": factor,
+                "capacity": capacity,
+                "offered": n,
+                "ok": sum(r["status"] == 200 for r in results),
+                "refused_503": len(refused),
+                "refused_with_retry_after": sum(bool(r["retry_after"]) for r in refused),
+                "refused_saying_at_capacity": sum(
+                    "at capacity" in (r["message"] or "") for r in refused
+                ),
+                "other": [r for r in results if r["status"] not in (200, 503)],
+                "refusal_p95_ms": 1e3 * _pct([r["s"] for r in refused], 0.95) if refused else None,
+                "served_p95_s": _pct([r["s"] for r in results if r["status"] == 200], 0.95),
+                "baseline_s": baseline,
+                "after_burst_s": after["s"],
+                "after_status": after["status"],
+                "example_refusal": refused[0]["message"] if refused else None,
+            }
+            out.append(row)
+            print(json.dumps({"scenario": "cloud-overload", **row}), flush=True)
+    return {"worker_max_in_flight": cap, "workers": 2, "levels": out}
+
+
 def scenario_overload(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The edge alone: k x (slots + queue) requests at once, per factor."""
     slots, queue = 2, 4
@@ -718,8 +804,8 @@ def main() -> None:
     p.add_argument(
         "--scenarios",
         nargs="+",
-        default=["kill", "sigstop", "nats-restart", "partition", "overload"],
-        choices=["kill", "sigstop", "nats-restart", "partition", "overload"],
+        default=["kill", "sigstop", "nats-restart", "partition", "overload", "cloud-overload"],
+        choices=["kill", "sigstop", "nats-restart", "partition", "overload", "cloud-overload"],
     )
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--other-rounds", type=int, help="sigstop and nats-restart rounds (--rounds)")
@@ -733,6 +819,9 @@ def main() -> None:
     p.add_argument("--cut-s", type=float, default=20.0, help="partition: the cut's length")
     p.add_argument("--degrade-delay-ms", type=float, default=150.0, help="partition: each way")
     p.add_argument("--degrade-loss", type=float, default=0.05, help="partition: each way")
+    p.add_argument(
+        "--worker-max-in-flight", type=int, default=8, help="cloud-overload: each worker's"
+    )
     p.add_argument("--overload-factors", nargs="+", type=int, default=[2, 5])
     p.add_argument("--out", default="bench-results/faults")
     p.add_argument(
@@ -754,7 +843,7 @@ def main() -> None:
         "scenarios": {},
     }
     prompts = chats(args.streams)
-    mesh_scenarios = [s for s in args.scenarios if s != "overload"]
+    mesh_scenarios = [s for s in args.scenarios if s not in ("overload", "cloud-overload")]
     if mesh_scenarios:
         with Mesh(args, out) as mesh:
             assert mesh.edge is not None
@@ -776,6 +865,9 @@ def main() -> None:
             report["edge_failovers_log"] = mesh.edge.log().count("failing over")
     if "overload" in args.scenarios:
         report["scenarios"]["overload"] = scenario_overload(args, out)
+    if "cloud-overload" in args.scenarios:
+        (out / "cloud-overload").mkdir(exist_ok=True)
+        report["scenarios"]["cloud-overload"] = scenario_cloud_overload(args, out)
     report["load_after"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v.get("total", v.get("levels")) for k, v in report["scenarios"].items()}))
