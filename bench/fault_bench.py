@@ -88,7 +88,8 @@ async def stream_one(
     parts: list[str] = []
     usage = None
     started = last = time.perf_counter()
-    gaps = {"max_gap_s": 0.0, "max_gap_at": 0.0}
+    gaps = {"max_gap_s": 0.0, "max_gap_at": 0.0}  # between chunks, after the first
+    ttft: float | None = None
     try:
         stream = await client.chat.completions.create(
             model=MODEL,
@@ -104,7 +105,9 @@ async def stream_one(
         )  # type: ignore[call-overload]
         async for chunk in stream:
             now = time.perf_counter()
-            if now - last > gaps["max_gap_s"]:
+            if ttft is None:
+                ttft = now - started
+            elif now - last > gaps["max_gap_s"]:
                 gaps = {"max_gap_s": now - last, "max_gap_at": time.time()}
             last = now
             if chunk.choices:
@@ -147,6 +150,7 @@ async def stream_one(
         "fallback_at_token": fallback["at_token"] if fallback else None,
         "completion_tokens": usage.completion_tokens if usage else None,
         "s": time.perf_counter() - started,
+        "ttft_s": ttft,
         **gaps,
     }
 
@@ -531,25 +535,32 @@ def scenario_nats_restart(
 async def side_requests(
     edge: EdgeProcess, route: str, log: list[dict[str, Any]], stop: asyncio.Event
 ) -> None:
-    """Short requests on ``route`` every 0.2 s until ``stop``: the route each took, its time."""
-    client = edge.async_client(timeout=60)
-    while not stop.is_set():
-        t0 = time.perf_counter()
+    """A short request on ``route`` every 0.5 s until ``stop``, each on its own (a slow one
+    does not hold up the next): when it began, the route it took, its time."""
+    client = edge.async_client(timeout=120)
+
+    async def one() -> None:
+        began, t0 = time.time(), time.perf_counter()
         try:
-            r = await client.chat.completions.with_raw_response.create(
+            r = await client.chat.completions.create(
                 model=MODEL,
                 messages=[{"role": "user", "content": "Say hi."}],
                 max_tokens=8,
                 temperature=0,
                 extra_headers={"x-tandem-route": route},
             )
-            usage = r.parse().usage
-            extra = dict(getattr(usage, "model_extra", None) or {}).get("tandem", {})
-            log.append({"ok": True, "at": time.time(), "s": time.perf_counter() - t0,
+            extra = dict(getattr(r.usage, "model_extra", None) or {}).get("tandem", {})
+            log.append({"ok": True, "at": began, "s": time.perf_counter() - t0,
                         "route": extra.get("route")})  # fmt: skip
         except openai.APIError as exc:
-            log.append({"ok": False, "at": time.time(), "error": str(exc)[:120]})
-        await asyncio.sleep(0.2)
+            log.append({"ok": False, "at": began, "s": time.perf_counter() - t0,
+                        "error": str(exc)[:160]})  # fmt: skip
+
+    tasks = []
+    while not stop.is_set():
+        tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(0.5)
+    await asyncio.gather(*tasks)
     await client.close()
 
 
@@ -566,6 +577,10 @@ def scenario_partition(
     link, edge = mesh.link, mesh.edge
     routes = ("cloud", "speculative")
     rounds = []
+    # The same shape with a clear link: the baseline for the degraded rounds' times.
+    results, _ = asyncio.run(round_with(edge, prompts, args.max_tokens, None, 0, routes))
+    control = _link_round(judged(results, refs), routes, phase="control")
+    _print_round("partition", control)
     for n in range(args.other_rounds or args.rounds):
         side: list[dict[str, Any]] = []
         stop_side = asyncio.Event()
@@ -595,6 +610,7 @@ def scenario_partition(
 
         results, injected = asyncio.run(cut_round())
         rows = judged(results, refs)
+        # Requests begun during the cut, and the first begun after it served by a worker.
         during = [x for x in side if injected["cut_at"] <= x["at"] <= injected["healed_at"]]
         healed = injected["healed_at"]
         back = [x["at"] for x in side if x.get("route") == "cloud" and x["at"] > healed]
@@ -612,8 +628,11 @@ def scenario_partition(
                 "edge-fallback": sum(x.get("route") == "edge-fallback" for x in during),
                 "cloud": sum(x.get("route") == "cloud" for x in during),
                 "failed": sum(not x["ok"] for x in during),
+                "p50_s": _pct([x["s"] for x in during if x["ok"]], 0.5),
                 "p95_s": _pct([x["s"] for x in during if x["ok"]], 0.95),
+                "failed_examples": [x["error"] for x in during if not x["ok"]][:2],
             },
+            "edge_finished_ttft_s": sorted(round(r["ttft_s"] or 0, 2) for r in finished_on_edge),
             "cloud_recovery_s": (min(back) - injected["healed_at"]) if back else None,
             "rows": [{k: v for k, v in r.items() if k != "text"} for r in rows],
         }
@@ -626,24 +645,18 @@ def scenario_partition(
             results, _ = asyncio.run(round_with(edge, prompts, args.max_tokens, None, 0, routes))
         finally:
             link.heal()
-        rows = judged(results, refs)
         degraded_row = {
             "round": n,
-            "phase": "degraded",
             "delay_ms_each_way": args.degrade_delay_ms,
             "loss": args.degrade_loss,
-            "tally": tally(rows),
-            "by_route": _by_route(rows, routes),
-            "stream_s_p50": _pct([r["s"] for r in rows], 0.5),
-            "stream_s_p95": _pct([r["s"] for r in rows], 0.95),
-            "max_gap_s": max((r.get("max_gap_s", 0.0) for r in rows), default=0.0),
-            "rows": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+            **_link_round(judged(results, refs), routes, phase="degraded"),
         }
         rounds.append(degraded_row)
         _print_round("partition", degraded_row)
         mesh.wait_for_workers(list(mesh.workers))
     return {
         "link": "user-space relay (bench/link.py): this kernel has no sch_netem",
+        "control": control,
         "rounds": rounds,
         "total_cut": _sum_tallies([r["tally"] for r in rounds if r["phase"] == "cut"]),
         "total_degraded": _sum_tallies([r["tally"] for r in rounds if r["phase"] == "degraded"]),
@@ -776,6 +789,30 @@ def scenario_overload(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out.append(row)
             print(json.dumps({"scenario": "overload", **row}), flush=True)
     return {"slots": slots, "max_queue": queue, "levels": out}
+
+
+def _link_round(
+    rows: list[dict[str, Any]], routes: tuple[str, ...], *, phase: str
+) -> dict[str, Any]:
+    """A round without a cut: outcomes, and per route the stream times, first-token
+    times and the longest silence between chunks."""
+
+    def times(rs: list[dict[str, Any]]) -> dict[str, float]:
+        done = [r for r in rs if r["outcome"] == "complete"]
+        return {
+            "stream_s_p50": _pct([r["s"] for r in done], 0.5),
+            "stream_s_p95": _pct([r["s"] for r in done], 0.95),
+            "ttft_s_p95": _pct([r["ttft_s"] or 0.0 for r in done], 0.95),
+            "max_gap_s": max((r["max_gap_s"] for r in done), default=0.0),
+        }
+
+    return {
+        "phase": phase,
+        "tally": tally(rows),
+        "by_route": _by_route(rows, routes),
+        "times": {rt: times([r for r in rows if r.get("asked_route") == rt]) for rt in routes},
+        "rows": [{k: v for k, v in r.items() if k != "text"} for r in rows],
+    }
 
 
 def _by_route(rows: list[dict[str, Any]], routes: tuple[str, ...]) -> dict[str, dict[str, int]]:

@@ -50,6 +50,10 @@ class FuzzReport:
     # Schema-valid bodies the edge refused with a 4xx other than 404: the schema promises
     # more than the handlers accept (or a runtime limit, e.g. the context length).
     positive_refused: list[dict[str, Any]] = field(default_factory=list)
+    # Stateful mode: a stored response that read back wrong (deleted yet found, created
+    # yet missing, another id's body).
+    state_errors: list[dict[str, Any]] = field(default_factory=list)
+    scenarios: int = 0
     legit_streams: int = 0
     legit_failures: list[str] = field(default_factory=list)
     alive_after: bool = False
@@ -62,7 +66,7 @@ class FuzzReport:
         out["by_operation"] = dict(self.by_operation)
         for key in (
             "server_errors", "bad_error_bodies", "transport_errors", "positive_refused",
-            "legit_failures",
+            "state_errors", "legit_failures",
         ):  # fmt: skip
             out[f"{key}_count"] = len(out[key])
             out[key] = out[key][:5]
@@ -153,6 +157,89 @@ def fuzz_edge(base_url: str, *, per_operation: int, seed: int = 0) -> FuzzReport
     return report
 
 
+def fuzz_stateful(base_url: str, *, scenarios: int, steps: int = 8) -> FuzzReport:
+    """Schemathesis's stateful mode: sequences of calls that follow the schema's links
+    (a response created, then read, deleted, read again), ``scenarios`` of up to ``steps``
+    calls, derandomized. Besides the per-response checks of ``fuzz_edge``, every read of
+    a stored response must agree with what the sequence did to it: 200 with the same id
+    once created (and stored), 404 once deleted."""
+    import httpx
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, settings
+
+    report = FuzzReport()
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    created: set[str] = set()
+    deleted: set[str] = set()
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            report.scenarios += 1
+
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"base_url": base_url, "timeout": 60}
+
+        def before_call(self, case: Any) -> None:
+            if getattr(case, "body", None) is not None:
+                case.body = clamp(case.body, path=case.operation.path, served_model=True)
+
+        def validate_response(self, response: Any, case: Any, *_: Any, **__: Any) -> None:
+            method, path = case.method.upper(), case.operation.path
+            name = f"{method} {path} stateful"
+            _record(report, name, case, response.status_code, response.text)
+            if path == "/v1/responses" and method == "POST" and response.status_code == 200:
+                body = case.body if isinstance(case.body, dict) else {}
+                kind = response.headers.get("content-type") or ""  # a list in schemathesis 4
+                kind = " ".join(kind) if isinstance(kind, list) else kind
+                if "json" in kind and body.get("store") is not False:  # stored by default
+                    created.add(response.json()["id"])
+                return
+            if path != "/v1/responses/{response_id}":
+                return
+            rid = str(case.path_parameters.get("response_id"))
+            if method == "DELETE" and response.status_code == 200:
+                deleted.add(rid)
+            elif method == "GET":
+                expected = 404 if rid in deleted else 200 if rid in created else None
+                if expected is not None:
+                    report.by_operation["stateful: reads checked"] += 1
+                got_id = response.json().get("id") if response.status_code == 200 else None
+                if (expected is not None and response.status_code != expected) or (
+                    got_id is not None and got_id != rid
+                ):
+                    report.state_errors.append(
+                        {"id": rid, "expected": expected, "status": response.status_code,
+                         "got_id": got_id}
+                    )  # fmt: skip
+
+    stop = threading.Event()
+    legit = threading.Thread(target=_legit_client, args=(base_url, stop, report), daemon=True)
+    started = time.monotonic()
+    legit.start()
+    try:
+        Workflow.run(
+            settings=settings(
+                max_examples=scenarios, stateful_step_count=steps, deadline=None,
+                database=None, derandomize=True, phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
+        )  # fmt: skip
+    except (requests.RequestException, OSError) as exc:  # refused, reset, timed out
+        report.transport_errors.append({"op": "stateful", "error": repr(exc)})
+    finally:
+        stop.set()
+        legit.join(120)
+    try:
+        report.alive_after = httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        report.alive_after = False
+    report.seconds = time.monotonic() - started
+    report.by_operation["stateful: responses created"] = len(created)
+    report.by_operation["stateful: responses deleted"] = len(deleted)
+    return report
+
+
 def _fuzz_one(
     report: FuzzReport, base_url: str, operation: Any, mode: Any, examples: int, seed: int
 ) -> None:
@@ -207,14 +294,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--per-operation", type=int, default=320, help="examples per operation+mode")
     p.add_argument("--seed", type=int, default=17)
+    p.add_argument(
+        "--stateful-scenarios", type=int, default=0,
+        help="also run schemathesis's stateful mode: this many call sequences",
+    )  # fmt: skip
     p.add_argument("--out", default="bench-results/fuzz")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with EdgeProcess(slots=1, max_queue=64) as edge:
         report = fuzz_edge(edge.base_url, per_operation=args.per_operation, seed=args.seed)
+        stateful = None
+        if args.stateful_scenarios:
+            stateful = fuzz_stateful(edge.base_url, scenarios=args.stateful_scenarios).summary()
         alive = edge.alive
-    summary = {**report.summary(), "edge_process_alive": alive, "args": vars(args)}
+    summary = {
+        **report.summary(),
+        "stateful": stateful,
+        "edge_process_alive": alive,
+        "args": vars(args),
+    }
     (out / "fuzz_edge.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=1))
 

@@ -145,6 +145,16 @@ class CloudRoute:
                 except _WorkerLostError:
                     self.failovers += 1
                     quiet.add(worker)
+                    silent_s = self._fleet.quiet_s("cloud")
+                    if silent_s >= self._stall_timeout_s:
+                        # Every worker went quiet together: the link to the mesh is down
+                        # (a partition), not one worker. Asking the others would only
+                        # wait out their accept timeouts (measured: ~9 s more); the
+                        # policy's fallback can act now.
+                        raise CloudUnavailableError(
+                            f"no cloud worker heard from for {silent_s:.1f} s "
+                            f"(worker {worker} went quiet after {len(received)} tokens)"
+                        ) from None
                     self._forget_worker(worker)
                     # A stalled worker (stopped, not dead) would go on generating once it
                     # resumes: cancel its attempt (its chunks are ignored by attempt id).

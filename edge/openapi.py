@@ -24,7 +24,7 @@ from edge.openai_protocol import (
     CompletionRequest,
     ModelList,
 )
-from edge.responses_protocol import ResponseObject, ResponsesRequest, StreamEvent
+from edge.responses_protocol import ResponseDeleted, ResponseObject, ResponsesRequest, StreamEvent
 from mesh.version import __version__
 
 
@@ -51,7 +51,21 @@ _BODIES: dict[
     ("/v1/completions", "post"): (CompletionRequest, Completion, Completion),
     ("/v1/responses", "post"): (ResponsesRequest, ResponseObject, StreamEvent),
     ("/v1/responses/{response_id}", "get"): (None, ResponseObject, None),
+    ("/v1/responses/{response_id}", "delete"): (None, ResponseDeleted, None),
     ("/v1/models", "get"): (None, ModelList, None),
+}
+
+# OpenAPI links: what an answer's fields open next. A stored response is read, deleted
+# and continued by its id (clients and stateful fuzzers follow these).
+_RESPONSE_ID = "$response.body#/id"
+_LINKS = {
+    ("/v1/responses", "post"): {
+        "GetResponse": (("/v1/responses/{response_id}", "get"), {"response_id": _RESPONSE_ID}),
+        "DeleteResponse": (
+            ("/v1/responses/{response_id}", "delete"),
+            {"response_id": _RESPONSE_ID},
+        ),
+    },
 }
 
 _ERRORS = {
@@ -111,4 +125,12 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                     "content": content},
             **{status: {"description": text, **error} for status, text in _ERRORS.items()},
         }  # fmt: skip
+    for (path, method), links in _LINKS.items():
+        schema["paths"][path][method]["responses"]["200"]["links"] = {
+            name: {
+                "operationId": schema["paths"][target][verb]["operationId"],
+                "parameters": parameters,
+            }
+            for name, ((target, verb), parameters) in links.items()
+        }
     return schema

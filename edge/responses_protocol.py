@@ -407,6 +407,14 @@ class ResponseError(BaseModel):
 ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
 
 
+class ResponseDeleted(BaseModel):
+    """``DELETE /v1/responses/{id}``'s answer (OpenAI's shape)."""
+
+    id: str
+    object: Literal["response"] = "response"
+    deleted: Literal[True] = True
+
+
 class ResponseObject(BaseModel):
     """The ``response`` object: ``POST /v1/responses``, ``GET /v1/responses/{id}``."""
 

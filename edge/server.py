@@ -52,7 +52,7 @@ from edge.openai_protocol import (
 )
 from edge.openapi import install_openapi
 from edge.registration import MeshRegistration
-from edge.responses_protocol import ResponsesRequest
+from edge.responses_protocol import ResponseDeleted, ResponsesRequest
 from edge.route_plan import RoutePlan, check_model, plan_chat
 from edge.routing import ROUTE_HEADER, RULE_HEADER
 from edge.serving import Call, Served
@@ -559,7 +559,7 @@ async def handle_delete_response(request: Request, response_id: str) -> JSONResp
     """``DELETE /v1/responses/{id}``: forget a stored response."""
     _authorize(request)
     _state(request).responses.delete(response_id)
-    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+    return JSONResponse(ResponseDeleted(id=response_id).model_dump())
 
 
 def serve(settings: EdgeSettings) -> None:

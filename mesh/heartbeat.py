@@ -150,6 +150,11 @@ class FleetView:
         fresh = [beat for at, beat in self._latest.values() if at >= cutoff]
         return sorted(fresh, key=lambda beat: beat.node_id)
 
+    def quiet_s(self, role: str = "cloud") -> float:
+        """Seconds since a beat of any ``role`` node arrived here (inf: none ever did)."""
+        heard = [at for at, beat in self._latest.values() if beat.role == role]
+        return self._clock() - max(heard) if heard else float("inf")
+
     def healthy_workers(self, model: str, max_age_s: float = 5.0) -> list[NodeHeartbeat]:
         """Fresh, non-draining cloud nodes serving ``model`` to edges, least loaded first.
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.fuzz_edge import fuzz_edge
+from bench.fuzz_edge import fuzz_edge, fuzz_stateful
 from tandem.local import EdgeProcess
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,4 +29,17 @@ def test_fuzzed_requests_get_4xx_openai_errors_never_5xx_and_a_stream_runs_undis
     assert report.bad_error_bodies == []
     assert report.transport_errors == []
     assert report.legit_streams >= 1 and report.legit_failures == []
+    assert report.alive_after and edge.alive
+
+
+def test_stateful_sequences_read_back_what_they_stored(edge: EdgeProcess) -> None:
+    """Schemathesis's stateful mode over the schema's links: responses created, read,
+    deleted and read again; every read agrees with the sequence, and no 5xx."""
+    report = fuzz_stateful(edge.base_url, scenarios=8, steps=6)
+    assert report.scenarios >= 8
+    assert report.by_operation["stateful: responses created"] >= 1, report.by_operation
+    assert report.by_operation["stateful: reads checked"] >= 1, report.by_operation
+    assert report.state_errors == []
+    assert report.server_errors == [] and report.bad_error_bodies == []
+    assert report.transport_errors == []
     assert report.alive_after and edge.alive
