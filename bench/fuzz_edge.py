@@ -17,6 +17,7 @@ thousands of valid requests fit in minutes on two cores: the fuzz targets the AP
 parsing, validation and error paths, not decoding speed.
 
     python -m bench.fuzz_edge --per-operation 320 --out bench-results/fuzz   # ~5,000 requests
+    python -m bench.fuzz_edge --per-operation 0 --stateful-scenarios 100     # stateful only
 """
 
 from __future__ import annotations
@@ -303,7 +304,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with EdgeProcess(slots=1, max_queue=64) as edge:
-        report = fuzz_edge(edge.base_url, per_operation=args.per_operation, seed=args.seed)
+        report = (
+            fuzz_edge(edge.base_url, per_operation=args.per_operation, seed=args.seed)
+            if args.per_operation
+            else FuzzReport()  # --per-operation 0: the stateful mode only
+        )
         stateful = None
         if args.stateful_scenarios:
             stateful = fuzz_stateful(edge.base_url, scenarios=args.stateful_scenarios).summary()

@@ -248,6 +248,8 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=6, help="calls per conversation, then a new one")
     p.add_argument("--gap-s", type=float, default=2.0, help="think time between calls (mean)")
     p.add_argument("--engine", choices=["real", "sim"], default="real")
+    p.add_argument("--edge-slots", type=int, help="the edge's slots (default: the edge's own)")
+    p.add_argument("--edge-max-queue", type=int, help="the edge's queue (default: its own)")
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--out", default="bench-results/soak")
     p.add_argument("--smoke", action="store_true", help="90 s, 2 sessions, 30 s samples")
@@ -266,6 +268,10 @@ def main() -> None:
         edge_options: dict[str, Any] = {"nats_url": nats.url, "log_path": out / "edge.log", **sim}
         if not sim:
             edge_options["cores"] = "0"
+        if args.edge_slots:
+            edge_options["slots"] = args.edge_slots
+        if args.edge_max_queue:
+            edge_options["max_queue"] = args.edge_max_queue
         with EdgeProcess(**edge_options) as edge:
             time.sleep(3)  # heartbeats: the edge sees the worker
             try:
