@@ -663,6 +663,37 @@ def scenario_partition(
     }
 
 
+async def _burst(base_url: str, n: int, headers: dict[str, str]) -> list[dict[str, Any]]:
+    """``n`` short chats at once: each one's status, Retry-After, error and time."""
+
+    async def one(client: httpx.AsyncClient) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        body = {
+            "model": MODEL,
+            "max_tokens": 32,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Write about the sea."}],
+        }
+        try:
+            r = await client.post("/v1/chat/completions", json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return {"status": None, "error": repr(exc), "s": time.perf_counter() - t0}
+        answer = r.json()
+        error = answer.get("error", {}) if r.status_code >= 400 else {}
+        return {
+            "status": r.status_code,
+            "retry_after": r.headers.get("retry-after"),
+            "error_type": error.get("type"),
+            "message": error.get("message"),
+            "worker_id": answer.get("usage", {}).get("tandem", {}).get("worker_id"),
+            "s": time.perf_counter() - t0,
+        }
+
+    limits = httpx.Limits(max_connections=n + 8)
+    async with httpx.AsyncClient(base_url=base_url, timeout=180, limits=limits) as client:
+        return list(await asyncio.gather(*(one(client) for _ in range(n))))
+
+
 def scenario_cloud_overload(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The cloud pool alone at ``k x`` its capacity: two workers with ``max_in_flight``
     ``--worker-max-in-flight`` each, an edge whose policy fails rather than falls back
@@ -678,40 +709,16 @@ def scenario_cloud_overload(args: argparse.Namespace, work: Path) -> dict[str, A
         edge = mesh.edge
         capacity = cap * len(mesh.workers)
 
-        async def one(client: httpx.AsyncClient) -> dict[str, Any]:
-            t0 = time.perf_counter()
-            body = {
-                "model": MODEL,
-                "max_tokens": 32,
-                "temperature": 0,
-                "messages": [{"role": "user", "content": "Write about the sea."}],
-            }
-            try:
-                r = await client.post("/v1/chat/completions", json=body, headers=CLOUD)
-            except httpx.HTTPError as exc:
-                return {"status": None, "error": repr(exc), "s": time.perf_counter() - t0}
-            answer = r.json()
-            error = answer.get("error", {}) if r.status_code >= 400 else {}
-            return {
-                "status": r.status_code,
-                "retry_after": r.headers.get("retry-after"),
-                "message": error.get("message"),
-                "worker_id": answer.get("usage", {}).get("tandem", {}).get("worker_id"),
-                "s": time.perf_counter() - t0,
-            }
+        def burst(n: int) -> list[dict[str, Any]]:
+            return asyncio.run(_burst(edge.base_url, n, CLOUD))
 
-        async def burst(n: int) -> list[dict[str, Any]]:
-            limits = httpx.Limits(max_connections=n + 8)
-            async with httpx.AsyncClient(base_url=edge.base_url, timeout=180, limits=limits) as c:
-                return list(await asyncio.gather(*(one(c) for _ in range(n))))
-
-        asyncio.run(burst(1))  # warm
-        baseline = asyncio.run(burst(1))[0]["s"]
+        burst(1)  # warm
+        baseline = burst(1)[0]["s"]
         for factor in args.overload_factors:
             n = factor * capacity
-            results = asyncio.run(burst(n))
+            results = burst(n)
             time.sleep(1)
-            after = asyncio.run(burst(1))[0]
+            after = burst(1)[0]
             refused = [r for r in results if r["status"] == 503]
             row = {
                 "factor": factor,
@@ -742,36 +749,14 @@ def scenario_overload(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out = []
     with EdgeProcess(slots=slots, max_queue=queue, log_path=work / "overload-edge.log") as edge:
 
-        async def one(client: httpx.AsyncClient) -> dict[str, Any]:
-            t0 = time.perf_counter()
-            body = {
-                "model": MODEL,
-                "max_tokens": 32,
-                "temperature": 0,
-                "messages": [{"role": "user", "content": "Write about the sea."}],
-            }
-            try:
-                r = await client.post("/v1/chat/completions", json=body)
-            except httpx.HTTPError as exc:
-                return {"status": None, "error": repr(exc), "s": time.perf_counter() - t0}
-            error = r.json().get("error", {}) if r.status_code >= 400 else {}
-            return {
-                "status": r.status_code,
-                "retry_after": r.headers.get("retry-after"),
-                "error_type": error.get("type"),
-                "s": time.perf_counter() - t0,
-            }
+        def burst(n: int) -> list[dict[str, Any]]:
+            return asyncio.run(_burst(edge.base_url, n, {}))
 
-        async def burst(n: int) -> list[dict[str, Any]]:
-            limits = httpx.Limits(max_connections=n + 8)
-            async with httpx.AsyncClient(base_url=edge.base_url, timeout=120, limits=limits) as c:
-                return list(await asyncio.gather(*(one(c) for _ in range(n))))
-
-        baseline = asyncio.run(burst(1))[0]["s"]
+        baseline = burst(1)[0]["s"]
         for factor in args.overload_factors:
             n = factor * (slots + queue)
-            results = asyncio.run(burst(n))
-            after = asyncio.run(burst(1))[0]
+            results = burst(n)
+            after = burst(1)[0]
             refused = [r for r in results if r["status"] == 429]
             row = {
                 "factor": factor,

@@ -132,7 +132,6 @@ def _legit_client(base_url: str, stop: threading.Event, report: FuzzReport) -> N
 
 def fuzz_edge(base_url: str, *, per_operation: int, seed: int = 0) -> FuzzReport:
     """Fuzz the edge at ``base_url``: ``per_operation`` examples per operation and mode."""
-    import httpx
     import schemathesis
     from schemathesis import GenerationMode
 
@@ -148,14 +147,27 @@ def fuzz_edge(base_url: str, *, per_operation: int, seed: int = 0) -> FuzzReport
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 _fuzz_one(report, base_url, operation, mode, per_operation, seed)
     finally:
-        stop.set()
-        legit.join(120)
+        _conclude(report, base_url, stop, legit, started)
+    return report
+
+
+def _conclude(
+    report: FuzzReport,
+    base_url: str,
+    stop: threading.Event,
+    legit: threading.Thread,
+    started: float,
+) -> None:
+    """Stop the legitimate client; record whether the edge still answers, and the time."""
+    import httpx
+
+    stop.set()
+    legit.join(120)
     try:
         report.alive_after = httpx.get(f"{base_url}/health", timeout=10).status_code == 200
     except httpx.HTTPError:
         report.alive_after = False
     report.seconds = time.monotonic() - started
-    return report
 
 
 def fuzz_stateful(base_url: str, *, scenarios: int, steps: int = 8) -> FuzzReport:
@@ -164,7 +176,6 @@ def fuzz_stateful(base_url: str, *, scenarios: int, steps: int = 8) -> FuzzRepor
     calls, derandomized. Besides the per-response checks of ``fuzz_edge``, every read of
     a stored response must agree with what the sequence did to it: 200 with the same id
     once created (and stored), 404 once deleted."""
-    import httpx
     import requests
     import schemathesis
     from hypothesis import HealthCheck, Phase, settings
@@ -229,13 +240,7 @@ def fuzz_stateful(base_url: str, *, scenarios: int, steps: int = 8) -> FuzzRepor
     except (requests.RequestException, OSError) as exc:  # refused, reset, timed out
         report.transport_errors.append({"op": "stateful", "error": repr(exc)})
     finally:
-        stop.set()
-        legit.join(120)
-    try:
-        report.alive_after = httpx.get(f"{base_url}/health", timeout=10).status_code == 200
-    except httpx.HTTPError:
-        report.alive_after = False
-    report.seconds = time.monotonic() - started
+        _conclude(report, base_url, stop, legit, started)
     report.by_operation["stateful: responses created"] = len(created)
     report.by_operation["stateful: responses deleted"] = len(deleted)
     return report
