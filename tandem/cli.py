@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def main() -> None:
         home = tandem_home()
         if exc.filename and Path(str(exc.filename)).is_relative_to(home):
             hint = f" (TANDEM_HOME is {home}: point it at a writable directory)"
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a write names no file
+            hint = f" (a disk is full; TANDEM_HOME is {home}: free space there or move it)"
         typer.echo(f"error: {exc.strerror or exc}{where}{hint}", err=True)
         raise SystemExit(1) from None
 

@@ -254,3 +254,37 @@ def test_an_unwritable_tandem_home_is_one_line_naming_the_path(
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert "error: Not a directory" in done.stderr and f"TANDEM_HOME is {home}" in done.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs, filled: a disk with no space left (needs root to mount)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        (disk / "fill").write_bytes(b"\0" * 65536)
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", [["models", "prepare"], ["up"]], ids=["prepare", "up"])
+def test_a_full_disk_under_tandem_home_is_one_line_saying_so(
+    command: list[str], full_disk: Path
+) -> None:
+    """A full disk fails a write, which names no file: the message says where to look."""
+    home = full_disk / "home"
+    done = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", *command],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TANDEM_HOME": str(home)},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "No space left on device" in done.stderr, done.stderr
+    assert f"a disk is full; TANDEM_HOME is {home}" in done.stderr, done.stderr
