@@ -101,7 +101,10 @@ class Load:
                 topic = rng.choice(TOPICS)
                 messages.append({"role": "user", "content": f"Tell me about {topic}."})
                 # The simulated engine has no speculative route (it answers 400 saying so).
-                weights = [0.6, 0.4, 0.0] if self.args.engine == "sim" else [0.5, 0.3, 0.2]
+                # At thousands of sessions most calls must go to the cloud pool: the
+                # simulated edge models one CPU's llama.cpp, a few calls a second.
+                share = self.args.edge_share
+                weights = [share, 1 - share, 0.0] if self.args.engine == "sim" else [0.5, 0.3, 0.2]
                 kind = rng.choices(KINDS, weights)[0]
                 stream = rng.random() < 0.5
                 body: dict[str, Any] = {
@@ -248,6 +251,9 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=6, help="calls per conversation, then a new one")
     p.add_argument("--gap-s", type=float, default=2.0, help="think time between calls (mean)")
     p.add_argument("--engine", choices=["real", "sim"], default="real")
+    p.add_argument(
+        "--edge-share", type=float, default=0.6, help="sim: the share of calls on the edge route"
+    )
     p.add_argument("--edge-slots", type=int, help="the edge's slots (default: the edge's own)")
     p.add_argument("--edge-max-queue", type=int, help="the edge's queue (default: its own)")
     p.add_argument("--seed", type=int, default=17)
