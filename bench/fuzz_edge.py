@@ -17,7 +17,7 @@ thousands of valid requests fit in minutes on two cores: the fuzz targets the AP
 parsing, validation and error paths, not decoding speed.
 
     python -m bench.fuzz_edge --per-operation 320 --out bench-results/fuzz   # ~5,000 requests
-    python -m bench.fuzz_edge --per-operation 0 --stateful-scenarios 100     # stateful only
+    python -m bench.fuzz_edge --per-operation 0 --stateful-scenarios 500     # stateful only
 """
 
 from __future__ import annotations
