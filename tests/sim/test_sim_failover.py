@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -58,6 +58,28 @@ def _worker_of(usage: Any) -> str:
     return str(dict(usage.model_extra or {})["tandem"]["worker_id"])
 
 
+def _stream_with_fault(
+    client: Any, content: str, headers: dict[str, str], fault: Callable[[], None]
+) -> tuple[str | None, Any, bool]:
+    """A 60-token cloud stream, ``fault()`` run once after its fifth chunk (the role, then
+    tokens): its finish reason, usage, and whether the fault ran before it ended."""
+    chunks, usage, finish, injected = 0, None, None, False
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}],
+        max_tokens=60, stream=True, stream_options={"include_usage": True},
+        extra_headers=headers,
+    )  # fmt: skip
+    for chunk in stream:
+        if chunk.choices:
+            chunks += 1
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+        if not injected and chunks >= 5:
+            fault()
+            injected = True
+    return finish, usage, injected
+
+
 def test_a_stopped_worker_is_failed_over_and_not_asked_again(
     edge: EdgeProcess, workers: dict[str, WorkerProcess]
 ) -> None:
@@ -73,24 +95,16 @@ def test_a_stopped_worker_is_failed_over_and_not_asked_again(
         )  # fmt: skip
         victim = workers[_worker_of(first.usage)]
         assert victim.child is not None
-        parts: list[str] = []
-        usage, finish, stopped = None, None, False
         resume = threading.Timer(3 * STALL_TIMEOUT_S, os.killpg, (victim.child.pid, signal.SIGCONT))
-        stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Round {round_}: go on."}],
-            max_tokens=60, stream=True, stream_options={"include_usage": True},
-            extra_headers=session,
-        )  # fmt: skip
+
+        def stall(pid: int = victim.child.pid, resume: threading.Timer = resume) -> None:
+            os.killpg(pid, signal.SIGSTOP)
+            resume.start()
+
         try:
-            for chunk in stream:
-                if chunk.choices:
-                    parts.append(chunk.choices[0].delta.content or "")
-                    finish = chunk.choices[0].finish_reason or finish
-                usage = chunk.usage or usage
-                if not stopped and len(parts) >= 5:
-                    os.killpg(victim.child.pid, signal.SIGSTOP)
-                    resume.start()
-                    stopped = True
+            finish, usage, stopped = _stream_with_fault(
+                client, f"Round {round_}: go on.", session, stall
+            )
         finally:
             resume.join()
         assert stopped, "the stream ended before the fault"
@@ -109,23 +123,14 @@ def test_a_cloud_answer_whose_workers_all_stall_is_finished_on_the_edge(
     cloud's tokens, marked in ``usage.tandem.fallback``; nothing lost, nothing twice."""
     client = edge.client()
     pids = [w.child.pid for w in workers.values() if w.child is not None]
-    parts: list[str] = []
-    usage, finish, stopped = None, None, False
-    stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Partition: go on."}],
-        max_tokens=60, stream=True, stream_options={"include_usage": True},
-        extra_headers={**CLOUD, "x-session-id": f"cut-{uuid.uuid4().hex}"},
-    )  # fmt: skip
+
+    def stop_all() -> None:
+        for pid in pids:
+            os.killpg(pid, signal.SIGSTOP)
+
+    session = {**CLOUD, "x-session-id": f"cut-{uuid.uuid4().hex}"}
     try:
-        for chunk in stream:
-            if chunk.choices:
-                parts.append(chunk.choices[0].delta.content or "")
-                finish = chunk.choices[0].finish_reason or finish
-            usage = chunk.usage or usage
-            if not stopped and len(parts) >= 5:
-                for pid in pids:
-                    os.killpg(pid, signal.SIGSTOP)
-                stopped = True
+        finish, usage, stopped = _stream_with_fault(client, "Partition: go on.", session, stop_all)
     finally:
         for pid in pids:
             os.killpg(pid, signal.SIGCONT)

@@ -238,6 +238,15 @@ def test_bench_run_passes_on_only_the_options_given() -> None:
     assert (options.sessions, options.base_url) == (defaults.sessions, defaults.base_url)
 
 
+def _tandem_at(home: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """``tandem COMMAND`` in a subprocess with ``TANDEM_HOME=home``."""
+    return subprocess.run(
+        [sys.executable, "-m", "tandem.cli", *command],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TANDEM_HOME": str(home)},
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("command", [["models", "prepare"], ["up"]], ids=["prepare", "up"])
 def test_an_unwritable_tandem_home_is_one_line_naming_the_path(
     command: list[str], tmp_path: Path
@@ -246,11 +255,7 @@ def test_an_unwritable_tandem_home_is_one_line_naming_the_path(
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     home = a_file / "home"  # a path under a file: not writable, even for root
-    done = subprocess.run(
-        [sys.executable, "-m", "tandem.cli", *command],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "TANDEM_HOME": str(home)},
-    )  # fmt: skip
+    done = _tandem_at(home, command)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert "error: Not a directory" in done.stderr and f"TANDEM_HOME is {home}" in done.stderr
@@ -279,11 +284,7 @@ def test_a_full_disk_under_tandem_home_is_one_line_saying_so(
 ) -> None:
     """A full disk fails a write, which names no file: the message says where to look."""
     home = full_disk / "home"
-    done = subprocess.run(
-        [sys.executable, "-m", "tandem.cli", *command],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "TANDEM_HOME": str(home)},
-    )  # fmt: skip
+    done = _tandem_at(home, command)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert "No space left on device" in done.stderr, done.stderr
