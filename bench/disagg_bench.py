@@ -1075,6 +1075,7 @@ def main() -> None:
     if "fleet" in args.parts:
         rows = run_fleet(args, tokens, docs, work, profile_path)
         report |= {"fleet": rows, "fleet_cost": cost_summary(rows, cost)}
+        _save(report, args.out)
     if args.sim_check:
         report["sim_check"] = run_sim_check(args, tokens, docs, work, profile_path)
     print(_save(report, args.out))
