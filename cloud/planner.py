@@ -51,7 +51,7 @@ from cloud.planner_config import (
     PlannerStore,
     StoredPlannerConfig,
 )
-from cloud.planner_forecast import Forecast, Forecaster, RateMeter, make_forecaster
+from cloud.planner_forecast import Forecast, Forecaster, RateMeter, ShapeMeter, make_forecaster
 from mesh import subjects
 from mesh.heartbeat import FleetView
 from mesh.protocol import NodeHeartbeat, PlannerDecision
@@ -64,6 +64,9 @@ __all__ = ["Connector", "Planner", "Sizing", "decide", "replica_capacity_rps"]
 
 Mode = Literal["predictive", "reactive"]
 LEASE_TTL_S = 15.0
+# Requests (recency-weighted, ``ShapeMeter``) before the measured shape replaces the
+# configured one: fewer, and one long prompt would size the pool.
+_TRUST_REQUESTS = 20.0
 _RETRY_BASE_S, _RETRY_MAX_S = 1.0, 60.0
 
 
@@ -156,6 +159,7 @@ class Sizing:
     # The most replicas ``desired_replicas`` asked for within the scale-down window
     # before now (``PlannerConfig.down_window_s``; 0: no history).
     recent_desired: int = 0
+    forecast: Forecast | None = None  # the forecast behind ``forecast_rps``, for the record
 
 
 def desired_replicas(config: PlannerConfig, sizing: Sizing, mode: Mode) -> tuple[int, str]:
@@ -292,6 +296,7 @@ class Planner:
         self._lease: Lease | None = None
         self._forecaster: Forecaster = self._make_forecaster(self.config)
         self._meter = RateMeter(window_s=self.config.sample_s)
+        self._shape = ShapeMeter(self.config.workload.measured_half_life_s)
         self._next_sample_at = -math.inf
         self._rate = 0.0
         self._last_up_at = -math.inf
@@ -387,6 +392,9 @@ class Planner:
             self._forecaster = self._make_forecaster(stored.config)
         if old.sample_s != stored.config.sample_s:
             self._meter = RateMeter(window_s=stored.config.sample_s)
+        if old.workload.measured_half_life_s != stored.config.workload.measured_half_life_s:
+            self._shape = ShapeMeter(stored.config.workload.measured_half_life_s)
+            self._next_sample_at = -math.inf  # re-seed both meters on the next sample
         logger.info("planner config revision %d of %s applied", stored.revision, self.pool)
         return True
 
@@ -457,9 +465,16 @@ class Planner:
             return
         first = self._next_sample_at == -math.inf
         self._next_sample_at = now + self.config.sample_s
+        shapes: dict[str, tuple[int, int, int]] = {}
+        for b in beats:
+            n, p, o = b.load.requests_total, b.load.prompt_tokens_total, b.load.output_tokens_total
+            if n is not None and p is not None and o is not None:
+                shapes[b.node_id] = (n, p, o)
         if first:
             self._meter.seed(counters)
+            self._shape.seed(shapes)
         self._meter.observe(now, counters)
+        self._shape.observe(now, shapes)
         self._rate = self._meter.rate()
         if not first:
             self._forecaster.update(self._rate)
@@ -469,17 +484,16 @@ class Planner:
         c = self.config
         horizon = max(1, math.ceil((c.engine_start_s + c.sample_s) / c.sample_s))
         forecasts = [self._forecaster.forecast(h) for h in range(1, horizon + 1)]
-        top = max(forecasts, key=lambda f: f.upper(c.band_z))
-        return top
+        return max(forecasts, key=lambda f: f.upper(c.band_z, c.band_max_share))
 
     def capacity_rps(self, beats: list[NodeHeartbeat]) -> tuple[float, float, float]:
-        """One replica's capacity for the request shape measured (or configured)."""
+        """One replica's capacity for the request shape measured (or configured), with
+        the prompt tokens it prefills and the output tokens it decodes per request."""
         w = self.config.workload
-        requests = sum(b.load.requests_total or 0 for b in beats)
         prompt, output = w.prompt_tokens, w.output_tokens
-        if requests >= 20:  # enough to trust the measured means over the configured ones
-            prompt = sum(b.load.prompt_tokens_total or 0 for b in beats) / requests
-            output = max(1.0, sum(b.load.output_tokens_total or 0 for b in beats) / requests)
+        measured = self._shape.means()
+        if measured is not None and self._shape.requests >= _TRUST_REQUESTS:
+            prompt, output = measured[0], max(1.0, measured[1])
         uncached = prompt * (1 - w.cached_share)
         ttft_ms, itl_ms = self.slo_targets_ms()
         cap = replica_capacity_rps(self.profile, uncached, output, ttft_ms / 1e3, itl_ms / 1e3)
@@ -501,7 +515,8 @@ class Planner:
         starting = [w for w in provisioned if w not in heard]
         self._observe(now, beats)
         capacity, _, _ = self.capacity_rps(beats)
-        forecast = self.forecast().upper(self.config.band_z)
+        ahead = self.forecast()
+        forecast = ahead.upper(self.config.band_z, self.config.band_max_share)
         sizing = Sizing(
             now=now,
             provisioned=len(provisioned),
@@ -514,6 +529,7 @@ class Planner:
             capacity_rps=capacity,
             last_up_at=self._last_up_at,
             recent_desired=self._recent_desired(now),
+            forecast=ahead,
         )
         stuck = [
             w for w in starting if now - self._started.get(w, now) > self.config.ready_timeout_s
@@ -637,6 +653,10 @@ class Planner:
         capacity = s.capacity_rps * self.config.utilization_target
         ttft_target_ms, itl_target_ms = self.slo_targets_ms()
         headroom = 1 - s.forecast_rps / (s.ready * capacity) if s.ready and capacity > 0 else 0.0
+        mean = band = 0.0
+        if s.forecast is not None:
+            mean = s.forecast.mean
+            band = s.forecast.band(self.config.band_z, self.config.band_max_share)
         return PlannerDecision(
             pool=self.pool,
             planner_id=self.planner_id,
@@ -650,6 +670,8 @@ class Planner:
             target=target,
             measured_rps=round(s.measured_rps, 4),
             forecast_rps=round(s.forecast_rps, 4),
+            forecast_mean_rps=round(mean, 4),
+            forecast_band_rps=round(max(band, 0.0), 4),
             capacity_rps=round(s.capacity_rps, 4),
             waiting=s.waiting,
             ttft_target_ms=ttft_target_ms,
@@ -663,6 +685,8 @@ class Planner:
         self.decisions.append(decision)
         if decision.action != "hold":
             logger.info("planner decision: %s", decision.model_dump_json())
+        else:  # one a tick: the inputs are on the mesh and in /metrics as well
+            logger.debug("planner decision: %s", decision.model_dump_json())
         for name, value in (
             ("desired", decision.desired),
             ("target", decision.target),

@@ -131,6 +131,10 @@ class Workload(_Strict):
     prompt_tokens: Annotated[float, Field(gt=0)] = 600.0
     output_tokens: Annotated[float, Field(gt=0)] = 40.0
     cached_share: Annotated[float, Field(ge=0, lt=1)] = 0.5  # of the prompt, in prefix cache
+    # The measured shape weighs recent requests: a request's weight halves every this
+    # many seconds (``ShapeMeter``), so capacity follows a change of workload within
+    # minutes and does not jump when workers join or leave.
+    measured_half_life_s: Annotated[float, Field(gt=0)] = 60.0
 
 
 class Reactive(_Strict):
@@ -172,6 +176,8 @@ class PlannerConfig(_Strict):
     # Size for the forecast's mean + z·std of the arrival rate (not of one sample's
     # count: the queues absorb that noise; ``Forecast.upper``).
     band_z: Annotated[float, Field(ge=0)] = 1.0
+    # ... and the band at most this share of the mean (``Forecast.band``); None: unbounded.
+    band_max_share: Annotated[float, Field(ge=0)] | None = 0.5
 
     def down_window_s(self) -> float:
         """The scale-down window in force: ``scale_down_cooldown_s``, else the engine start."""

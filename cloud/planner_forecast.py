@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -42,16 +43,29 @@ class Forecast:
     std: float
     rate_std: float | None = None
 
-    def upper(self, z: float) -> float:
-        """The band the planner sizes for, ``mean + z·rate_std``, never below 0.
+    def band(self, z: float, max_share: float | None = None) -> float:
+        """The half-width the planner adds to the mean: ``z·rate_std``, at most
+        ``max_share`` of the mean (None: unbounded).
 
         The rate's uncertainty, not the sample's: the counting noise of one sample
         (Poisson over ``sample_s``) averages out in the workers' queues within seconds
         and the capacity's ``utilization_target`` leaves room for it; a band that adds
         it again provisions every replica for noise twice.
+
+        Why a bound: an adaptive filter's variance grows with every surprise, and a burst
+        is a string of them; right after one the band alone once asked for twice the
+        measured peak. Bounded in proportion to the mean, it still covers a rate's
+        honest doubt while it is small and stops buying replicas for past surprises.
         """
         std = self.std if self.rate_std is None else self.rate_std
-        return max(0.0, self.mean + z * std)
+        width = z * std
+        if max_share is not None:
+            width = min(width, max_share * max(self.mean, 0.0))
+        return width
+
+    def upper(self, z: float, max_share: float | None = None) -> float:
+        """The demand the planner sizes for, ``mean + band``, never below 0."""
+        return max(0.0, self.mean + self.band(z, max_share))
 
 
 def damped_steps(phi: float, h: int) -> float:
@@ -235,6 +249,64 @@ def make_forecaster(kind: ForecasterKind, season: int = 0, damping: float = 1.0)
     return LastValue()
 
 
+def _increments(
+    last: dict[str, tuple[int, ...]], counters: Mapping[str, tuple[int, ...]]
+) -> list[int]:
+    """The pool's summed increments of each worker's cumulative counters since ``last``,
+    which is updated. A worker first seen, or whose first counter went down (it
+    restarted), contributes its counters whole: what it counted since it started."""
+    added: list[int] = []
+    for worker, totals in counters.items():
+        before = last.get(worker)
+        if before is None or totals[0] < before[0]:
+            step = totals
+        else:
+            step = tuple(t - b for t, b in zip(totals, before, strict=True))
+        added = [a + s for a, s in zip(added, step, strict=True)] if added else list(step)
+        last[worker] = totals
+    return added
+
+
+class ShapeMeter:
+    """Mean prompt and output tokens of the pool's recent requests, from the workers'
+    cumulative counters (``requests_total``, ``prompt_tokens_total``,
+    ``output_tokens_total``), weighted by recency: each observation's increments add to
+    sums that decay with a ``half_life_s``.
+
+    Why not the counters' totals: they average a worker's whole life, so the capacity
+    the planner derives from them lags a change of workload by hours, and jumps when a
+    long-lived worker drains or a fresh one joins (the sum's members change). The
+    increments only see requests, wherever they ran.
+    """
+
+    def __init__(self, half_life_s: float) -> None:
+        if half_life_s <= 0:
+            raise ValueError("half_life_s > 0")
+        self._half_life_s = half_life_s
+        self._last: dict[str, tuple[int, ...]] = {}
+        self._at: float | None = None
+        self.requests = self._prompt = self._output = 0.0  # decayed sums
+
+    def seed(self, counters: dict[str, tuple[int, int, int]]) -> None:
+        """Take the counters as a baseline: requests served before the planner looked."""
+        self._last.update(counters)
+
+    def observe(self, at: float, counters: dict[str, tuple[int, int, int]]) -> None:
+        """Each worker's (requests, prompt tokens, output tokens) as seen at ``at``."""
+        added = _increments(self._last, counters) or [0, 0, 0]
+        decay = 1.0 if self._at is None else 0.5 ** ((at - self._at) / self._half_life_s)
+        self._at = at
+        self.requests = self.requests * decay + added[0]
+        self._prompt = self._prompt * decay + added[1]
+        self._output = self._output * decay + added[2]
+
+    def means(self) -> tuple[float, float] | None:
+        """(prompt, output) tokens per request; None before any request was seen."""
+        if self.requests <= 0:
+            return None
+        return self._prompt / self.requests, self._output / self.requests
+
+
 class RateMeter:
     """Arrivals per second of a pool, from the workers' cumulative ``requests_total``.
 
@@ -245,24 +317,20 @@ class RateMeter:
 
     def __init__(self, window_s: float) -> None:
         self._window_s = window_s
-        self._last: dict[str, int] = {}
+        self._last: dict[str, tuple[int, ...]] = {}
         self._events: deque[tuple[float, int]] = deque()
 
     def observe(self, at: float, counters: dict[str, int]) -> None:
         """Record each worker's ``requests_total`` as seen at ``at``."""
-        added = 0
-        for worker, total in counters.items():
-            before = self._last.get(worker)
-            added += total if before is None or total < before else total - before
-            self._last[worker] = total
-        self._events.append((at, added))
+        added = _increments(self._last, {w: (total,) for w, total in counters.items()})
+        self._events.append((at, added[0] if added else 0))
         # Keep the previous observation at least: samples come about a window apart.
         while len(self._events) > 2 and self._events[0][0] < at - self._window_s:
             self._events.popleft()
 
     def seed(self, counters: dict[str, int]) -> None:
         """Take the counters as a baseline (their past is not this window's arrivals)."""
-        self._last.update(counters)
+        self._last.update({w: (total,) for w, total in counters.items()})
 
     def rate(self) -> float:
         """Arrivals per second over the window (0 before two observations)."""

@@ -418,7 +418,9 @@ class PlannerDecision(WireMessage):
     desired: int = Field(ge=0)  # what sizing asked for, before bounds and cooldowns
     target: int = Field(ge=0)  # what the planner set the pool to
     measured_rps: float = Field(ge=0.0)
-    forecast_rps: float = Field(ge=0.0)  # demand expected at now + lead time (upper band)
+    forecast_rps: float = Field(ge=0.0)  # demand sized for over the lead time: mean + band
+    forecast_mean_rps: float = 0.0  # the forecaster's mean at that horizon
+    forecast_band_rps: float = Field(default=0.0, ge=0.0)  # z·std, bounded (band_max_share)
     capacity_rps: float = Field(ge=0.0)  # one replica's arrivals within the SLO
     waiting: int = Field(ge=0)
     ttft_target_ms: float = Field(gt=0)

@@ -15,6 +15,7 @@ from cloud.planner_forecast import (
     Forecaster,
     HoltWinters,
     KalmanTrend,
+    ShapeMeter,
     damped_steps,
     make_forecaster,
 )
@@ -108,3 +109,34 @@ def test_the_band_is_the_rates_where_the_forecaster_knows_it() -> None:
     for y in (5.0, 7.0, 6.0, 8.0):
         hw.update(y)
     assert hw.forecast(2).rate_std is None
+
+
+def test_the_band_is_bounded_by_a_share_of_the_mean() -> None:
+    """``band_max_share`` caps the half-width the planner adds; None leaves it as is."""
+    wide = Forecast(mean=10.0, std=9.0, rate_std=8.0)
+    assert wide.band(1.0) == 8.0 and wide.upper(1.0) == 18.0
+    assert wide.band(1.0, 0.5) == 5.0 and wide.upper(1.0, 0.5) == 15.0
+    assert Forecast(10.0, 2.0, 1.0).band(1.0, 0.5) == 1.0  # a narrow band is untouched
+    falling = Forecast(mean=-2.0, std=3.0, rate_std=3.0)  # a trend run below zero
+    assert falling.band(1.0, 0.5) == 0.0 and falling.upper(1.0, 0.5) == 0.0
+
+
+def test_the_shape_meter_weighs_recent_requests_and_ignores_who_served_them() -> None:
+    """Means from the counters' increments, recency-weighted by the half-life; a worker
+    that leaves changes nothing, one that restarts counts what it served since."""
+    meter = ShapeMeter(half_life_s=10.0)
+    meter.seed({"a": (100, 100_000, 1_000)})  # its past (1,000-token prompts) is not seen
+    assert meter.means() is None
+    meter.observe(0.0, {"a": (110, 102_000, 1_400)})  # 10 requests of 200 in, 40 out
+    assert meter.means() == pytest.approx((200.0, 40.0))
+    meter.observe(0.0, {"a": (110, 102_000, 1_400), "b": (10, 6_000, 200)})  # b joins
+    assert meter.means() == pytest.approx((8_000 / 20, 600 / 20))
+    meter.observe(0.0, {"b": (10, 6_000, 200)})  # a drained and left: no request, no change
+    assert meter.means() == pytest.approx((400.0, 30.0))
+    # One half-life later, 20 requests of 100 in, 10 out: the old 20 weigh half.
+    meter.observe(10.0, {"b": (30, 8_000, 400)})
+    assert meter.requests == pytest.approx(30.0)
+    assert meter.means() == pytest.approx(((8_000 / 2 + 2_000) / 30, (600 / 2 + 200) / 30))
+    meter.observe(20.0, {"b": (5, 500, 50)})  # b restarted: its 5 requests are new
+    assert meter.requests == pytest.approx(20.0)
+    assert meter.means()[0] == pytest.approx((6_000 / 2 + 500) / 20)  # type: ignore[index]

@@ -17,12 +17,19 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from cloud.planner import Planner
+from cloud.planner import Planner, replica_capacity_rps
 from cloud.planner_config import PlannerConfig
 from cloud.planner_connectors import LocalConnector
 from mesh import subjects
 from mesh.connection import connect
-from mesh.protocol import GenerateAccepted, GenerateRequest, SamplingParams, TokenChunk
+from mesh.protocol import (
+    GenerateAccepted,
+    GenerateRequest,
+    NodeHeartbeat,
+    NodeLoad,
+    SamplingParams,
+    TokenChunk,
+)
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
 from models.latency import LatencyProfile
@@ -165,3 +172,82 @@ async def test_a_worker_that_never_gets_ready_is_removed_and_replaced_after_back
     finally:
         await planner.stop()
         await connector.close()
+
+
+class TwoWorkers:
+    """A connector whose pool is w1 and w2, and is never asked to change it."""
+
+    async def workers(self) -> list[str]:
+        return ["w1", "w2"]
+
+    async def scale_up(self, count: int) -> list[str]:
+        raise AssertionError("not expected")
+
+    async def drain(self, worker_id: str) -> None:
+        raise AssertionError("not expected")
+
+    def removable(self, worker_ids: list[str]) -> list[str]:
+        return []
+
+
+async def test_each_decision_records_the_forecast_mean_its_bounded_band_and_the_measured_shape(
+    nc: Client,
+) -> None:
+    """Heartbeats on a real nats-server, the planner's clock stepped by hand: every
+    decision's forecast is its mean plus a band of at most ``band_max_share`` of it (a
+    step in demand makes the filter's own band wider than that), and capacity is
+    derived from the shape the heartbeats measured (400-token prompts, 20 out), not
+    the configured one (600 and 40)."""
+    now = [1000.0]
+    config = PlannerConfig.model_validate(
+        {"forecaster": "kalman", "band_max_share": 0.1, "engine_start_s": 20,
+         "bounds": {"min_replicas": 2, "max_replicas": 2}}
+    )  # fmt: skip
+    pool = f"shape-{uuid.uuid4().hex[:4]}"
+    planner = Planner(
+        nc, pool, TwoWorkers(), profile=LatencyProfile.default().cloud, config=config,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    await planner.start()
+    # Both workers served 500 requests of 1,000-token prompts before the planner looked:
+    # that past is not the pool's shape now (totals since a worker's start would say so).
+    totals = {"w1": 500, "w2": 500}
+    prompts = {"w1": 500_000, "w2": 500_000}
+    cut: list[float] = []  # how much the bound took off each decision's band
+    try:
+        for sample in range(16):
+            per_worker = 10 if sample < 12 else 40  # 4 calls/s, then 16
+            for worker in totals:
+                totals[worker] += per_worker
+                prompts[worker] += 400 * per_worker
+                n = totals[worker]
+                load = NodeLoad(
+                    running=0, waiting=0, kv_cache_usage=0, tokens_per_s=0,
+                    requests_total=n, prompt_tokens_total=prompts[worker], output_tokens_total=20 * n,
+                )  # fmt: skip
+                beat = NodeHeartbeat(
+                    node_id=worker, role="cloud", model=DEFAULT_PAIR, version="0", load=load
+                )
+                await nc.publish(subjects.node_load(worker), beat.to_bytes())
+            await _until(
+                lambda: {b.node_id: b.load.requests_total for b in planner.fleet.nodes()}
+                == totals,
+                5, "the beats",
+            )  # fmt: skip
+            decision = await planner.tick()
+            assert decision.forecast_rps == pytest.approx(
+                max(0.0, decision.forecast_mean_rps + decision.forecast_band_rps), abs=1e-3
+            )
+            assert decision.forecast_band_rps <= 0.1 * max(decision.forecast_mean_rps, 0) + 1e-3
+            cut.append(planner.forecast().band(config.band_z) - decision.forecast_band_rps)
+            now[0] += config.sample_s
+    finally:
+        await planner.stop()
+    assert decision.measured_rps == pytest.approx(16.0)
+    assert max(cut[12:]) > 0.01  # after the step the bound did bite
+    ttft_ms, itl_ms = planner.slo_targets_ms()
+    uncached = 400 * (1 - config.workload.cached_share)
+    expected = replica_capacity_rps(
+        LatencyProfile.default().cloud, uncached, 20, ttft_ms / 1e3, itl_ms / 1e3
+    )
+    assert expected > 0 and decision.capacity_rps == pytest.approx(expected, abs=1e-3)
