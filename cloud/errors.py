@@ -4,6 +4,8 @@ CloudError                  base; ``code`` (and the message) shape the error chu
 ├── BadGenerateRequestError 400: the request cannot be served as asked
 ├── DeadlineExceededError   504: the requester's deadline passed
 ├── DrainingError           503: the worker is shutting down
+├── AtCapacityError         503: ``max_in_flight`` requests already
+├── WrongModelError         503: the request names a model this worker does not serve
 ├── EngineFailedError       500: vLLM failed on this request
 ├── HttpPortError           start-up: /health, /ready and /metrics cannot listen (never
 │                           sent over the mesh)
@@ -46,6 +48,14 @@ class DrainingError(CloudError):
 
 class AtCapacityError(CloudError):
     """The worker has ``max_in_flight`` requests already and takes no more for now."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class WrongModelError(CloudError):
+    """The request names a model this worker does not serve (asked by its own subject:
+    a stale affinity, or a requester's mistake). Unavailable here, not bad input: the
+    requester can ask the model's own workers."""
 
     code = ErrorCode.UNAVAILABLE
 

@@ -102,6 +102,9 @@ class _TandemCollector(Collector):
             ("refused_at_capacity",
              "Generate requests refused (503) while max_in_flight were in flight.",
              w.refused_at_capacity),
+            ("refused_wrong_model",
+             "Requests refused (503) for naming a model this worker does not serve.",
+             w.refused_wrong_model),
         ):  # fmt: skip
             family = CounterMetricFamily(f"tandem_worker_{name}", doc, labels=["model_name"])
             family.add_metric(labels, value)

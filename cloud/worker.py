@@ -50,6 +50,7 @@ from cloud.errors import (
     DeadlineExceededError,
     DrainingError,
     EngineFailedError,
+    WrongModelError,
 )
 from cloud.settings import CloudSettings
 from mesh import subjects
@@ -125,6 +126,7 @@ class CloudWorker:
         self.verify_counts = VerifyCounts()
         self._requests_total = 0  # generate requests admitted, for the planner's demand
         self._refused_at_capacity = 0  # generate requests refused by max_in_flight
+        self._refused_wrong_model = 0  # requests naming a model this worker does not serve
         self._prompt_tokens_total = 0
         self.prefill_counts = PrefillCounts()
         self._remote: RemotePrefill | None = None  # decode role only (start)
@@ -138,6 +140,11 @@ class CloudWorker:
     def refused_at_capacity(self) -> int:
         """Generate requests refused because ``max_in_flight`` were in flight."""
         return self._refused_at_capacity
+
+    @property
+    def refused_wrong_model(self) -> int:
+        """Requests refused because they named a model this worker does not serve."""
+        return self._refused_wrong_model
 
     @property
     def draining(self) -> bool:
@@ -347,6 +354,16 @@ class CloudWorker:
             return None
         if self._draining:
             await _refuse(msg, DrainingError("worker is draining"))
+            return None
+        if request.model != self.settings.model:
+            # Never serve one model's request with another's weights: the answer would
+            # look right and be wrong. Reached through a worker's own subjects only (the
+            # queue groups are per model).
+            await _refuse(msg, WrongModelError(
+                f"worker {self.settings.worker_id} serves {self.settings.model!r}, "
+                f"not {request.model!r}"
+            ))  # fmt: skip
+            self._refused_wrong_model += 1
             return None
         cap = self.settings.max_in_flight
         if kind is GenerateRequest and cap is not None and self.in_flight >= cap:

@@ -7,7 +7,9 @@ One edge's policy falls back to its own model (the default); the other's fails (
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,9 @@ import httpx
 import openai
 import pytest
 
+from mesh import subjects
+from mesh.connection import connect
+from mesh.protocol import ErrorCode, ErrorInfo, GenerateRequest, SamplingParams
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
 from tandem.local import EdgeProcess, WorkerProcess, wait_heard
@@ -138,3 +143,35 @@ def test_a_full_worker_sends_the_edge_to_one_with_room(
             )
             routes = [dict(a.usage.model_extra or {})["tandem"]["route"] for a in answers]
             assert routes == ["cloud", "cloud"], routes
+
+
+async def _ask_worker(nats: EmbeddedNats, worker_id: str, model: str) -> ErrorInfo | None:
+    """A generate request for ``model`` on ``worker_id``'s own subject; the refusal, if
+    any (an accepted request is cancelled by closing the connection)."""
+    nc = await connect(nats.url, name="wrong-model-test")
+    try:
+        request = GenerateRequest(
+            request_id=uuid.uuid4().hex, model=model, reply_subject=nc.new_inbox(),
+            messages=[{"role": "user", "content": "hi"}], sampling=SamplingParams(max_tokens=2),
+        )  # fmt: skip
+        reply = await nc.request(
+            subjects.worker(worker_id, "generate"), request.to_bytes(), timeout=10
+        )
+        return ErrorInfo.from_service_headers(reply.headers)
+    finally:
+        await nc.close()
+
+
+def test_a_worker_refuses_a_request_for_a_model_it_does_not_serve(
+    nats_server: EmbeddedNats, worker: WorkerProcess
+) -> None:
+    """Asked by its own subject (the per-model queue groups cannot mix models up) for
+    another model, a worker refuses with 503 and says what it serves; its own model it
+    serves. Unavailable, not bad input: an edge goes on to the model's own workers."""
+    refused = asyncio.run(_ask_worker(nats_server, "cap-1", "another/model-7b"))
+    assert refused is not None and refused.code == ErrorCode.UNAVAILABLE
+    assert refused.message == f"worker cap-1 serves {MODEL!r}, not 'another/model-7b'"
+    assert asyncio.run(_ask_worker(nats_server, "cap-1", MODEL)) is None
+    metrics = httpx.get(f"{worker.http_url}/metrics", timeout=5).text
+    counted = [ln for ln in metrics.splitlines() if ln.startswith("tandem_worker_refused_wrong")]
+    assert counted and float(counted[0].rpartition(" ")[2]) >= 1, counted
