@@ -486,7 +486,7 @@ class Planner:
         forecasts = [self._forecaster.forecast(h) for h in range(1, horizon + 1)]
         return max(forecasts, key=lambda f: f.upper(c.band_z, c.band_max_share))
 
-    def capacity_rps(self, beats: list[NodeHeartbeat]) -> tuple[float, float, float]:
+    def capacity_rps(self) -> tuple[float, float, float]:
         """One replica's capacity for the request shape measured (or configured), with
         the prompt tokens it prefills and the output tokens it decodes per request."""
         w = self.config.workload
@@ -514,7 +514,7 @@ class Planner:
             self._started.pop(worker_id, None)
         starting = [w for w in provisioned if w not in heard]
         self._observe(now, beats)
-        capacity, _, _ = self.capacity_rps(beats)
+        capacity, _, _ = self.capacity_rps()
         ahead = self.forecast()
         forecast = ahead.upper(self.config.band_z, self.config.band_max_share)
         sizing = Sizing(
