@@ -36,6 +36,7 @@ from models.latency import LatencyProfile
 from tandem.commands.planner import local_spawner
 from tandem.local import serves
 from tandem.supervisor import Supervisor
+from tests.cloud.fixed_pool import FixedPool
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -174,22 +175,6 @@ async def test_a_worker_that_never_gets_ready_is_removed_and_replaced_after_back
         await connector.close()
 
 
-class TwoWorkers:
-    """A connector whose pool is w1 and w2, and is never asked to change it."""
-
-    async def workers(self) -> list[str]:
-        return ["w1", "w2"]
-
-    async def scale_up(self, count: int) -> list[str]:
-        raise AssertionError("not expected")
-
-    async def drain(self, worker_id: str) -> None:
-        raise AssertionError("not expected")
-
-    def removable(self, worker_ids: list[str]) -> list[str]:
-        return []
-
-
 async def test_each_decision_records_the_forecast_mean_its_bounded_band_and_the_measured_shape(
     nc: Client,
 ) -> None:
@@ -205,7 +190,7 @@ async def test_each_decision_records_the_forecast_mean_its_bounded_band_and_the_
     )  # fmt: skip
     pool = f"shape-{uuid.uuid4().hex[:4]}"
     planner = Planner(
-        nc, pool, TwoWorkers(), profile=LatencyProfile.default().cloud, config=config,
+        nc, pool, FixedPool("w1", "w2"), profile=LatencyProfile.default().cloud, config=config,
         clock=lambda: now[0],
     )  # fmt: skip
     await planner.start()
@@ -222,8 +207,8 @@ async def test_each_decision_records_the_forecast_mean_its_bounded_band_and_the_
                 prompts[worker] += 400 * per_worker
                 n = totals[worker]
                 load = NodeLoad(
-                    running=0, waiting=0, kv_cache_usage=0, tokens_per_s=0,
-                    requests_total=n, prompt_tokens_total=prompts[worker], output_tokens_total=20 * n,
+                    running=0, waiting=0, kv_cache_usage=0, tokens_per_s=0, requests_total=n,
+                    prompt_tokens_total=prompts[worker], output_tokens_total=20 * n,
                 )  # fmt: skip
                 beat = NodeHeartbeat(
                     node_id=worker, role="cloud", model=DEFAULT_PAIR, version="0", load=load

@@ -21,6 +21,7 @@ from mesh.security import MeshDir, Role
 from mesh.server import EmbeddedNats
 from models.catalog import DEFAULT_PAIR
 from models.latency import LatencyProfile
+from tests.cloud.fixed_pool import FixedPool
 from tests.fixtures_nats import mesh_with
 
 pytestmark = pytest.mark.timeout(30)
@@ -57,22 +58,6 @@ async def _refused(refusals: list[str], what: str, wait_s: float = 2.0) -> bool:
     return False
 
 
-class OneWorker:
-    """A connector that runs one worker, w1, and is never asked to change it."""
-
-    async def workers(self) -> list[str]:
-        return ["w1"]
-
-    async def scale_up(self, count: int) -> list[str]:
-        raise AssertionError("not expected")
-
-    async def drain(self, worker_id: str) -> None:
-        raise AssertionError("not expected")
-
-    def removable(self, worker_ids: list[str]) -> list[str]:
-        return []
-
-
 async def test_the_planner_reads_its_config_holds_its_lease_and_publishes_decisions(
     hub: EmbeddedNats, mesh_dir: MeshDir
 ) -> None:
@@ -90,7 +75,9 @@ async def test_the_planner_reads_its_config_holds_its_lease_and_publishes_decisi
             "secure", "bounds: {min_replicas: 1, max_replicas: 1}\n", expect_revision=0
         )
         await operator.subscribe(subjects.all_planner_decisions(), cb=on_decision)  # tandem status
-        planner = Planner(planner_nc, "secure", OneWorker(), profile=LatencyProfile.default().cloud)
+        planner = Planner(
+            planner_nc, "secure", FixedPool("w1"), profile=LatencyProfile.default().cloud
+        )
         await planner.start()  # lease (create), config (get, watch), heartbeats (subscribe)
         try:
             load = NodeLoad(
@@ -161,7 +148,7 @@ async def test_the_planner_sizes_for_the_routing_policys_slo_unless_its_config_s
             expect_revision=current.revision if current else 0,
         )
         planner = Planner(
-            planner_nc, "follows-policy", OneWorker(), profile=LatencyProfile.default().cloud
+            planner_nc, "follows-policy", FixedPool("w1"), profile=LatencyProfile.default().cloud
         )
         await planner.start()
         try:
