@@ -159,7 +159,9 @@ class Sizing:
     # The most replicas ``desired_replicas`` asked for within the scale-down window
     # before now (``PlannerConfig.down_window_s``; 0: no history).
     recent_desired: int = 0
-    forecast: Forecast | None = None  # the forecast behind ``forecast_rps``, for the record
+    # ``forecast_rps`` is their sum (never below 0): the record of what it was made of.
+    forecast_mean_rps: float = 0.0
+    forecast_band_rps: float = 0.0
 
 
 def desired_replicas(config: PlannerConfig, sizing: Sizing, mode: Mode) -> tuple[int, str]:
@@ -515,8 +517,7 @@ class Planner:
         starting = [w for w in provisioned if w not in heard]
         self._observe(now, beats)
         capacity, _, _ = self.capacity_rps()
-        ahead = self.forecast()
-        forecast = ahead.upper(self.config.band_z, self.config.band_max_share)
+        ahead, c = self.forecast(), self.config
         sizing = Sizing(
             now=now,
             provisioned=len(provisioned),
@@ -525,11 +526,12 @@ class Planner:
             waiting=sum(b.load.waiting for b in ready),
             in_flight=sum(b.load.waiting + b.load.running for b in ready),
             measured_rps=self._rate,
-            forecast_rps=forecast,
+            forecast_rps=ahead.upper(c.band_z, c.band_max_share),
             capacity_rps=capacity,
             last_up_at=self._last_up_at,
             recent_desired=self._recent_desired(now),
-            forecast=ahead,
+            forecast_mean_rps=ahead.mean,
+            forecast_band_rps=ahead.band(c.band_z, c.band_max_share),
         )
         stuck = [
             w for w in starting if now - self._started.get(w, now) > self.config.ready_timeout_s
@@ -653,10 +655,6 @@ class Planner:
         capacity = s.capacity_rps * self.config.utilization_target
         ttft_target_ms, itl_target_ms = self.slo_targets_ms()
         headroom = 1 - s.forecast_rps / (s.ready * capacity) if s.ready and capacity > 0 else 0.0
-        mean = band = 0.0
-        if s.forecast is not None:
-            mean = s.forecast.mean
-            band = s.forecast.band(self.config.band_z, self.config.band_max_share)
         return PlannerDecision(
             pool=self.pool,
             planner_id=self.planner_id,
@@ -670,8 +668,8 @@ class Planner:
             target=target,
             measured_rps=round(s.measured_rps, 4),
             forecast_rps=round(s.forecast_rps, 4),
-            forecast_mean_rps=round(mean, 4),
-            forecast_band_rps=round(max(band, 0.0), 4),
+            forecast_mean_rps=round(s.forecast_mean_rps, 4),
+            forecast_band_rps=round(s.forecast_band_rps, 4),
             capacity_rps=round(s.capacity_rps, 4),
             waiting=s.waiting,
             ttft_target_ms=ttft_target_ms,
