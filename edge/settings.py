@@ -43,12 +43,14 @@ class EdgeSettings(BaseSettings):
     )
     n_threads: int = Field(1, ge=1, description="llama.cpp generation threads per slot")
     n_threads_batch: int | None = Field(None, ge=1, description="prompt threads; default n_threads")
-    slots: int = Field(1, ge=1, le=64, description="concurrent llama.cpp contexts")
-    batching: Literal["slots", "batched"] = Field(
-        "slots",
-        description="'slots': one llama.cpp context per request (slots of them); 'batched': "
-        "one context decoding up to `sequences` requests together (continuous batching; the "
-        "speculative route still runs on slots)",
+    slots: int = Field(
+        1, ge=1, le=64, description="batching=slots: concurrent llama.cpp contexts"
+    )
+    batching: Literal["batched", "slots"] = Field(
+        "batched",
+        description="'batched': one llama.cpp context decoding up to `sequences` requests "
+        "together (continuous batching, speculative drafting included); 'slots': one context "
+        "per request (slots of them), each answer reproducible across cache states",
     )
     sequences: int = Field(
         32, ge=1, le=256, description="batching=batched: requests decoded together"

@@ -25,10 +25,12 @@ def serve(
     gguf: Annotated[Path | None, typer.Option(help="GGUF file overriding the catalog.")] = None,
     n_ctx: Annotated[int | None, typer.Option(help="Context window in tokens.")] = None,
     n_threads: Annotated[int | None, typer.Option(help="llama.cpp threads per slot.")] = None,
-    slots: Annotated[int | None, typer.Option(help="Concurrent llama.cpp contexts.")] = None,
+    slots: Annotated[
+        int | None, typer.Option(help="batching=slots: concurrent llama.cpp contexts.")
+    ] = None,
     batching: Annotated[
         str | None,
-        typer.Option(help="'slots' (a context per request) or 'batched' (one shared context)."),
+        typer.Option(help="'batched' (one shared context, the default) or 'slots' (one each)."),
     ] = None,
     sequences: Annotated[
         int | None, typer.Option(help="batching=batched: requests decoded together.")

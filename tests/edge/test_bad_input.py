@@ -176,8 +176,16 @@ def test_bad_requests_do_not_disturb_a_running_stream(edge: EdgeProcess) -> None
     assert result["finish"] in {"stop", "length"}
 
 
-def test_queue_full_answers_429_with_retry_after() -> None:
-    with EdgeProcess(slots=1, max_queue=0) as edge:
+# One request at a time and no queue, on either engine: the second request is refused.
+ONE_AT_A_TIME = {
+    "batched": {"batching": "batched", "sequences": 1},
+    "slots": {"batching": "slots", "slots": 1},
+}
+
+
+@pytest.mark.parametrize("engine", sorted(ONE_AT_A_TIME))
+def test_queue_full_answers_429_with_retry_after(engine: str) -> None:
+    with EdgeProcess(max_queue=0, **ONE_AT_A_TIME[engine]) as edge:
         body = {
             "model": MODEL,
             "messages": OK_MSG,
