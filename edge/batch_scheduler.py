@@ -8,7 +8,9 @@ it. Each step it
    reusing the longest cached token prefix of any sequence: a returning
    conversation takes over its own idle sequence and evaluates only its new
    tokens; another job starting with the same tokens (a shared system prompt)
-   gets them copied (``llama_memory_seq_cp``; the cells are shared);
+   gets them copied (``llama_memory_seq_cp``; the cells are shared), and when
+   those tokens are still being prefilled for a job admitted before it, it waits
+   for that prefill (letting the jobs behind it go first) and copies them then;
 2. builds one ``llama_batch``: the next token of every decoding sequence, then
    prompt chunks of newcomers (``prefill_chunk`` tokens each, one chunk's worth
    per step while others decode, so a long prompt never stalls the running
@@ -61,6 +63,12 @@ logger = logging.getLogger(__name__)
 
 # How long an idle scheduler with blocked work (a full cache) waits before looking again.
 _RECHECK_S = 0.05
+
+# A newcomer whose prompt shares at least this many more tokens with a prompt still
+# being prefilled than with anything cached waits for that prefill and copies its
+# cells, rather than evaluating the same tokens in the same step: agent sessions that
+# start together share a system prompt and tool definitions.
+MIN_SHARED_PREFILL = 16
 
 
 @dataclass(frozen=True)
@@ -427,17 +435,22 @@ class BatchScheduler:
     # -- admission and sequences --------------------------------------------------
 
     def _admit(self) -> None:
-        """Move waiting jobs into sequences, first come first served, while they fit."""
+        """Move waiting jobs into sequences, first come first served, while they fit; a
+        job waiting for another's prefill of their shared prefix lets the next go first."""
+        skipped = 0
         while True:
             with self._cond:
-                if not self.inbox:
+                if len(self.inbox) <= skipped:
                     return
-                job = self.inbox[0]
+                job = self.inbox[skipped]
                 cancelled = job.request.cancel.is_set()
                 placed = None if cancelled else self._place(job)
+                if isinstance(placed, _AfterPrefill):
+                    skipped += 1
+                    continue
                 if placed is None and not cancelled:
                     return  # no sequence or no room yet: wait for a running job
-                self.inbox.popleft()
+                del self.inbox[skipped]
                 if placed is not None:
                     self.running.append(job)
             if placed is None:
@@ -450,9 +463,10 @@ class BatchScheduler:
                 continue
             self._start(job, *placed)
 
-    def _place(self, job: Job) -> tuple[Sequence, int, Sequence | None] | None:
+    def _place(self, job: Job) -> tuple[Sequence, int, Sequence | None] | _AfterPrefill | None:
         """A sequence for ``job``, how many prompt tokens it already has, and the
-        sequence to copy them from (None: they are the target's own)."""
+        sequence to copy them from (None: they are the target's own); ``_AFTER_PREFILL``
+        when a longer shared prefix is being prefilled now; None when nothing fits."""
         prompt = job.request.prompt_tokens
         idle = [s for s in self.sequences if s.job is None]
         if not idle:
@@ -465,6 +479,8 @@ class BatchScheduler:
         }
         source = max(self.sequences, key=lambda s: (reuse[s.seq_id], s.job is None))
         keep = reuse[source.seq_id]
+        if self._prefilling_prefix(prompt) >= keep + MIN_SHARED_PREFILL:
+            return _AFTER_PREFILL
         empty = [s for s in idle if not s.tokens]
         if source.job is None and (keep == len(source.tokens) or (keep > 0 and not empty)):
             # A returning conversation resumes its own sequence (or no sequence is empty).
@@ -480,6 +496,17 @@ class BatchScheduler:
         if not self._make_room(job.reservation, keep=(target, copy_from)):
             return None
         return target, keep, copy_from
+
+    def _prefilling_prefix(self, prompt: list[int]) -> int:
+        """The longest prefix ``prompt`` shares with a running job's prompt still being
+        prefilled (what that job's sequence will hold after its prefill)."""
+        shared = 0
+        for other in self.running:
+            if other.driven or other.decoding or len(other.pending) <= 1 or other.seq is None:
+                continue
+            common = common_prefix_len(other.request.prompt_tokens, prompt)
+            shared = max(shared, min(common, len(prompt) - 1))
+        return shared
 
     def _make_room(self, need: int, keep: tuple[Sequence | None, ...]) -> bool:
         """Evict idle sequences (least recently used first) until ``need`` cells fit."""
@@ -601,3 +628,11 @@ class BatchScheduler:
 
 # A handed-over greedy job's sampler: argmax, marked so the hand-over is set up once.
 _GREEDY = object()
+
+
+class _AfterPrefill:
+    """``_place``'s answer for a job that waits for a running job's prefill of their
+    shared prefix."""
+
+
+_AFTER_PREFILL = _AfterPrefill()

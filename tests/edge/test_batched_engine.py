@@ -305,6 +305,45 @@ async def test_shared_prefix_is_copied_between_concurrent_sequences(
     assert second.finish.stats.cached_tokens == shared
 
 
+async def test_sessions_arriving_together_prefill_their_shared_prefix_once() -> None:
+    """Four conversations with one long system prompt, submitted at once to an empty
+    cache: the first prefills it, the others wait for that and copy its cells, so
+    llama.cpp's counters show the shared tokens evaluated once; each answer is the one
+    served one at a time up to near-ties."""
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly. " * 6}
+    users = ["Name a colour.", "Name a fruit.", "Name a country.", "Name a planet."]
+    one_at_a_time = BatchedEngine(_config(sequences=1))
+    try:
+        prompts = [_prompt(one_at_a_time, [system, {"role": "user", "content": u}]) for u in users]
+        alone = [await _generate(one_at_a_time, _greedy(p, 8)) for p in prompts]
+    finally:
+        await one_at_a_time.close()
+    shared = min(
+        next(i for i, (x, y) in enumerate(zip(prompts[0], p, strict=False)) if x != y)
+        for p in prompts[1:]
+    )
+    assert shared >= 60  # the system prompt, several times MIN_SHARED_PREFILL
+    engine = BatchedEngine(_config(sequences=8))
+    try:
+        # llama.cpp reports a counter still at 0 as 1: start both, with a prompt that
+        # shares no token with the chats.
+        await _generate(engine, _greedy(engine.tokenize("Hello there"), 2))
+        before = engine.perf_counters()
+        together = await asyncio.gather(*(_generate(engine, _greedy(p, 8)) for p in prompts))
+        after = engine.perf_counters()
+    finally:
+        await engine.close()
+    cached = [a.finish.stats.cached_tokens for a in together if a.finish is not None]
+    assert sorted(cached) == [0, shared, shared, shared]
+    decoded = sum(len(a.tokens) - (1 if a.reason == "length" else 0) for a in together)
+    evaluated = sum(after.values()) - sum(before.values())
+    assert evaluated == sum(len(p) for p in prompts) - 3 * shared + decoded, [
+        (len(a.tokens), a.reason) for a in together
+    ]
+    for user, one, batched_answer in zip(users, alone, together, strict=True):
+        _assert_near_tie(one, batched_answer, user)
+
+
 async def test_bad_requests_fail_clearly_and_the_engine_keeps_serving(
     batched: BatchedEngine,
 ) -> None:
