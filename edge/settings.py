@@ -43,9 +43,7 @@ class EdgeSettings(BaseSettings):
     )
     n_threads: int = Field(1, ge=1, description="llama.cpp generation threads per slot")
     n_threads_batch: int | None = Field(None, ge=1, description="prompt threads; default n_threads")
-    slots: int = Field(
-        1, ge=1, le=64, description="batching=slots: concurrent llama.cpp contexts"
-    )
+    slots: int = Field(1, ge=1, le=64, description="batching=slots: concurrent llama.cpp contexts")
     batching: Literal["batched", "slots"] = Field(
         "batched",
         description="'batched': one llama.cpp context decoding up to `sequences` requests "
