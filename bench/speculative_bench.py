@@ -12,6 +12,11 @@ Reported per cell:
 - cloud engine-seconds per output token: the worker's ``engine_busy_s`` (wall
   seconds during which vLLM had at least one request in it, read from its
   ``$SRV.STATS``) over the cell, divided by the output tokens;
+- the tokens the engine computed per output token (``engine_tokens_computed``:
+  prompt tokens not read from the prefix cache, plus generated ones), and their
+  price at the cloud-only cell's busy seconds per computed token: what the route
+  costs an engine shared with other traffic, where a request pays its share of each
+  step rather than a whole step it runs alone in;
 - end-to-end output tokens/s (all sessions together);
 - acceptance rate, tokens per verification, and the share of rounds whose
   draft was drafted during the previous round trip (pipelining).
@@ -67,6 +72,7 @@ class Cell:
     pipelined: int = 0
     wall_s: float = 0.0
     cloud_busy_s: float = 0.0
+    cloud_tokens_computed: int = 0  # prompt tokens not cached, plus generated
     extra: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, float]:
@@ -75,21 +81,23 @@ class Cell:
         return {
             "tokens_per_s": self.tokens / self.wall_s,
             "cloud_ms_per_token": 1000 * self.cloud_busy_s / max(1, self.tokens),
+            "computed_per_token": self.cloud_tokens_computed / max(1, self.tokens),
             "acceptance": self.accepted / self.drafted if self.drafted else nan,
             "tokens_per_verify": self.tokens / self.rounds if self.rounds else nan,
             "pipelined_share": self.pipelined / self.rounds if self.rounds else nan,
         }
 
 
-async def cloud_busy_s(nats_url: str) -> float:
-    """The worker's cumulative engine busy seconds, from its micro-service STATS."""
+async def cloud_cost(nats_url: str) -> tuple[float, int]:
+    """The worker's cumulative engine busy seconds and tokens computed, from its
+    micro-service STATS."""
     nc = await nats.connect(nats_url)
     try:
         reply = await nc.request(f"$SRV.STATS.{subjects.cloud_service_name(MODEL)}", b"", timeout=5)
     finally:
         await nc.close()
-    endpoints = json.loads(reply.data)["endpoints"]
-    return float(endpoints[0]["data"]["engine_busy_s"])
+    data = json.loads(reply.data)["endpoints"][0]["data"]
+    return float(data["engine_busy_s"]), int(data["engine_tokens_computed"])
 
 
 async def run(
@@ -118,11 +126,13 @@ async def run(
             cell.rounds += spec.get("verify_rounds", 0)
             cell.pipelined += spec.get("pipelined_rounds", 0)
 
-        busy_before = await cloud_busy_s(nats_url)
+        busy_before, computed_before = await cloud_cost(nats_url)
         started = time.perf_counter()
         await asyncio.gather(*(one(c) for c in chats))
         cell.wall_s = time.perf_counter() - started
-        cell.cloud_busy_s = await cloud_busy_s(nats_url) - busy_before
+        busy_after, computed_after = await cloud_cost(nats_url)
+        cell.cloud_busy_s = busy_after - busy_before
+        cell.cloud_tokens_computed = computed_after - computed_before
         cell.requests = len(chats)
 
 
@@ -206,25 +216,36 @@ def report(cells: list[Cell], args: argparse.Namespace) -> None:
         f"edge+client core {EDGE_CORE}, "
         f"vLLM worker core {CLOUD_CORE}; load {os.getloadavg()[0]:.2f} at the end"
     )
+    # Two costs per output token: engine busy time (a verification alone in a step pays
+    # the whole step), and the share of shared steps: the tokens the route had the
+    # engine compute, priced at the cloud-only cell's busy ms per computed token (step
+    # time grows with its tokens on this CPU).
     head = (
         f"{'RTT':>4}{'sess':>5}  {'route':<12}{'tok/s':>7}{'cloud ms/tok':>13}"
-        f"{'accept':>8}{'tok/verify':>11}{'pipelined':>10}{'cost ratio':>11}{'speed ratio':>12}"
+        f"{'computed/tok':>13}{'share ms/tok':>13}"
+        f"{'accept':>8}{'tok/verify':>11}{'pipelined':>10}{'cost ratio':>11}"
+        f"{'share ratio':>12}{'speed ratio':>12}"
     )
     print(head)
     base: dict[tuple[float, int], dict[str, float]] = {}
     for cell in cells:
         r = cell.row()
-        ratios = ""
         if cell.route == "cloud":
             base[(cell.rtt_ms, cell.sessions)] = r
-            ratios = f"{'':>11}{'':>12}"
-        else:
-            b = base[(cell.rtt_ms, cell.sessions)]
+        b = base[(cell.rtt_ms, cell.sessions)]
+        ms_per_computed = b["cloud_ms_per_token"] / max(b["computed_per_token"], 1e-9)
+        r["share_ms_per_token"] = r["computed_per_token"] * ms_per_computed
+        ratios = f"{'':>11}{'':>12}{'':>12}"
+        if cell.route != "cloud":
             cost = r["cloud_ms_per_token"] / b["cloud_ms_per_token"]
-            ratios = f"{cost:>10.2f}x{r['tokens_per_s'] / b['tokens_per_s']:>11.2f}x"
+            share = r["share_ms_per_token"] / b["cloud_ms_per_token"]
+            speed = r["tokens_per_s"] / b["tokens_per_s"]
+            ratios = f"{cost:>10.2f}x{share:>11.2f}x{speed:>11.2f}x"
+        cell.extra["share_ms_per_token"] = r["share_ms_per_token"]
         print(
             f"{cell.rtt_ms:>4.0f}{cell.sessions:>5}  {cell.route:<12}{r['tokens_per_s']:>7.1f}"
-            f"{r['cloud_ms_per_token']:>13.2f}{r['acceptance']:>8.2f}"
+            f"{r['cloud_ms_per_token']:>13.2f}{r['computed_per_token']:>13.2f}"
+            f"{r['share_ms_per_token']:>13.2f}{r['acceptance']:>8.2f}"
             f"{r['tokens_per_verify']:>11.2f}{r['pipelined_share']:>10.2f}{ratios}"
         )
     if args.json:

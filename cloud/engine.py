@@ -43,6 +43,9 @@ class EngineLoad:
     prefix_queries: int = 0
     prefix_hits: int = 0
     generated_tokens: int = 0
+    # Prompt tokens computed (not read from a cache) plus tokens generated, counted from
+    # each request's outputs (vLLM's prefix stats skip the requests that bypass the cache).
+    computed_tokens: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -474,10 +477,15 @@ class VllmEngine:
         params = self._sampling(sampling, len(full_prompt), len(resume_ids), kv_transfer_params)
         try:
             with self.busy.occupied():
+                first = True
                 async for out in self._llm.generate(
                     TokensPrompt(prompt_token_ids=full_prompt), params, request_id
                 ):
                     completion = out.outputs[0]
+                    if first:
+                        self.load.computed_tokens += len(full_prompt) - (out.num_cached_tokens or 0)
+                        first = False
+                    self.load.computed_tokens += len(completion.token_ids)
                     yield Delta(
                         token_ids=list(completion.token_ids),
                         text=completion.text,
@@ -600,7 +608,14 @@ class VllmEngine:
             ):
                 final = out
         assert final is not None
+        self._count_computed(len(tokens), final)
         return final
+
+    def _count_computed(self, prompt_len: int, final: Any) -> None:
+        """Add a finished one-shot request's computed tokens (its uncached prompt, its
+        generated tokens) to the load."""
+        generated = len(final.outputs[0].token_ids) if final.outputs else 0
+        self.load.computed_tokens += prompt_len - (final.num_cached_tokens or 0) + generated
 
     async def prefill(
         self,
@@ -634,6 +649,7 @@ class VllmEngine:
         except ValueError as exc:  # vLLM's input validation
             raise BadGenerateRequestError(str(exc)) from exc
         assert final is not None
+        self._count_computed(len(prompt_ids), final)
         tokens = final.outputs[0].token_ids
         return PrefillResult(
             first_token=tokens[0] if tokens else None,

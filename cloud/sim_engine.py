@@ -362,6 +362,7 @@ class SimVllmEngine:
             seq.to_prefill = len(seq.prompt) - seq.cached
             self.load.prefix_queries += len(seq.prompt)
             self.load.prefix_hits += seq.cached
+            self.load.computed_tokens += seq.to_prefill
             self._running[seq.request_id] = seq
         self.load.waiting = len(self._waiting)
         self.load.kv_cache_usage = len(self._running) / self.profile.max_batch
@@ -370,6 +371,7 @@ class SimVllmEngine:
         token = self.vocab.filler_token(seq.emitted)
         seq.emitted += 1
         self.load.generated_tokens += 1
+        self.load.computed_tokens += 1
         piece = self.vocab.token_bytes(token).decode("utf-8", errors="replace")
         text, finish = seq.text + piece, None
         cut = min((i for s in seq.stop if (i := text.find(s)) >= 0), default=None)

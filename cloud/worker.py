@@ -271,6 +271,7 @@ class CloudWorker:
             requests_total=self._requests_total,
             prompt_tokens_total=self._prompt_tokens_total,
             output_tokens_total=load.generated_tokens,
+            engine_tokens_computed=load.computed_tokens,
         )
 
     # -- handlers -------------------------------------------------------------

@@ -88,6 +88,12 @@ class NodeLoad(WireMessage):
     requests_total: int | None = Field(default=None, ge=0)
     prompt_tokens_total: int | None = Field(default=None, ge=0)
     output_tokens_total: int | None = Field(default=None, ge=0)
+    # Cumulative tokens the engine computed: prompt tokens not read from its prefix cache
+    # plus generated ones. A compute-bound engine's step time (vLLM on CPU) grows with
+    # the tokens in it, so a request's share of a step shared with other traffic is its
+    # share of these: what a route costs beside ``engine_busy_s``, which charges a
+    # verification alone in a step the whole step. None from an engine that cannot tell.
+    engine_tokens_computed: int | None = Field(default=None, ge=0)
 
 
 class NodeHeartbeat(WireMessage):

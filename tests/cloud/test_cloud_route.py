@@ -645,11 +645,16 @@ async def _verify_on_a_block_boundary(nc: nats.NATS, prompt: list[int]) -> None:
 
 async def _engine_busy_s(nc: nats.NATS) -> float:
     """Summed ``engine_busy_s`` of the workers, from their micro-service STATS."""
+    return await _summed_stat(nc, "engine_busy_s")
+
+
+async def _summed_stat(nc: nats.NATS, key: str) -> float:
+    """One figure of the workers' micro-service STATS, summed over the workers."""
     inbox = nc.new_inbox()
     replies: list[float] = []
 
     async def collect(msg) -> None:  # type: ignore[no-untyped-def]
-        replies.append(float(json.loads(msg.data)["endpoints"][0]["data"]["engine_busy_s"]))
+        replies.append(float(json.loads(msg.data)["endpoints"][0]["data"][key]))
 
     sub = await nc.subscribe(inbox, cb=collect)
     await nc.publish(f"$SRV.STATS.{subjects.cloud_service_name(MODEL)}", b"", reply=inbox)
@@ -726,12 +731,16 @@ async def test_verify_scores_drafts_against_the_greedy_target(
 
         operator = await _as(nats_server, mesh_dir, "operator")  # $SRV.STATS is an operator's
         busy_before = await _engine_busy_s(operator)
+        computed_before = await _summed_stat(operator, "engine_tokens_computed")
         all_good = await verify(prompt, target[:6])
         assert (all_good.accepted, all_good.next_token) == (6, target[6])
         assert all_good.context_len == len(prompt)
         # One margin per draft and one for the next token; greedy picks have margin >= 0.
         assert len(all_good.margins) == 7 and min(all_good.margins) >= 0
         assert await _engine_busy_s(operator) > busy_before  # the verification kept vLLM busy
+        # It computed the context and drafts its cache did not hold, and the bonus token.
+        computed = await _summed_stat(operator, "engine_tokens_computed") - computed_before
+        assert computed == len(prompt) + 6 - all_good.cached_tokens + 1
         await operator.close()
         # Sampled: a draft sure of the greedy tokens, a nearly-greedy target (T = 0.05):
         # the rejection rule keeps them all.

@@ -151,6 +151,8 @@ async def test_concurrent_requests_batch_and_each_step_grows_with_the_batch(
     assert max(engine_times) == pytest.approx(expected, abs=1e-3)
     assert all(expected - 0.05 < t <= expected + 1e-3 for t in engine_times), engine_times
     assert sim_engine.load.generated_tokens == 80
+    # No prompt shares a first token with another: each was computed whole.
+    assert sim_engine.load.computed_tokens == sum(len(t) for t in prompts) + 80
 
 
 async def test_requests_past_the_batch_limit_wait_for_a_free_place() -> None:
