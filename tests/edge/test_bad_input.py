@@ -181,6 +181,21 @@ ONE_AT_A_TIME = {
     "batched": {"batching": "batched", "sequences": 1},
     "slots": {"batching": "slots", "slots": 1},
 }
+# An answer that cannot end early: its grammar allows no end token before 2,000
+# characters, so the first request holds the edge for all of its 400 tokens (9 s here)
+# however loaded the machine is. A free answer to "hi" ended in 0.3 s, and on a busy
+# machine the second request arrived after it.
+CANNOT_END_EARLY = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "long",
+        "schema": {
+            "type": "object",
+            "properties": {"story": {"type": "string", "minLength": 2000}},
+            "required": ["story"],
+        },
+    },
+}
 
 
 @pytest.mark.parametrize("engine", sorted(ONE_AT_A_TIME))
@@ -192,7 +207,7 @@ def test_queue_full_answers_429_with_retry_after(engine: str) -> None:
             "max_tokens": 400,
             "temperature": 0,
             "stream": True,
-            "stop": ["@@never@@"],
+            "response_format": CANNOT_END_EARLY,
         }
         with httpx.stream("POST", f"{edge.base_url}/v1/chat/completions", json=body) as first:
             assert first.status_code == 200
