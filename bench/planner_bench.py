@@ -10,16 +10,23 @@ model's queue group, the stream back to an inbox, as an edge sends them). A new
 replica serves only ``--engine-start-s`` after it is ordered (vLLM-CPU takes 70-100 s).
 
 The trace (seeded, ``--seed``): the number of active agent sessions follows a diurnal
-curve over ``--duration-s`` seconds (one compressed day), from ``--trough-sessions``
-at night to ``--peak-sessions`` in the afternoon (a raised cosine, trough at t=0), with
-BurstGPT-like bursts on top: the session start rate is modulated by a Gamma(shape
-``--burst-shape``, mean 1) factor redrawn every ``--burst-every-s`` seconds (shape < 1:
-occasional tall bursts, as BurstGPT measured for conversation traffic). A session is
+curve over ``--duration-s`` seconds (one day compressed into 20 minutes by default),
+from ``--trough-sessions`` at night to ``--peak-sessions`` in the afternoon (a raised
+cosine, trough at t=0; the run opens on the night's sessions already running), with
+bursts on top. By default (``--burst-model intervals``) they are BurstGPT's: the gaps
+between session starts are Gamma-distributed with shape ``--burst-shape`` (0.5: a
+squared coefficient of variation of 2, against 1 for Poisson arrivals; BurstGPT fits
+Gamma gaps to Azure's conversation traffic, shape < 1 being burstier) at the diurnal
+rate. ``--burst-model windows`` is a harsher stress: the start rate times a
+Gamma(``--burst-shape``, mean 1) factor redrawn every ``--burst-every-s`` seconds, so a
+window may bring several times the curve's rate. A session is
 2-6 calls; between calls the agent thinks or runs a tool for a lognormal time
 (median ``--gap-median-s``); each call has a prompt of 20-120 words and asks for
 16-64 tokens. The arrival rate is about sessions / (gap + call time).
 
-Policies, each on a fresh mesh replaying the same trace:
+Policies, each on a fresh mesh replaying the same trace, side by side (each policy a
+process with its own nats-server and fleet hosts; ``--sequential`` runs them one after
+the other):
 
 - ``static-peak``: a fixed fleet sized, with the same capacity model as the planner,
   for the trace's peak arrival rate;
@@ -47,7 +54,7 @@ raise ``--peak-sessions``. Each policy's CPU by role (harness, fleet, NATS) and 
 average are recorded, so a run that saturated the machine shows it.
 
     python -m bench.planner_bench --smoke                      # ~2 minutes, tiny
-    python -m bench.planner_bench                  # the full run: 4 policies, ~46 minutes
+    python -m bench.planner_bench            # the full run: 4 policies at once, ~25 minutes
 """
 
 from __future__ import annotations
@@ -96,25 +103,54 @@ def sessions_at(t: float, args: argparse.Namespace) -> float:
 
 
 def make_trace(args: argparse.Namespace) -> list[SessionPlan]:
-    """The seeded sessions of one run (Little's law: start rate = active / session length)."""
+    """The seeded sessions of one run (Little's law: start rate = active / session length).
+
+    The night before t=0 is replayed at the trough's rate and clipped at 0: the run
+    opens on the trough's sessions already part-way through their tasks (the steady
+    state), not on an empty mesh whose first sessions all start together.
+    """
     rng = random.Random(args.seed)
     mean_gap = args.gap_median_s * math.exp(args.gap_sigma**2 / 2)
     mean_calls = 4.0
     session_s = mean_calls * args.call_s + (mean_calls - 1) * mean_gap
-    plans, t, burst, next_burst = [], 0.0, 1.0, 0.0
+    night_s = 4 * session_s  # longer than all but a vanishing share of sessions
+    plans, t, burst, next_burst = [], -night_s, 1.0, 0.0
     while t < args.duration_s:
-        if t >= next_burst:  # Gamma(k, 1/k): mean 1, bursty for k < 1
-            burst = rng.gammavariate(args.burst_shape, 1 / args.burst_shape)
-            next_burst = t + args.burst_every_s
-        rate = sessions_at(t, args) / session_s * burst
-        t += rng.expovariate(max(rate, 1e-6))
+        rate = sessions_at(max(t, 0.0), args) / session_s
+        if args.burst_model == "intervals":  # BurstGPT's model: Gamma(k) gaps, mean 1/rate
+            t += rng.gammavariate(args.burst_shape, 1 / (args.burst_shape * max(rate, 1e-9)))
+        else:  # "windows": the rate itself times a Gamma(k, 1/k) factor, per window
+            if t >= next_burst:
+                burst = rng.gammavariate(args.burst_shape, 1 / args.burst_shape)
+                next_burst = t + args.burst_every_s
+            step = rng.expovariate(max(rate * (burst if t >= 0 else 1.0), 1e-9))
+            if t + step >= next_burst:
+                # The rate changes first. Arrivals are memoryless, so draw again from
+                # there: a step drawn at a near-zero factor would otherwise skip the
+                # windows after it (this generator once lost most of its afternoons so).
+                t = next_burst
+                continue
+            t += step
         n = rng.randint(2, 6)
         calls = [(rng.randint(20, 120), rng.randint(16, 64)) for _ in range(n)]
         gaps = [
             rng.lognormvariate(math.log(args.gap_median_s), args.gap_sigma) for _ in range(n - 1)
         ]
-        plans.append(SessionPlan(t, calls, gaps))
+        plan = _from(SessionPlan(t, calls, gaps), 0.0, args.call_s)
+        if plan is not None and plan.start_s < args.duration_s:
+            plans.append(plan)
     return plans
+
+
+def _from(plan: SessionPlan, at_s: float, call_s: float) -> SessionPlan | None:
+    """The part of ``plan`` from ``at_s`` on (its calls at their planned times, each
+    lasting ``call_s``); None when it ended before."""
+    t = plan.start_s
+    for i in range(len(plan.calls)):
+        if t >= at_s:
+            return SessionPlan(t, plan.calls[i:], plan.gaps_s[i:])
+        t += call_s + (plan.gaps_s[i] if i < len(plan.gaps_s) else 0.0)
+    return None
 
 
 def arrival_rates(trace: list[SessionPlan], args: argparse.Namespace, bin_s: float) -> list[float]:
@@ -389,7 +425,11 @@ def planner_config(args: argparse.Namespace, cap: float) -> Any:
             "workload": {"prompt_tokens": PROMPT_TOKENS, "output_tokens": 40, "cached_share": 0.0},
             "forecaster": args.forecaster,
             "season_periods": 0,
-            **({} if args.trend_damping is None else {"trend_damping": args.trend_damping}),
+            **{
+                key: getattr(args, key)
+                for key in ("trend_damping", "band_z")
+                if getattr(args, key, None) is not None
+            },
             "sample_s": sample_s,
             "tick_s": 1.0,
             "engine_start_s": args.engine_start_s,
@@ -658,7 +698,7 @@ def plot(results: list[dict[str, Any]], path: Path, args: argparse.Namespace) ->
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    p.add_argument("--duration-s", type=float, default=300.0, help="one compressed day, per policy")
+    p.add_argument("--duration-s", type=float, default=1200.0, help="one compressed day")
     p.add_argument("--trough-sessions", type=float, default=60)
     # Sized to this 2-core machine: the whole mesh (fleet, NATS, agents) tops out near
     # 115 calls/s here (docs/benchmarks.md, scale); 1,200 sessions peak at ~52 calls/s,
@@ -671,6 +711,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--burst-shape", type=float, default=0.5)
     p.add_argument("--burst-every-s", type=float, default=15.0)
+    p.add_argument(
+        "--burst-model", choices=["intervals", "windows"], default="intervals",
+        help="intervals: Gamma(--burst-shape) gaps between session starts (BurstGPT's "
+        "model); windows: the start rate times a Gamma factor per --burst-every-s (harsher)",
+    )  # fmt: skip
     p.add_argument("--ttft-ms", type=float, default=2000.0)
     p.add_argument("--itl-ms", type=float, default=250.0)
     p.add_argument("--engine-start-s", type=float, default=20.0)
@@ -678,13 +723,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-down-cooldown-s", type=float, default=None)
     p.add_argument("--trend-damping", type=float, default=None, help="unset: the planner's")
     p.add_argument("--utilization-target", type=float, default=0.9)
+    p.add_argument("--band-z", type=float, default=None, help="unset: the planner's")
     p.add_argument("--forecaster", default="kalman", choices=["kalman", "holt_winters", "last"])
     p.add_argument("--max-replicas", type=int, default=600)
     p.add_argument("--hosts", type=int, default=2)
     p.add_argument("--seed", type=int, default=16)
     p.add_argument("--out", default="bench-results/planner")
     p.add_argument("--smoke", action="store_true", help="a tiny run to check that it works")
+    p.add_argument(
+        "--sequential", action="store_true",
+        help="one policy after the other (default: side by side, each its own mesh)",
+    )  # fmt: skip
     p.add_argument("--host-spec", help=argparse.SUPPRESS)
+    p.add_argument("--policy-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.duration_s, args.trough_sessions, args.peak_sessions = 60.0, 4, 40
@@ -693,27 +744,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each policy in its own process, on its own mesh, all at once: every policy sees
+    the same machine at the same moment, and a run takes one day instead of four."""
+    import subprocess
+
+    out = Path(args.out)
+    children = []
+    for policy in args.policies:
+        spec = {**vars(args), "policies": [policy], "policy_child": None, "host_spec": None}
+        children.append(
+            (policy, subprocess.Popen(
+                [sys.executable, "-m", "bench.planner_bench", "--policy-child", json.dumps(spec)]
+            ))
+        )  # fmt: skip
+    results = []
+    for policy, child in children:
+        if child.wait() != 0:
+            raise SystemExit(f"policy {policy} failed (exit {child.returncode})")
+        results.append(json.loads((out / f"{policy}.json").read_text()))
+    return results
+
+
+def _brief(result: dict[str, Any]) -> str:
+    series = ("timeline", "ttft_series", "demand_rps", "decisions")
+    return json.dumps({k: v for k, v in result.items() if k not in series})
+
+
 def main() -> None:
     args = parse_args()
     if args.host_spec:
         host_main(json.loads(args.host_spec))
+        return
+    if args.policy_child:  # one policy of a side-by-side run
+        args = argparse.Namespace(**json.loads(args.policy_child))
+        trace = make_trace(args)
+        result = asyncio.run(run_policy(args.policies[0], args, trace))
+        (Path(args.out) / f"{args.policies[0]}.json").write_text(json.dumps(result))
+        print(_brief(result), flush=True)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trace = make_trace(args)
     print(f"{LABEL}: {len(trace)} sessions over {args.duration_s:.0f} s; capacity "
           f"{capacity(args):.2f} calls/s per replica", flush=True)  # fmt: skip
-    results = []
-    for policy in args.policies:
-        print(f"policy {policy} ...", flush=True)
-        result = asyncio.run(run_policy(policy, args, trace))
-        results.append(result)
-        brief = {
-            k: v
-            for k, v in result.items()
-            if k not in ("timeline", "ttft_series", "demand_rps", "decisions")
-        }
-        print(json.dumps(brief), flush=True)
+    if args.sequential or len(args.policies) == 1:
+        results = []
+        for policy in args.policies:
+            print(f"policy {policy} ...", flush=True)
+            results.append(asyncio.run(run_policy(policy, args, trace)))
+            print(_brief(results[-1]), flush=True)
+    else:
+        print(f"policies {', '.join(args.policies)}, side by side ...", flush=True)
+        results = run_side_by_side(args)
     (out / "results.json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=1)
     )

@@ -3,12 +3,15 @@ bench.planner_bench``, documented in docs/benchmarks.md): seeded, diurnal, burst
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
 
 from bench.planner_bench import (
     CpuMeter,
+    SessionPlan,
+    _from,
     arrival_rates,
     make_trace,
     markdown,
@@ -28,7 +31,27 @@ def test_the_trace_is_seeded_and_follows_the_diurnal_curve() -> None:
     night = statistics.fmean(rates[:3])  # the trough at t=0 ...
     afternoon = statistics.fmean(rates[12:18])  # ... the peak mid-run
     assert afternoon > 4 * night
-    assert all(2 <= len(p.calls) <= 6 and len(p.gaps_s) == len(p.calls) - 1 for p in trace)
+    assert all(1 <= len(p.calls) <= 6 and len(p.gaps_s) == len(p.calls) - 1 for p in trace)
+
+
+def test_the_run_opens_on_the_nights_sessions_already_running() -> None:
+    """The steady state at t=0: the trough's calls arrive at the trough's rate from the
+    first seconds (an empty mesh whose sessions all start at once gets a third of it)."""
+    args = parse_args(["--trough-sessions", "200", "--peak-sessions", "2000"])
+    mean_gap = args.gap_median_s * math.exp(args.gap_sigma**2 / 2)
+    session_s = 4 * args.call_s + 3 * mean_gap
+    steady = args.trough_sessions / session_s * 4  # calls/s: 4 calls per session
+    first_30_s = statistics.fmean(arrival_rates(make_trace(args), args, bin_s=10.0)[:3])
+    assert 0.7 * steady < first_30_s < 1.3 * steady
+    assert min(p.start_s for p in make_trace(args)) >= 0
+
+
+def test_a_session_part_way_through_keeps_its_remaining_calls_and_gaps() -> None:
+    plan = SessionPlan(-30.0, [(10, 16), (20, 32), (30, 48)], [10.0, 40.0])
+    # calls at -30 and -30 + 2.5 + 10 = -17.5 (both before 0), then at 25.0
+    assert _from(plan, 0.0, call_s=2.5) == SessionPlan(25.0, [(30, 48)], [])
+    assert _from(plan, -20.0, call_s=2.5) == SessionPlan(-17.5, [(20, 32), (30, 48)], [40.0])
+    assert _from(plan, 30.0, call_s=2.5) is None
 
 
 def test_the_report_shows_cpu_by_role_and_the_load() -> None:
