@@ -173,6 +173,10 @@ class PlannerConfig(_Strict):
     # and in both modes the floor a scale-down keeps for the requests already here.
     in_flight_per_replica: Annotated[float, Field(gt=0)] = 8.0
     utilization_target: Annotated[float, Field(gt=0, le=1)] = 0.9  # of derived capacity
+    # The share of calls a replica's TTFT must meet the target for: capacity is sized
+    # on that quantile of the engine's steps under Poisson arrivals (``ttft_quantile_s``).
+    # None: the mean step's bound, which at its capacity left 4% of calls above target.
+    ttft_quantile: Annotated[float, Field(gt=0, lt=1)] | None = 0.95
     # Size for the forecast's mean + z·std of the arrival rate (not of one sample's
     # count: the queues absorb that noise; ``Forecast.upper``).
     band_z: Annotated[float, Field(ge=0)] = 1.0

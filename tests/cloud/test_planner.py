@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from cloud.planner import Sizing, decide, meets_slo, replica_capacity_rps, step_time_s
+from cloud.planner import (
+    Sizing,
+    decide,
+    meets_slo,
+    replica_capacity_rps,
+    step_time_s,
+    ttft_quantile_s,
+)
 from cloud.planner_config import PlannerConfig, PlannerConfigError
 from cloud.planner_forecast import HoltWinters, KalmanTrend, RateMeter
 from models.latency import EngineProfile, LinearFit
@@ -132,6 +139,34 @@ def test_capacity_is_the_largest_rate_within_the_slo() -> None:
     assert replica_capacity_rps(p, 100, 40, 2.0, 0.04) == 0.0
 
 
+def test_the_ttft_quantile_follows_the_engines_steps_under_poisson_arrivals() -> None:
+    """Alone, a prompt waits for at most one decode step, then its own prefill; as calls
+    clump, steps that prefill several prompts stretch the tail far past the mean."""
+    p = _profile()
+    alone = p.tpot.intercept + 100 * 0.004  # a decode step plus its own prefill
+    quiet = ttft_quantile_s(p, 0.01, 100, 40, 0.99)
+    assert alone <= quiet <= alone + p.tpot.intercept + 0.01
+    busy = [ttft_quantile_s(p, 1.0, 100, 40, q) for q in (0.5, 0.95, 0.99)]
+    assert busy == sorted(busy) and busy[2] > 2 * busy[0]
+    assert ttft_quantile_s(p, 1.0, 100, 40, 0.99) == busy[2]  # seeded: the same again
+    rates = [0.2, 0.5, 1.0, 1.5]
+    tails = [ttft_quantile_s(p, r, 100, 40, 0.99) for r in rates]
+    assert tails == sorted(tails)
+    assert ttft_quantile_s(p, 50.0, 100, 40, 0.99) == math.inf  # beyond saturation
+
+
+def test_capacity_for_a_ttft_quantile_keeps_that_share_within_the_target() -> None:
+    p = _profile()
+    mean_bound = replica_capacity_rps(p, 100, 40, 2.0, 0.25)
+    p95 = replica_capacity_rps(p, 100, 40, 2.0, 0.25, ttft_quantile=0.95)
+    p99 = replica_capacity_rps(p, 100, 40, 2.0, 0.25, ttft_quantile=0.99)
+    assert 0 < p99 < p95 <= mean_bound
+    assert ttft_quantile_s(p, p99 * 0.99, 100, 40, 0.99) <= 2.0
+    assert ttft_quantile_s(p, p99 * 1.05, 100, 40, 0.99) > 2.0
+    # The mean-step bound at its own capacity leaves far more than 1% above target.
+    assert ttft_quantile_s(p, mean_bound, 100, 40, 0.99) > 2.0
+
+
 # -- decisions -----------------------------------------------------------------------------
 
 
@@ -183,6 +218,19 @@ def test_scale_down_drains_the_whole_excess_at_once_never_below_the_minimum() ->
     assert decide(config, partly)[:3:2] == ("scale_down", 4)
     starting = _sizing(provisioned=4, ready=3, starting=1, forecast_rps=0.0, measured_rps=0.0)
     assert decide(config, starting)[0] == "hold"
+
+
+def test_no_scale_down_before_the_planner_has_measured_a_window_of_demand() -> None:
+    """A planner (re)started on a running fleet reads a rate of 0 before its first
+    samples: it holds until it has measured one scale-down window, then acts."""
+    config = _config()  # window 60 s
+    fresh = dict(provisioned=4, ready=4, forecast_rps=0.0, measured_rps=0.0, last_up_at=-1e9)
+    action, _, target, reason = decide(config, _sizing(**fresh, observed_s=1.0))
+    assert (action, target) == ("hold", 4) and "measuring demand" in reason
+    assert decide(config, _sizing(**fresh, observed_s=61.0))[:3:2] == ("scale_down", 1)
+    # Scale-up does not wait: a queue seen in the first second is served at once.
+    up = decide(config, _sizing(**fresh, observed_s=1.0, waiting=40))
+    assert up[0] == "scale_up"
 
 
 def test_scale_down_keeps_the_windows_most_and_what_is_in_flight() -> None:

@@ -231,8 +231,9 @@ async def test_each_decision_records_the_forecast_mean_its_bounded_band_and_the_
     assert decision.measured_rps == pytest.approx(16.0)
     assert max(cut[12:]) > 0.01  # after the step the bound did bite
     ttft_ms, itl_ms = planner.slo_targets_ms()
-    uncached = 400 * (1 - config.workload.cached_share)
+    uncached = round(400 * (1 - config.workload.cached_share))
     expected = replica_capacity_rps(
-        LatencyProfile.default().cloud, uncached, 20, ttft_ms / 1e3, itl_ms / 1e3
-    )
+        LatencyProfile.default().cloud, uncached, 20, ttft_ms / 1e3, itl_ms / 1e3,
+        config.ttft_quantile,
+    )  # fmt: skip
     assert expected > 0 and decision.capacity_rps == pytest.approx(expected, abs=1e-3)
