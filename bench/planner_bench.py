@@ -411,9 +411,8 @@ def capacity(args: argparse.Namespace) -> float:
     from models.latency import LatencyProfile
 
     profile = LatencyProfile.default().cloud
-    prompt_tokens = PROMPT_TOKENS  # mean words, ~1.3 tokens each, plus the chat template
     return replica_capacity_rps(
-        profile, prompt_tokens, 40, args.ttft_ms / 1e3, args.itl_ms / 1e3, args.ttft_quantile
+        profile, PROMPT_TOKENS, 40, args.ttft_ms / 1e3, args.itl_ms / 1e3, args.ttft_quantile
     )
 
 
