@@ -42,7 +42,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from cloud.disaggregation import PrefillCounts, PrefixIndex, RemotePrefill
-from cloud.engine import CloudEngine
+from cloud.engine import CloudEngine, Delta
 from cloud.errors import (
     AtCapacityError,
     BadGenerateRequestError,
@@ -80,13 +80,40 @@ W = TypeVar("W", GenerateRequest, VerifyRequest, PrefillRequest)
 
 
 class _Stream:
-    """Publishes one request's chunks in order, with keepalives while the engine is quiet."""
+    """Publishes one request's chunks in order, with the tokens not sent yet held here.
+
+    The keepalive ticker flushes a stream that has been quiet for a keepalive period:
+    its held tokens, or an empty chunk (a keepalive) when it holds none."""
 
     def __init__(self, nc: Client, request: GenerateRequest) -> None:
         self._nc = nc
         self._request = request
         self._seq = 0
         self.last_sent = time.monotonic()
+        self._ids: list[int] = []
+        self._text: list[str] = []
+        self._logprobs: list[TokenLogprob] | None = (
+            [] if request.sampling.logprobs is not None else None
+        )
+
+    @property
+    def held(self) -> int:
+        """Tokens held, not sent yet."""
+        return len(self._ids)
+
+    def hold(self, delta: Delta) -> None:
+        self._ids.extend(delta.token_ids)
+        self._text.append(delta.text)
+        if self._logprobs is not None:
+            self._logprobs.extend(delta.logprobs or [])
+
+    async def flush(self, **fields: Any) -> None:
+        """Send the held tokens (if any) with ``fields`` in one chunk."""
+        ids, text, logprobs = self._ids, "".join(self._text), self._logprobs
+        self._ids, self._text = [], []
+        if logprobs is not None:
+            self._logprobs = []
+        await self.send(token_ids=ids, text=text, logprobs=logprobs if ids else None, **fields)
 
     async def send(self, **fields: Any) -> None:
         chunk = TokenChunk(request_id=self._request.request_id, seq=self._seq, **fields)
@@ -512,15 +539,14 @@ class CloudWorker:
         cached = 0
         finish: str | None = None
         engine_s: float | None = None
-        # The first tokens go out at once (time to first token); later ones in messages
-        # of ``stream_interval`` tokens; the last ones ride in the end chunk (one message
-        # fewer per answer; the edge relays a chunk's tokens before its end).
-        held_ids: list[int] = []
-        held_text: list[str] = []
-        held_logprobs: list[TokenLogprob] | None = (
-            [] if request.sampling.logprobs is not None else None
-        )
-        interval, first = self.settings.stream_interval, True
+        # Streaming: the first tokens go out at once (time to first token), later ones in
+        # messages of ``stream_interval`` tokens. Not streaming (the client sees the answer
+        # whole): tokens wait for the keepalive ticker, which sends what a quiet stream
+        # holds once per keepalive period (the edge's stall check and a failover's resume
+        # point stay as fresh as with keepalives), instead of one message per token.
+        # Either way the last ones ride in the end chunk (one message fewer per answer).
+        interval = self.settings.stream_interval if request.streaming else None
+        first = True
         async for delta in self.engine.generate(
             request.request_id,
             prompt,
@@ -534,24 +560,16 @@ class CloudWorker:
             text_parts.append(delta.text)
             finish = delta.finish_reason
             engine_s = delta.engine_s if delta.engine_s is not None else engine_s
-            held_ids.extend(delta.token_ids)
-            held_text.append(delta.text)
-            if held_logprobs is not None:
-                held_logprobs.extend(delta.logprobs or [])
-            last = delta.finish_reason is not None
-            if (held_ids or delta.text) and (first or len(held_ids) >= interval) and not last:
-                await stream.send(
-                    token_ids=held_ids, text="".join(held_text), logprobs=held_logprobs
-                )
-                held_ids, held_text, first = [], [], False
-                held_logprobs = None if held_logprobs is None else []
+            stream.hold(delta)
+            if interval is None or delta.finish_reason is not None:
+                continue
+            if (stream.held or delta.text) and (first or stream.held >= interval):
+                await stream.flush()
+                first = False
         if self._remote is not None:  # vLLM now caches the prompt and the answer
             self._remote.index.add(prompt + request.resume_token_ids + generated)
         _, tool_calls = self.engine.parse_tool_calls("".join(text_parts), checked)
-        await stream.send(
-            token_ids=held_ids,
-            text="".join(held_text),
-            logprobs=held_logprobs if held_ids else None,
+        await stream.flush(
             is_end=True,
             finish_reason="tool_calls" if tool_calls else (finish or "stop"),
             tool_calls=tool_calls,
@@ -566,7 +584,8 @@ class CloudWorker:
         )
 
     async def _keepalives(self) -> None:
-        """Empty chunks on streams vLLM is quiet on, so the edge can tell slow from dead.
+        """A chunk on each stream quiet for a keepalive period, so the edge can tell slow
+        from dead: the tokens it holds, or an empty chunk (a keepalive).
 
         One ticker for all streams: a loop per request woke every quarter second
         for each of hundreds of requests waiting in vLLM's queue.
@@ -577,7 +596,7 @@ class CloudWorker:
             now = time.monotonic()
             for stream in [s for s in self._streams.values() if now - s.last_sent >= period]:
                 with contextlib.suppress(Exception):  # NATS away: the edge's failover acts
-                    await stream.send()
+                    await stream.flush()
 
     async def _watch_requester(self, request: GenerateRequest) -> None:
         """Abort when the requester's liveness inbox stops answering (it went away)."""

@@ -108,11 +108,14 @@ class CloudRoute:
         session_id: str | None,
         deadline: float | None,
         resume_token_ids: list[int] | None = None,
+        streaming: bool = True,
     ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         """Stream a cloud generation as engine-style events, failing over if a worker dies.
 
         ``resume_token_ids``: the answer's tokens so far (an edge answer escalated midway);
-        the worker continues after them, and only new tokens are streamed back."""
+        the worker continues after them, and only new tokens are streamed back.
+        ``streaming`` False: the client sees the answer whole, so the worker may send
+        tokens in a few larger chunks (``GenerateRequest.streaming``)."""
         nc = self._nc()
         inbox, chunks = await self._inboxes.open(nc)
         base = GenerateRequest(
@@ -125,6 +128,7 @@ class CloudRoute:
             sampling=sampling,
             reply_subject=inbox,
             deadline=deadline,
+            streaming=streaming,
         )
         received: list[int] = list(resume_token_ids or [])
         attempt_id: str | None = None

@@ -277,6 +277,8 @@ class ResponsesRequest(OpenAIRequest):
             "logprobs": logprobs or None,
             "top_logprobs": self.top_logprobs if logprobs else None,
             "user": self.user,
+            # A streamed response wants the cloud's tokens as they come (serving.serve_cloud).
+            "stream": self.stream,
         }
         try:
             return ChatCompletionRequest.model_validate(

@@ -139,6 +139,7 @@ async def serve_cloud(
             session_id=call.session_id,
             deadline=deadline_in(state.settings.cloud_timeout_s),
             resume_token_ids=resume_token_ids,
+            streaming=body.stream,
         )
         if edge_rest is not None and plan.cloud_unavailable == "edge" and _resumable(body):
             events = _finishing_on_edge(state, call, edge_rest, events)

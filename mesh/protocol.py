@@ -178,6 +178,18 @@ class GenerateRequest(WireMessage):
     resume_token_ids: list[int] = Field(default_factory=list)
     reply_subject: str = Field(min_length=1)
     deadline: float | None = None
+    # False: the requester's client is not streaming (it sees the answer only whole), so
+    # the worker may hold tokens, sending what it has once per keepalive period (a
+    # failover still resumes from them) and the rest in the end chunk: one message per
+    # ~half second of decoding instead of one per token. Left out of the JSON when True,
+    # so a streaming request reads the same to a worker that predates the field.
+    streaming: bool = True
+
+    def to_bytes(self) -> bytes:
+        """JSON bytes; ``streaming`` only when False (see the field)."""
+        if self.streaming:
+            return self.__pydantic_serializer__.to_json(self, exclude={"streaming"})
+        return super().to_bytes()
 
 
 class GenerateAccepted(WireMessage):

@@ -72,7 +72,9 @@ USAGE = StreamUsage(prompt_tokens=12, completion_tokens=4, cached_tokens=8, work
 def test_round_trip_through_bytes(message: NodeLoad) -> None:
     data = message.to_bytes()
     assert type(message).from_bytes(data) == message
-    assert data == message.model_dump_json().encode()  # the wire JSON, byte for byte
+    # The wire JSON, byte for byte (a streamed GenerateRequest leaves out ``streaming``).
+    leave_out = {"streaming"} if isinstance(message, GenerateRequest) else None
+    assert data == message.model_dump_json(exclude=leave_out).encode()
     assert json.loads(data)["schema_version"] == 1
 
 
@@ -177,3 +179,12 @@ def test_unknown_error_codes_are_protocol_errors() -> None:
         ErrorInfo.from_bytes(json.dumps(payload))
     payload["code"] = 500
     assert ErrorInfo.from_bytes(json.dumps(payload)).code is ErrorCode.SERVER_ERROR
+
+
+def test_streaming_is_on_the_wire_only_when_false() -> None:
+    """A streamed request's bytes are what a worker that predates the field reads."""
+    streamed = json.loads(REQUEST.to_bytes())
+    assert "streaming" not in streamed and GenerateRequest.from_bytes(REQUEST.to_bytes()).streaming
+    whole = REQUEST.model_copy(update={"streaming": False})
+    assert json.loads(whole.to_bytes())["streaming"] is False
+    assert GenerateRequest.from_bytes(whole.to_bytes()) == whole

@@ -1,4 +1,5 @@
-"""A cloud worker's stream_interval groups tokens after the first, over real NATS.
+"""A cloud worker's stream_interval groups tokens after the first, and a request that is
+not streamed gets its tokens in a few chunks, over real NATS.
 
 An in-process ``CloudWorker`` with the simulated engine (only the forward pass is
 simulated), a real nats-server, and the edge's own inbox multiplexer on the other
@@ -29,11 +30,20 @@ MODEL = DEFAULT_PAIR
 MESSAGES: list[dict[str, Any]] = [{"role": "user", "content": "Count to ten."}]
 
 
-async def _chunks(nats_url: str, interval: int, max_tokens: int) -> list[TokenChunk]:
-    """Every chunk of one answer from a worker with ``stream_interval=interval``."""
+async def _chunks(
+    nats_url: str, interval: int, max_tokens: int, *, streaming: bool = True, **more: Any
+) -> list[TokenChunk]:
+    """Every chunk of one answer from a worker with ``stream_interval=interval`` (and the
+    other settings in ``more``) to a request with ``streaming``."""
     worker_id = f"sim-interval-{interval}-{uuid.uuid4().hex[:6]}"
     settings = CloudSettings.model_validate(
-        {"nats_url": nats_url, "worker_id": worker_id, "engine": "sim", "stream_interval": interval}
+        {
+            "nats_url": nats_url,
+            "worker_id": worker_id,
+            "engine": "sim",
+            "stream_interval": interval,
+            **more,
+        }
     )
     engine = SimVllmEngine(settings)
     await engine.start()
@@ -49,6 +59,7 @@ async def _chunks(nats_url: str, interval: int, max_tokens: int) -> list[TokenCh
             messages=MESSAGES,
             sampling=SamplingParams(max_tokens=max_tokens, temperature=0),
             reply_subject=inbox,
+            streaming=streaming,
         )
         reply = await nc.request(
             subjects.worker(worker_id, "generate"), request.to_bytes(), timeout=10
@@ -83,3 +94,35 @@ async def test_tokens_after_the_first_travel_in_groups(nats_server: EmbeddedNats
     for chunks in (one_by_one, grouped):
         usage = chunks[-1].usage
         assert chunks[-1].is_end and usage is not None and usage.completion_tokens == 11
+
+
+def _content(chunks: list[TokenChunk]) -> list[TokenChunk]:
+    return [c for c in chunks if c.token_ids and not c.error]
+
+
+async def test_an_answer_not_streamed_is_held_until_a_keepalive_is_due(
+    nats_server: EmbeddedNats,
+) -> None:
+    streamed = await _chunks(nats_server.url, 1, max_tokens=11)
+    # The whole answer takes ~0.6 s of simulated decoding, well inside half the keepalive
+    # period: it all rides in the end chunk.
+    whole = await _chunks(nats_server.url, 1, max_tokens=11, streaming=False, keepalive_s=10)
+    assert [len(c.token_ids) for c in _content(whole)] == [11]
+    assert len(whole) == 1 and whole[-1].is_end
+    tokens = [t for c in _content(streamed) for t in c.token_ids]
+    assert whole[0].token_ids == tokens
+    assert whole[0].text == "".join(c.text for c in _content(streamed))
+    usage = whole[-1].usage
+    assert usage is not None and usage.completion_tokens == 11
+
+
+async def test_an_answer_not_streamed_still_sends_what_it_has_each_half_keepalive(
+    nats_server: EmbeddedNats,
+) -> None:
+    # 40 decode steps of ~56 ms each (the shipped profile) against a send every 0.25 s:
+    # several chunks (a failover resumes from them), far fewer than one per token.
+    chunks = await _chunks(nats_server.url, 1, max_tokens=40, streaming=False, keepalive_s=0.5)
+    sizes = [len(c.token_ids) for c in _content(chunks)]
+    assert sum(sizes) == 40
+    assert 2 <= len(sizes) <= 20, sizes
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
