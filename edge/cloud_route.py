@@ -326,8 +326,7 @@ class CloudRoute:
             # workers by their own subjects, least loaded first, the group last.
             return [*self._other_workers(verb, avoid), queue]
         worker = self._affinity.get(session_id) if session_id else None
-        healthy = {b.node_id for b in self._fleet.healthy_workers(self._model)}
-        if worker is not None and worker in healthy:
+        if worker is not None and self._fleet.is_healthy_worker(self._model, worker):
             return [subjects.worker(worker, verb), queue]
         return [queue]
 

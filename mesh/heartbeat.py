@@ -129,7 +129,10 @@ class FleetView:
         # The edge asks for the healthy workers several times per request, and a fleet
         # of hundreds beats hundreds of times a second: the sorted answer is kept for
         # _HEALTHY_TTL_S, and dropped at once when a node joins, leaves or drains.
-        self._healthy: dict[tuple[str, float], tuple[float, list[NodeHeartbeat]]] = {}
+        # (model, max age) -> (when, healthy workers least loaded first, their ids)
+        self._healthy: dict[
+            tuple[str, float], tuple[float, list[NodeHeartbeat], frozenset[str]]
+        ] = {}
         self._next_forget_at = 0.0
 
     async def start(self) -> None:
@@ -161,11 +164,21 @@ class FleetView:
         The answer may be up to ``_HEALTHY_TTL_S`` old in its load figures, never in
         which nodes it lists. Do not change the list returned: it is shared.
         """
+        return self._healthy_now(model, max_age_s)[1]
+
+    def is_healthy_worker(self, model: str, node_id: str, max_age_s: float = 5.0) -> bool:
+        """Whether ``node_id`` is among ``healthy_workers(model)``: a set lookup, not a scan
+        (the edge asks on every request with session affinity)."""
+        return node_id in self._healthy_now(model, max_age_s)[2]
+
+    def _healthy_now(
+        self, model: str, max_age_s: float
+    ) -> tuple[float, list[NodeHeartbeat], frozenset[str]]:
         now = self._clock()
         key = (model, max_age_s)
         cached = self._healthy.get(key)
         if cached is not None and now - cached[0] < _HEALTHY_TTL_S:
-            return cached[1]
+            return cached
         workers = [
             beat
             for beat in self.nodes(max_age_s)
@@ -175,8 +188,9 @@ class FleetView:
             and beat.worker_role != "prefill"  # prefill workers serve decode workers only
         ]
         workers.sort(key=lambda b: (b.load.waiting, b.load.running, b.node_id))
-        self._healthy[key] = (now, workers)
-        return workers
+        entry = (now, workers, frozenset(b.node_id for b in workers))
+        self._healthy[key] = entry
+        return entry
 
     async def _handle_beat(self, msg: Msg) -> None:
         try:

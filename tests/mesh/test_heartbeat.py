@@ -54,11 +54,16 @@ async def test_fleet_sees_beats_and_forgets_stale_ones(nc: Client) -> None:
         assert {"cloud.busy", "cloud-idle", "edge-1"} <= set(ids(fleet.nodes()))
         assert ids(fleet.healthy_workers(MODEL)) == ["cloud-idle", "cloud.busy"]
         assert fleet.healthy_workers("another-model") == []
+        assert fleet.is_healthy_worker(MODEL, "cloud.busy")
+        assert not fleet.is_healthy_worker(MODEL, "edge-1")  # an edge is no worker
+        assert not fleet.is_healthy_worker("another-model", "cloud.busy")
         await busy.stop()
         await asyncio.sleep(0.5)
         assert "cloud.busy" not in ids(fleet.nodes(max_age_s=0.3))
         assert "cloud.busy" in ids(fleet.nodes(max_age_s=60))
         assert ids(fleet.healthy_workers(MODEL, max_age_s=0.3)) == ["cloud-idle"]
+        assert not fleet.is_healthy_worker(MODEL, "cloud.busy", max_age_s=0.3)
+        assert fleet.is_healthy_worker(MODEL, "cloud-idle", max_age_s=0.3)
     finally:
         for beats in (busy, idle, edge):
             await beats.stop()
