@@ -539,12 +539,14 @@ class CloudWorker:
         cached = 0
         finish: str | None = None
         engine_s: float | None = None
-        # Streaming: the first tokens go out at once (time to first token), later ones in
-        # messages of ``stream_interval`` tokens. Not streaming (the client sees the answer
-        # whole): tokens wait for the keepalive ticker, which sends what a quiet stream
-        # holds once per keepalive period (the edge's stall check and a failover's resume
-        # point stay as fresh as with keepalives), instead of one message per token.
-        # Either way the last ones ride in the end chunk (one message fewer per answer).
+        # The first tokens go out at once, streamed or not: time to first token is what
+        # the edge measures the cloud by (the policy's cloud latency, the TTFT metric).
+        # Streaming, later ones go in messages of ``stream_interval`` tokens. Not
+        # streaming (the client sees the answer whole), they wait for the keepalive
+        # ticker, which sends what a quiet stream holds once per keepalive period (the
+        # edge's stall check and a failover's resume point stay as fresh as with
+        # keepalives), instead of one message per token. Either way the last ones ride in
+        # the end chunk (one message fewer per answer).
         interval = self.settings.stream_interval if request.streaming else None
         first = True
         async for delta in self.engine.generate(
@@ -561,9 +563,9 @@ class CloudWorker:
             finish = delta.finish_reason
             engine_s = delta.engine_s if delta.engine_s is not None else engine_s
             stream.hold(delta)
-            if interval is None or delta.finish_reason is not None:
+            if delta.finish_reason is not None or not (stream.held or delta.text):
                 continue
-            if (stream.held or delta.text) and (first or stream.held >= interval):
+            if first or (interval is not None and stream.held >= interval):
                 await stream.flush()
                 first = False
         if self._remote is not None:  # vLLM now caches the prompt and the answer

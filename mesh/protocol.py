@@ -179,10 +179,10 @@ class GenerateRequest(WireMessage):
     reply_subject: str = Field(min_length=1)
     deadline: float | None = None
     # False: the requester's client is not streaming (it sees the answer only whole), so
-    # the worker may hold tokens, sending what it has once per keepalive period (a
-    # failover still resumes from them) and the rest in the end chunk: one message per
-    # ~half second of decoding instead of one per token. Left out of the JSON when True,
-    # so a streaming request reads the same to a worker that predates the field.
+    # the worker may hold tokens after the first, sending what it has once per keepalive
+    # period (a failover still resumes from them) and the rest in the end chunk: one
+    # message per ~half second of decoding instead of one per token. Left out of the
+    # JSON when True, so a streaming request reads the same to a worker that predates it.
     streaming: bool = True
 
     def to_bytes(self) -> bytes:

@@ -100,26 +100,27 @@ def _content(chunks: list[TokenChunk]) -> list[TokenChunk]:
     return [c for c in chunks if c.token_ids and not c.error]
 
 
-async def test_an_answer_not_streamed_is_held_until_a_keepalive_is_due(
+async def test_an_answer_not_streamed_sends_its_first_token_then_waits_for_a_keepalive(
     nats_server: EmbeddedNats,
 ) -> None:
     streamed = await _chunks(nats_server.url, 1, max_tokens=11)
-    # The whole answer takes ~0.6 s of simulated decoding, well inside half the keepalive
-    # period: it all rides in the end chunk.
+    # The whole answer takes ~0.6 s of simulated decoding, well inside the keepalive
+    # period: the first token goes at once (the edge's time to first token), the rest
+    # rides in the end chunk.
     whole = await _chunks(nats_server.url, 1, max_tokens=11, streaming=False, keepalive_s=10)
-    assert [len(c.token_ids) for c in _content(whole)] == [11]
-    assert len(whole) == 1 and whole[-1].is_end
+    assert [len(c.token_ids) for c in _content(whole)] == [1, 10]
+    assert len(whole) == 2 and whole[-1].is_end
     tokens = [t for c in _content(streamed) for t in c.token_ids]
-    assert whole[0].token_ids == tokens
-    assert whole[0].text == "".join(c.text for c in _content(streamed))
+    assert [t for c in whole for t in c.token_ids] == tokens
+    assert "".join(c.text for c in whole) == "".join(c.text for c in _content(streamed))
     usage = whole[-1].usage
     assert usage is not None and usage.completion_tokens == 11
 
 
-async def test_an_answer_not_streamed_still_sends_what_it_has_each_half_keepalive(
+async def test_an_answer_not_streamed_still_sends_what_it_has_each_keepalive_period(
     nats_server: EmbeddedNats,
 ) -> None:
-    # 40 decode steps of ~56 ms each (the shipped profile) against a send every 0.25 s:
+    # 40 decode steps of ~56 ms each (the shipped profile) against a send every 0.5-0.75 s:
     # several chunks (a failover resumes from them), far fewer than one per token.
     chunks = await _chunks(nats_server.url, 1, max_tokens=40, streaming=False, keepalive_s=0.5)
     sizes = [len(c.token_ids) for c in _content(chunks)]
