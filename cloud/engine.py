@@ -398,19 +398,28 @@ class VllmEngine:
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> list[int]:
         """Prompt token ids of a chat, through the HF tokenizer and the catalog's template."""
+        return self.tokenize(self.render_text(messages, tools))
+
+    def render_text(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> str:
+        """A chat's prompt text: the catalog's template, ending with the assistant header."""
         try:
-            ids = self._tokenizer.apply_chat_template(
+            text = self._tokenizer.apply_chat_template(
                 messages,
                 tools=tools,
                 chat_template=self.template,
                 add_generation_prompt=True,
-                tokenize=True,
+                tokenize=False,
             )
         except Exception as exc:  # jinja errors, bad message shapes, bad tool schemas
             raise BadGenerateRequestError(f"cannot render the conversation: {exc}") from exc
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return str(text)
+
+    def tokenize(self, text: str) -> list[int]:
+        """A rendered prompt's token ids (as ``apply_chat_template(tokenize=True)``
+        makes them: no special tokens added, the template has them)."""
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _sampling(
         self,
@@ -722,6 +731,10 @@ class CloudEngine(Protocol):
     def render(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> list[int]: ...
+    def render_text(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> str: ...
+    def tokenize(self, text: str) -> list[int]: ...
     def generate(
         self,
         request_id: str,

@@ -105,6 +105,15 @@ class _TandemCollector(Collector):
             ("refused_wrong_model",
              "Requests refused (503) for naming a model this worker does not serve.",
              w.refused_wrong_model),
+            # cloud.prompt_reuse: the edge's prompt token ids, or this worker's own.
+            ("prompt_ids_reused", "Generate requests served with the edge's prompt ids.",
+             w.prompt_reuse.reused),
+            ("prompt_ids_tokenized",
+             "Generate requests that came without prompt ids (or after reuse turned off).",
+             w.prompt_reuse.tokenized),
+            ("prompt_ids_refused",
+             "Edge prompt ids not used: another rendering, ids outside the vocabulary, or "
+             "a verification mismatch (which turns reuse off).", w.prompt_reuse.refused),
         ):  # fmt: skip
             family = CounterMetricFamily(f"tandem_worker_{name}", doc, labels=["model_name"])
             family.add_metric(labels, value)

@@ -195,10 +195,20 @@ class SimVllmEngine:
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> list[int]:
         """Prompt token ids of a chat: the catalog template, the real vocabulary."""
+        return self.tokenize(self.render_text(messages, tools))
+
+    def render_text(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> str:
+        """A chat's prompt text: the catalog template, ending with the assistant header."""
         try:
-            return self.vocab.tokenize(render_chat(self.template, messages, tools=tools))
+            return render_chat(self.template, messages, tools=tools)
         except ModelError as exc:
             raise BadGenerateRequestError(f"cannot render the conversation: {exc}") from exc
+
+    def tokenize(self, text: str) -> list[int]:
+        """A rendered prompt's token ids (the real vocabulary)."""
+        return self.vocab.tokenize(text)
 
     def validate(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, tool_choice: Any

@@ -52,6 +52,7 @@ from cloud.errors import (
     EngineFailedError,
     WrongModelError,
 )
+from cloud.prompt_reuse import PromptReuse
 from cloud.settings import CloudSettings
 from mesh import subjects
 from mesh.bad_messages import note_bad_message
@@ -155,6 +156,8 @@ class CloudWorker:
         self._refused_at_capacity = 0  # generate requests refused by max_in_flight
         self._refused_wrong_model = 0  # requests naming a model this worker does not serve
         self._prompt_tokens_total = 0
+        # The edge's prompt ids, reused when they check out (cloud.prompt_reuse).
+        self.prompt_reuse = PromptReuse(engine.tokenize, lambda: engine.vocab_size)
         self.prefill_counts = PrefillCounts()
         self._remote: RemotePrefill | None = None  # decode role only (start)
 
@@ -528,7 +531,8 @@ class CloudWorker:
 
     async def _generate(self, request: GenerateRequest, stream: _Stream) -> None:
         checked = self.engine.validate(request.messages, request.tools, request.tool_choice)
-        prompt = self.engine.render(request.messages, request.tools)
+        text = self.engine.render_text(request.messages, request.tools)
+        prompt = self.prompt_reuse.token_ids(text, request.prompt)
         self._prompt_tokens_total += len(prompt)
         transfer: dict[str, Any] | None = None
         generated: list[int] = []

@@ -43,6 +43,7 @@ from mesh.protocol import (
     ErrorInfo,
     GenerateAccepted,
     GenerateRequest,
+    RenderedPrompt,
     SamplingParams,
     TokenChunk,
     TokenLogprob,
@@ -109,13 +110,15 @@ class CloudRoute:
         deadline: float | None,
         resume_token_ids: list[int] | None = None,
         streaming: bool = True,
+        prompt: RenderedPrompt | None = None,
     ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         """Stream a cloud generation as engine-style events, failing over if a worker dies.
 
         ``resume_token_ids``: the answer's tokens so far (an edge answer escalated midway);
         the worker continues after them, and only new tokens are streamed back.
         ``streaming`` False: the client sees the answer whole, so the worker may send
-        tokens in a few larger chunks (``GenerateRequest.streaming``)."""
+        tokens in a few larger chunks (``GenerateRequest.streaming``). ``prompt``: the
+        chat as this edge rendered and tokenized it (the worker may reuse the ids)."""
         nc = self._nc()
         inbox, chunks = await self._inboxes.open(nc)
         base = GenerateRequest(
@@ -129,6 +132,7 @@ class CloudRoute:
             reply_subject=inbox,
             deadline=deadline,
             streaming=streaming,
+            prompt=prompt,
         )
         received: list[int] = list(resume_token_ids or [])
         attempt_id: str | None = None

@@ -70,6 +70,9 @@ class GenerationRequest:
     prompt_tokens: list[int]
     sampling: SamplingParams
     session_id: str | None = None
+    # The digest of the rendered chat ``prompt_tokens`` were tokenized from
+    # (``RenderedPrompt.digest``), so a cloud worker can reuse them; None otherwise.
+    prompt_sha256: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     decoder: Decoder | None = None  # None: plain decoding on the edge model
     # Plain decoding only: stop (finish_reason "escalate") when the model grows unsure.

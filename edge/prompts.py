@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from edge.errors import ContextLengthError, InvalidRequestError
 from edge.openai_protocol import ChatCompletionRequest, CompletionRequest
+from mesh.protocol import RenderedPrompt
 from models.chat_template import render_chat
 from models.errors import ModelError
 
@@ -35,6 +36,12 @@ class PromptBuilder:
     def chat_tokens(self, request: ChatCompletionRequest) -> list[int]:
         """Prompt token ids of a chat request."""
         return self._tokenize(self.render(request))
+
+    def chat_prompt(self, request: ChatCompletionRequest) -> RenderedPrompt:
+        """A chat request's prompt ids with the digest of the text they came from, which
+        a cloud worker checks before reusing them (``cloud.prompt_reuse``)."""
+        text = self.render(request)
+        return RenderedPrompt.of(text, self._tokenize(text))
 
     def completion_tokens(self, request: CompletionRequest) -> list[int]:
         """Prompt token ids of a text completion request."""

@@ -58,6 +58,7 @@ from edge.routing import ROUTE_HEADER, RULE_HEADER
 from edge.serving import Call, Served
 from edge.settings import EdgeSettings
 from edge.state import EdgeState, build_state
+from mesh.protocol import RenderedPrompt
 from mesh.runtime import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
@@ -359,14 +360,14 @@ async def handle_list_models(request: Request) -> ModelList:
 
 async def plan_request(
     request: Request, state: EdgeState, body: ChatCompletionRequest, principal: Principal
-) -> tuple[RoutePlan, list[int]]:
+) -> tuple[RoutePlan, RenderedPrompt]:
     """Check the model, render the prompt and plan the route: the one read of the live
     policy. Chat and the Responses API both go through here."""
     snapshot = state.policy_snapshot()
     check_model(snapshot, state.model_id, body.model)
-    prompt = await asyncio.to_thread(state.prompts.chat_tokens, body)
+    prompt = await asyncio.to_thread(state.prompts.chat_prompt, body)
     plan = plan_chat(
-        snapshot, body, prompt, request.headers, load=state.load(),
+        snapshot, body, prompt.token_ids, request.headers, load=state.load(),
         observations=state.observations, classifier=state.classifier, metrics=state.metrics,
         principal=principal, fleet=state.fleet_usage,
     )  # fmt: skip

@@ -43,6 +43,7 @@ from edge.generation import (
 from edge.openai_protocol import ChatCompletionRequest
 from edge.route_plan import RoutePlan
 from edge.state import EdgeState
+from mesh.protocol import RenderedPrompt
 from mesh.protocol import SamplingParams as WireSampling
 
 logger = logging.getLogger(__name__)
@@ -73,20 +74,27 @@ class Served:
 
 
 async def serve_chat(
-    state: EdgeState, call: Call, plan: RoutePlan, body: ChatCompletionRequest, prompt: list[int]
+    state: EdgeState,
+    call: Call,
+    plan: RoutePlan,
+    body: ChatCompletionRequest,
+    prompt: RenderedPrompt,
 ) -> Served:
     """Serve a chat request on its planned route (or the plan's fallback)."""
     generation = GenerationRequest(
-        prompt_tokens=prompt,
+        prompt_tokens=prompt.token_ids,
         sampling=body.to_sampling_params(
             default_max_tokens=state.prompts.completion_budget(
-                len(prompt), body.requested_max_tokens()
+                len(prompt.token_ids), body.requested_max_tokens()
             )
         ),
         session_id=call.session_id,
+        prompt_sha256=prompt.text_sha256,
     )
     if plan.route == "cloud":
-        served = await serve_cloud(state, call, plan, body, edge_rest=generation)
+        served = await serve_cloud(
+            state, call, plan, body, edge_rest=generation, prompt=_rendered(generation)
+        )
         if served is not None:
             return served
     if plan.route == "speculative":
@@ -112,13 +120,15 @@ async def serve_cloud(
     body: ChatCompletionRequest,
     resume_token_ids: list[int] | None = None,
     edge_rest: GenerationRequest | None = None,
+    prompt: RenderedPrompt | None = None,
 ) -> Served | None:
     """A cloud worker answers; None when no cloud is there and the plan says to use the edge.
 
     ``resume_token_ids``: an escalated edge answer's tokens so far; the worker
     continues after them. ``edge_rest``: the same request for the edge model; when every
     worker goes away mid-answer (a partition: failover found no one) and the plan says
-    ``cloud_unavailable: edge``, the edge finishes the answer after the cloud's tokens."""
+    ``cloud_unavailable: edge``, the edge finishes the answer after the cloud's tokens.
+    ``prompt``: the edge's rendering of the chat, which the worker may reuse."""
     cloud = _reachable_cloud(state)
     try:
         if cloud is None:
@@ -140,6 +150,7 @@ async def serve_cloud(
             deadline=deadline_in(state.settings.cloud_timeout_s),
             resume_token_ids=resume_token_ids,
             streaming=body.stream,
+            prompt=prompt,
         )
         if edge_rest is not None and plan.cloud_unavailable == "edge" and _resumable(body):
             events = _finishing_on_edge(state, call, edge_rest, events)
@@ -273,7 +284,9 @@ async def _continuation(
     assert plan.escalation is not None
     target = plan.escalation.route
     if target == "cloud":
-        served = await serve_cloud(state, call, plan, body, resume_token_ids=emitted)
+        served = await serve_cloud(
+            state, call, plan, body, resume_token_ids=emitted, prompt=_rendered(generation)
+        )
         if served is not None:
             return served
     rest = GenerationRequest(
@@ -346,3 +359,10 @@ def _reachable_cloud(state: EdgeState) -> CloudRoute | None:
 
 def _dump(value: Any) -> Any:
     return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def _rendered(generation: GenerationRequest) -> RenderedPrompt | None:
+    """The prompt a cloud worker may reuse: the chat's ids and the digest of their text."""
+    if generation.prompt_sha256 is None:
+        return None
+    return RenderedPrompt(token_ids=generation.prompt_tokens, text_sha256=generation.prompt_sha256)

@@ -21,6 +21,7 @@ the edge reads both back into an ``ErrorInfo``.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from enum import IntEnum
@@ -163,6 +164,30 @@ class TokenLogprob(WireMessage):
     top_logprobs: list[float] = Field(default_factory=list, max_length=MAX_TOP_LOGPROBS)
 
 
+class RenderedPrompt(WireMessage):
+    """A chat's prompt as the edge rendered and tokenized it, for the worker to reuse.
+
+    A pair's edge and cloud models share one tokenizer and one chat template (the
+    catalog's contract, which the speculative route's token ids already rely on), so
+    the worker would compute the same ids again. It renders the text itself (cheap:
+    the template) and uses ``token_ids`` only when its own text hashes to
+    ``text_sha256``; tokenizing, the larger cost, is skipped (issue 19).
+    """
+
+    token_ids: list[int] = Field(min_length=1)
+    text_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @staticmethod
+    def digest(text: str) -> str:
+        """The ``text_sha256`` of a rendered prompt: one definition for both sides."""
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def of(cls, text: str, token_ids: list[int]) -> RenderedPrompt:
+        """The prompt ``text`` rendered to, tokenized as ``token_ids``."""
+        return cls(token_ids=token_ids, text_sha256=cls.digest(text))
+
+
 class GenerateRequest(WireMessage):
     """Ask a cloud worker to generate (or continue, after failover) a chat completion."""
 
@@ -184,12 +209,19 @@ class GenerateRequest(WireMessage):
     # message per ~half second of decoding instead of one per token. Left out of the
     # JSON when True, so a streaming request reads the same to a worker that predates it.
     streaming: bool = True
+    # The edge's rendering and token ids of the prompt (``RenderedPrompt``); None: the
+    # worker tokenizes. Left out of the JSON when None, like ``streaming`` when True.
+    prompt: RenderedPrompt | None = None
 
     def to_bytes(self) -> bytes:
-        """JSON bytes; ``streaming`` only when False (see the field)."""
+        """JSON bytes; ``streaming`` only when False and ``prompt`` only when set (see
+        the fields), so a request without them reads the same to an older worker."""
+        left_out = set()
         if self.streaming:
-            return self.__pydantic_serializer__.to_json(self, exclude={"streaming"})
-        return super().to_bytes()
+            left_out.add("streaming")
+        if self.prompt is None:
+            left_out.add("prompt")
+        return self.__pydantic_serializer__.to_json(self, exclude=left_out or None)
 
 
 class GenerateAccepted(WireMessage):

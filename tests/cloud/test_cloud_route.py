@@ -215,6 +215,40 @@ def test_cloud_answer_equals_direct_greedy_and_is_marked(mesh_edge: EdgeProcess)
     assert on_edge.headers["x-tandem-route"] == "edge"
 
 
+def test_workers_reuse_the_prompt_ids_the_edge_routed_on(
+    mesh_edge: EdgeProcess, workers: dict[str, WorkerProcess]
+) -> None:
+    """The edge sends the prompt's ids with a digest of its text (cloud.prompt_reuse);
+    the worker's own rendering matches the digest, and its first requests are checked
+    by tokenizing them too: the edge's llama.cpp ids equal vLLM's HF tokenizer's for the
+    pair, with and without tools, or reuse would have been refused and turned off."""
+    before = {wid: _prompt_id_counts(w) for wid, w in workers.items()}
+    client = mesh_edge.client()
+    client.chat.completions.create(
+        model=MODEL, messages=COUNT, max_tokens=2, temperature=0, extra_headers=CLOUD
+    )
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER], max_tokens=2, temperature=0, extra_headers=CLOUD,
+    )  # fmt: skip
+    after = {wid: _prompt_id_counts(w) for wid, w in workers.items()}
+    change = {
+        kind: sum(after[wid][kind] - before[wid][kind] for wid in workers)
+        for kind in ("reused", "tokenized", "refused")
+    }
+    assert change == {"reused": 2, "tokenized": 0, "refused": 0}
+
+
+def _prompt_id_counts(worker: WorkerProcess) -> dict[str, float]:
+    """``tandem_worker_prompt_ids_*_total`` from the worker's /metrics."""
+    counts = {}
+    for line in _http(worker, "/metrics").text.splitlines():
+        if line.startswith("tandem_worker_prompt_ids_"):
+            name = line.split("{", 1)[0].removeprefix("tandem_worker_prompt_ids_")
+            counts[name.removesuffix("_total")] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("route", ["cloud", "speculative"])
 def test_constrained_answers_on_the_cloud_parse_and_follow_their_schema(

@@ -73,9 +73,9 @@ async def test_a_revision_applied_mid_answer_does_not_change_that_answer(
             "max_tokens": 24,
         }
     )
-    prompt = state.prompts.chat_tokens(body)
+    prompt = state.prompts.chat_prompt(body)
     call = serving.Call(session_id=None, guard=_guard)
-    plan = _plan(state, body, prompt)
+    plan = _plan(state, body, prompt.token_ids)
     assert (plan.route, plan.revision, plan.cloud_unavailable) == ("edge", 1, "edge")
 
     served = await serving.serve_chat(state, call, plan, body, prompt)
@@ -98,7 +98,7 @@ async def test_a_revision_applied_mid_answer_does_not_change_that_answer(
     assert finish.stats.completion_tokens == tokens > 3
 
     # The next request is planned under revision 2, and its hand-over fails as it says.
-    plan_2 = _plan(state, body, prompt)
+    plan_2 = _plan(state, body, prompt.token_ids)
     assert (plan_2.revision, plan_2.cloud_unavailable) == (2, "fail")
     served_2 = await serving.serve_chat(state, call, plan_2, body, prompt)
     with pytest.raises(ServiceUnavailableError):
