@@ -93,7 +93,7 @@ async def serve_chat(
     )
     if plan.route == "cloud":
         served = await serve_cloud(
-            state, call, plan, body, edge_rest=generation, prompt=_rendered(generation)
+            state, call, plan, body, edge_rest=generation, prompt=prompt
         )
         if served is not None:
             return served
@@ -362,7 +362,13 @@ def _dump(value: Any) -> Any:
 
 
 def _rendered(generation: GenerationRequest) -> RenderedPrompt | None:
-    """The prompt a cloud worker may reuse: the chat's ids and the digest of their text."""
+    """The prompt a cloud worker may reuse: the chat's ids and the digest of their text.
+
+    Both fields came from a validated ``RenderedPrompt`` (``serve_chat``), so it is put
+    back together without validating a prompt-long id list again on the hot path.
+    """
     if generation.prompt_sha256 is None:
         return None
-    return RenderedPrompt(token_ids=generation.prompt_tokens, text_sha256=generation.prompt_sha256)
+    return RenderedPrompt.model_construct(
+        token_ids=generation.prompt_tokens, text_sha256=generation.prompt_sha256
+    )
