@@ -92,9 +92,7 @@ async def serve_chat(
         prompt_sha256=prompt.text_sha256,
     )
     if plan.route == "cloud":
-        served = await serve_cloud(
-            state, call, plan, body, edge_rest=generation, prompt=prompt
-        )
+        served = await serve_cloud(state, call, plan, body, edge_rest=generation, prompt=prompt)
         if served is not None:
             return served
     if plan.route == "speculative":
