@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -342,7 +343,6 @@ class VllmEngine:
     async def start(self) -> None:
         """Prepare weights and start the engine (about a minute on CPU)."""
         from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.tool_parsers import ToolParserManager
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -352,7 +352,22 @@ class VllmEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.settings.cpu_cores
         transfer = kv_transfer_config(self.settings)  # a bad connector fails before the engine
         weights = prepare_cloud_weights(self.pair)
-        args = AsyncEngineArgs(
+        args = self.engine_args(weights, transfer)
+        started = time.perf_counter()
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self.load)])
+        self._tokenizer = AutoTokenizer.from_pretrained(str(weights))
+        parser = self.settings.tool_parser or self.pair.tool_parser
+        self._tool_parser_cls = ToolParserManager.get_tool_parser(parser)
+        logger.info(
+            "vLLM engine for %s up in %.1f s", self.pair.name, time.perf_counter() - started
+        )
+
+    def engine_args(self, weights: Path, transfer: Any) -> Any:
+        """vLLM's ``AsyncEngineArgs`` for this worker's settings (``transfer``: the KV
+        connector's config, or None)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        return AsyncEngineArgs(
             model=str(weights),
             served_model_name=[self.pair.name],
             dtype=self.settings.dtype or self.pair.cloud.dtype,
@@ -364,14 +379,7 @@ class VllmEngine:
             max_logprobs=TARGET_TOP_K,  # sampled verification reads this many per position
             disable_log_stats=False,
             kv_transfer_config=transfer,
-        )
-        started = time.perf_counter()
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self.load)])
-        self._tokenizer = AutoTokenizer.from_pretrained(str(weights))
-        parser = self.settings.tool_parser or self.pair.tool_parser
-        self._tool_parser_cls = ToolParserManager.get_tool_parser(parser)
-        logger.info(
-            "vLLM engine for %s up in %.1f s", self.pair.name, time.perf_counter() - started
+            enforce_eager=self.settings.enforce_eager,
         )
 
     @property

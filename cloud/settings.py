@@ -62,6 +62,12 @@ class CloudSettings(BaseSettings):
         "re-sends it every round). Default: vLLM's (128 on CPU, 16 on GPU)",
     )
     tool_parser: str | None = Field(None, description="vLLM tool parser; the catalog's by default")
+    enforce_eager: bool = Field(
+        False,
+        description="run the model without torch.compile (vLLM's --enforce-eager): on "
+        "a 2-core CPU the engine started in 26 s instead of 80 s and decoded 7-14% "
+        "slower (docs/benchmarks.md); a start is a scale-up's lead time",
+    )
     stream_interval: int = Field(
         1,
         ge=1,

@@ -31,6 +31,13 @@ def serve(
         int | None,
         typer.Option(help="Tokens per stream message after the first (vLLM's)."),
     ] = None,
+    enforce_eager: Annotated[
+        bool | None,
+        typer.Option(
+            "--enforce-eager/--no-enforce-eager",
+            help="Skip torch.compile (vLLM's): starts ~55 s sooner on CPU, decodes 7-14% slower.",
+        ),
+    ] = None,
     engine: Annotated[
         EngineKind | None,
         typer.Option(help="'real' (vLLM), or 'sim': a SIMULATED engine for scale runs."),
