@@ -25,19 +25,15 @@ MODES = ("compiled", "eager")
 async def _measure(mode: str, max_tokens: int, streams: int) -> dict[str, float]:
     """One engine of ``mode``: its start time, then 1-stream and ``streams``-stream tok/s."""
     from vllm import SamplingParams
-    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from models.catalog import Catalog
+    from cloud.engine import VllmEngine
+    from cloud.settings import CloudSettings
     from models.convert import prepare_cloud_weights
 
-    pair = Catalog.load().default()
-    args = AsyncEngineArgs(
-        model=str(prepare_cloud_weights(pair)),
-        dtype=pair.cloud.dtype,
-        enable_prefix_caching=True,
-        enforce_eager=mode == "eager",
-    )
+    # The worker's own arguments (``VllmEngine.engine_args``), so this measures its start.
+    worker = VllmEngine(CloudSettings(enforce_eager=mode == "eager"))
+    args = worker.engine_args(prepare_cloud_weights(worker.pair), None)
     started = time.perf_counter()
     llm = AsyncLLM.from_engine_args(args)
     start_s = time.perf_counter() - started

@@ -12,7 +12,7 @@ import pytest
 from tandem.local import EdgeProcess, WorkerProcess
 from tests.fixtures_nats import nats_server  # noqa: F401  (re-exported fixture)
 
-# Every vLLM worker the tests start (theirs, and those `tandem bench` starts) runs
+# Every vLLM worker the tests start (their children inherit the environment) runs
 # without torch.compile: an engine starts in ~26 s instead of ~80 s here, and two
 # compiling side by side took 130 s. Answers are compared engine to engine, so the
 # tests hold either way; the compiled default is vLLM's own path (docs/benchmarks.md).
